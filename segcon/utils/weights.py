@@ -1,0 +1,95 @@
+"""Loading weights from local files, safely (no arbitrary unpickling) and with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from segcon.utils.errors import ConfigError
+
+# Prefixes other tools put in front of an smp model's own keys: a Lightning checkpoint of segcon
+# ("net.model."), DDP ("module."), a teacher copy ("teacher."), or a bare wrapper ("model.").
+_PREFIXES = ("net.model.", "student.model.", "teacher.model.", "module.", "model.", "net.")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch file (loaded with weights_only=True)."""
+    if not path.is_file():
+        raise ConfigError(f"weights file {path} not found (key model.weights_path)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses pickled code: say so instead of unpickling
+        raise ConfigError(
+            f"cannot read weights from {path}: {err}. segcon loads torch files with "
+            "weights_only=True; save a plain state_dict (torch.save(model.state_dict(), f)) or a "
+            ".safetensors file."
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return obj
+
+
+def _strip(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+    """Drop the first known prefix that makes the keys match `wanted` best."""
+    best, best_hits = state, len(wanted & state.keys())
+    for prefix in _PREFIXES:
+        cand = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        hits = len(wanted & cand.keys())
+        if hits > best_hits:
+            best, best_hits = cand, hits
+    return best
+
+
+def load_weights(model: nn.Module, path: Path, scope: str = "auto") -> str:
+    """Load full-model or encoder weights from `path` into an smp `model`; return the scope used.
+
+    scope: "full" (every model key), "encoder" (the `model.encoder` keys, with or without an
+    "encoder." prefix), or "auto" (full when every model key is present, else encoder).
+    """
+    if scope not in ("auto", "full", "encoder"):
+        raise ConfigError(f"model.weights_scope must be auto, full or encoder, got {scope!r}")
+    state = read_state_dict(path)
+    full_keys = set(model.state_dict())
+    full = _strip(state, full_keys)
+    if scope == "full" or (scope == "auto" and full_keys <= full.keys()):
+        _load_checked(model, full, path, "model")
+        return "full"
+    encoder = model.encoder
+    enc_keys = set(encoder.state_dict())
+    enc_state = _strip(state, {f"encoder.{k}" for k in enc_keys} | enc_keys)
+    enc_state = {k.removeprefix("encoder."): v for k, v in enc_state.items() if not k.startswith(("decoder.", "segmentation_head."))}
+    _load_checked(encoder, enc_state, path, "encoder")
+    return "encoder"
+
+
+def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own.keys() & state.keys()
+        if state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})")
+        raise ConfigError(
+            f"weights in {path} do not fit the {what}: {'; '.join(parts)}. Check model.arch, "
+            "model.encoder_name and data.num_classes against the run that saved them, or set "
+            "model.weights_scope=encoder to load the backbone only."
+        )
+    module.load_state_dict(state, strict=True)
