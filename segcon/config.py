@@ -1,0 +1,158 @@
+"""Finding the configs, and checking a composed config before anything heavy starts.
+
+`validate_cfg` turns the mistakes users make most (class counts that disagree between groups,
+an ignore index inside the class range, crops the encoder cannot take, a data root without the
+expected layout) into one error naming the key or path and the fix — before a model is built,
+a dataset listed, or a GPU touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from segcon.utils.errors import ConfigError
+
+EVAL_CKPTS = ("best", "last")
+
+
+def config_dir() -> Path:
+    """The `conf/` directory: the repository's top level in a source checkout or editable
+    install, `segcon/conf` inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "conf", here / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"segcon's conf/ directory was not found next to {here}")
+
+
+def _crop_sizes(steps: Any) -> Iterator[tuple[str, tuple[int, int]]]:
+    """(step name, (h, w)) of every crop step in a transform list."""
+    for i, step in enumerate(steps or []):
+        if isinstance(step, Mapping):
+            for name, kwargs in step.items():
+                if name in ("random_crop", "center_crop") and isinstance(kwargs, Mapping) and "size" in kwargs:
+                    size = kwargs["size"]
+                    h, w = (size, size) if isinstance(size, int) else tuple(size)
+                    yield f"{name} (step {i})", (int(h), int(w))
+
+
+def _loss_terms(cfg: DictConfig) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for group in ("loss", "contrast"):
+        for name, spec in (cfg.get(group) or {}).items():
+            if isinstance(spec, Mapping):
+                yield f"{group}.{name}", spec
+
+
+def prepare_data(cfg: DictConfig) -> None:
+    """Run the data config's `prepare` step if it has one (the synthetic dataset writes itself
+    to disk here, atomically, so concurrent DDP processes are safe)."""
+    prepare = cfg.data.get("prepare")
+    if prepare is not None:
+        instantiate(prepare, root=cfg.data.root)
+
+
+def fill_data_defaults(cfg: DictConfig) -> None:
+    """Fill `data.class_names` (from `<root>/classes.txt`, else class_<i>) and `data.palette`
+    when the data config leaves them null."""
+    from segcon.data.folder import read_class_names
+    from segcon.evaluation.visualize import default_palette
+
+    data = cfg.data
+    with open_dict(data):
+        if data.get("class_names") is None:
+            names = read_class_names(data.root) if data.get("root") else None
+            data.class_names = names or [f"class_{i}" for i in range(data.num_classes)]
+        if data.get("palette") is None:
+            data.palette = default_palette(data.num_classes)
+
+
+def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
+    """Raise one ConfigError (or DataError) naming the key or path when the config cannot work.
+
+    Checks: the class count agrees across data/model/loss/class names/palette; ignore_index is
+    outside [0, K) and the same in every loss; crops are multiples of the encoder's output
+    stride; eval_ckpt is best|last; and (check_data) the data root has the expected layout for
+    every configured split.
+    """
+    data = cfg.data
+    k = data.get("num_classes")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigError(f"data.num_classes must be a positive integer, got {k!r}")
+    ignore = data.get("ignore_index")
+    if not isinstance(ignore, int):
+        raise ConfigError(f"data.ignore_index must be an integer (e.g. 255), got {ignore!r}")
+    if 0 <= ignore < k:
+        raise ConfigError(
+            f"data.ignore_index={ignore} lies inside the class range [0, {k}) of data.num_classes: "
+            "it would silently drop a real class. Use a value outside it (255 is the convention)."
+        )
+
+    fixed = getattr(get_class(data.dataset._target_), "fixed_num_classes", None)
+    if fixed is not None and fixed != k:
+        raise ConfigError(
+            f"data.num_classes={k}, but the {data.dataset._target_} label mapping produces "
+            f"{fixed} classes. Remove the data.num_classes override."
+        )
+    model_k = cfg.model.get("num_classes")
+    if model_k != k:
+        raise ConfigError(
+            f"model.num_classes={model_k} but data.num_classes={k}: the classifier must have one "
+            "output per class. Remove the model.num_classes override (it follows the data) or fix "
+            "data.num_classes."
+        )
+    for key in ("class_names", "palette"):
+        value = data.get(key)
+        if value is not None and len(value) != k:
+            raise ConfigError(f"data.{key} has {len(value)} entries but data.num_classes={k}")
+
+    for key, spec in _loss_terms(cfg):
+        cw = spec.get("class_weights")
+        if cw is not None and len(cw) != k:
+            raise ConfigError(f"{key}.class_weights has {len(cw)} entries but data.num_classes={k}")
+        if "ignore_index" in spec and spec["ignore_index"] != ignore:
+            raise ConfigError(
+                f"{key}.ignore_index={spec['ignore_index']} differs from data.ignore_index={ignore}; "
+                "one ignore value must hold for losses, samplers and metrics. Remove the override."
+            )
+
+    from segcon.models.segnet import required_input_divisor
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model, dict)
+    arch_kwargs = {
+        key: v
+        for key, v in model.items()
+        if key not in ("_target_", "arch", "encoder_name", "num_classes", "encoder_weights", "weights_path", "weights_scope")
+    }
+    try:
+        stride = required_input_divisor(model["arch"], model["encoder_name"], **arch_kwargs)
+    except KeyError as err:
+        raise ConfigError(f"model.encoder_name={model['encoder_name']!r} is not an smp encoder: {err}") from None
+    except ValueError as err:  # smp's unknown-arch message lists the valid ones
+        raise ConfigError(f"model.arch={model['arch']!r}: {err}") from None
+    crops = [("data.crop_size", tuple(data.crop_size))] if data.get("crop_size") is not None else []
+    crops += [(f"data.train_transform {n}", s) for n, s in _crop_sizes(data.get("train_transform"))]
+    for key, (h, w) in crops:
+        if h % stride or w % stride:
+            fix = (-(-h // stride) * stride, -(-w // stride) * stride)
+            raise ConfigError(
+                f"{key}={h}x{w} is not a multiple of the encoder's output stride {stride} "
+                f"({model['arch']} / {model['encoder_name']}). Use e.g. {fix[0]}x{fix[1]}."
+            )
+
+    if cfg.get("eval_ckpt", "best") not in EVAL_CKPTS:
+        raise ConfigError(f"eval_ckpt must be one of {EVAL_CKPTS}, got {cfg.eval_ckpt!r}")
+    for key in ("batch_size", "val_batch_size"):
+        if int(data.get(key, 1)) < 1:
+            raise ConfigError(f"data.{key} must be >= 1")
+
+    if check_data:
+        dataset_cls = get_class(data.dataset._target_)
+        for disk_split in (data.get("splits") or {}).values():
+            if disk_split is not None:
+                dataset_cls.check_layout(Path(str(data.root)).expanduser(), str(disk_split))

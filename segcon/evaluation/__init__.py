@@ -1,0 +1,1 @@
+"""Metrics, inference, reports and figures shared by validation, segcon-eval and segcon-predict."""

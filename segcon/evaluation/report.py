@@ -1,0 +1,89 @@
+"""Per-class IoU tables (console), metrics.json and per-class CSV files."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from segcon.evaluation.metrics import SegScores
+from segcon.utils.io import atomic_write_json, atomic_write_text
+
+
+def _pct(x: float) -> str:
+    return "-" if math.isnan(x) else f"{100 * x:.2f}"
+
+
+def iou_table(scores: SegScores, class_names: Sequence[str], title: str) -> Table:
+    """A rich table: class, IoU, accuracy, ground-truth and predicted pixels; mIoU in the footer."""
+    table = Table(title=title, show_footer=True)
+    table.add_column("class", footer="mean")
+    table.add_column("IoU %", justify="right", footer=_pct(scores.miou))
+    table.add_column("Acc %", justify="right", footer=f"pixel acc {_pct(scores.pixel_acc)}")
+    table.add_column("GT pixels", justify="right")
+    table.add_column("pred pixels", justify="right")
+    for k, name in enumerate(class_names):
+        table.add_row(
+            name,
+            _pct(float(scores.iou[k])),
+            _pct(float(scores.acc[k])),
+            f"{int(scores.gt_pixels[k]):,}",
+            f"{int(scores.pred_pixels[k]):,}",
+        )
+    return table
+
+
+def print_table(table: Table, console: Console | None = None) -> None:
+    (console or Console()).print(table)
+
+
+def per_class_records(scores: SegScores, class_names: Sequence[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "class": name,
+            "iou": float(scores.iou[k]),
+            "acc": float(scores.acc[k]),
+            "gt_pixels": int(scores.gt_pixels[k]),
+            "pred_pixels": int(scores.pred_pixels[k]),
+        }
+        for k, name in enumerate(class_names)
+    ]
+
+
+def write_per_class_csv(path: Path, scores: SegScores, class_names: Sequence[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["class", "iou", "acc", "gt_pixels", "pred_pixels"])
+    writer.writeheader()
+    for row in per_class_records(scores, class_names):
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    atomic_write_text(path, buf.getvalue())
+
+
+def write_metrics(
+    out_dir: Path,
+    split: str,
+    scores: SegScores,
+    class_names: Sequence[str],
+    extra: Mapping[str, Any],
+) -> Path:
+    """Write `<out_dir>/metrics.json` (merged with what is there) and `<split>_per_class.csv`.
+
+    metrics.json keys: `<split>/mIoU`, `<split>/pixel_acc`, `<split>/IoU` (class name -> IoU),
+    plus everything in `extra` (best mIoU, checkpoint, wall time, ...).
+    """
+    path = out_dir / "metrics.json"
+    data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    data[f"{split}/mIoU"] = scores.miou
+    data[f"{split}/pixel_acc"] = scores.pixel_acc
+    data[f"{split}/IoU"] = {name: float(scores.iou[k]) for k, name in enumerate(class_names)}
+    data.update(extra)
+    atomic_write_json(path, data)
+    write_per_class_csv(out_dir / f"{split}_per_class.csv", scores, class_names)
+    return path

@@ -1,0 +1,55 @@
+"""Optimizers with a head learning-rate multiplier, and the poly schedule with linear warm-up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from segcon.utils.errors import ConfigError
+
+
+def poly_factor(
+    step: int,
+    total_steps: int,
+    power: float = 0.9,
+    warmup_steps: int = 0,
+    warmup_ratio: float = 1e-6,
+    min_lr_ratio: float = 0.0,
+) -> float:
+    """LR multiplier at optimizer step `step` (0-based).
+
+    Poly decay `(1 - step / total_steps) ** power`, floored at `min_lr_ratio`; during the first
+    `warmup_steps` steps it is further scaled by a linear ramp from `warmup_ratio` to 1 (mmseg's
+    linear warm-up).
+    """
+    progress = min(step, total_steps) / max(total_steps, 1)
+    factor = (1.0 - min_lr_ratio) * (1.0 - progress) ** power + min_lr_ratio
+    if step < warmup_steps:
+        factor *= warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return factor
+
+
+def build_optimizer(
+    encoder_params: Sequence[nn.Parameter],
+    head_params: Sequence[nn.Parameter],
+    name: str,
+    lr: float,
+    weight_decay: float,
+    head_lr_mult: float = 1.0,
+    momentum: float = 0.9,
+    nesterov: bool = False,
+    betas: Sequence[float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:
+    """SGD or AdamW over two groups: the backbone at `lr`, everything else at `lr * head_lr_mult`."""
+    groups = [
+        {"params": [p for p in encoder_params if p.requires_grad], "lr": lr, "name": "encoder"},
+        {"params": [p for p in head_params if p.requires_grad], "lr": lr * head_lr_mult, "name": "head"},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+    raise ConfigError(f"optim.name must be sgd or adamw, got {name!r}")

@@ -1,0 +1,171 @@
+"""SupervisedModule: one network, one Objective, dataset-level validation metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor
+
+from segcon.evaluation.inference import predict_whole
+from segcon.evaluation.metrics import ConfusionMatrix, SegScores, scores
+from segcon.evaluation.visualize import denormalize, panel
+from segcon.methods.optim import build_optimizer, poly_factor
+from segcon.models.segnet import SegNet
+from segcon.objectives.objective import Objective
+
+
+class SupervisedModule(L.LightningModule):
+    """Trains `net` on labelled batches with `objective`; validates with a dataset-level mIoU.
+
+    Args:
+        net: the SegNet.
+        objective: supervised (+ contrastive) terms.
+        optim: optimizer and schedule settings (see conf/optim/*.yaml).
+        num_classes, ignore_index, class_names, palette, mean, std: from the data config.
+        num_overlays: validation images drawn as image | ground truth | prediction each epoch.
+        run_config: the resolved run config, stored in every checkpoint (for segcon-eval & co).
+
+    Logged: `train/loss` and `train/loss_<term>` every step; `val/mIoU`, `val/mIoU_best`,
+    `val/pixel_acc` and `val/IoU/<class>` every validation (same names under `test/`).
+    """
+
+    def __init__(
+        self,
+        net: SegNet,
+        objective: Objective,
+        optim: Mapping[str, Any],
+        num_classes: int,
+        ignore_index: int,
+        class_names: Sequence[str],
+        palette: Sequence[Sequence[int]],
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_overlays: int = 4,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.objective = objective
+        self.optim_cfg = dict(optim)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names)
+        self.palette = [list(c) for c in palette]
+        self.mean, self.std = list(mean), list(std)
+        self.num_overlays = num_overlays
+        self.run_config = dict(run_config or {})
+        self.metrics = torch.nn.ModuleDict(
+            {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
+        )
+        self.best_miou = float("nan")
+        self.last_scores: dict[str, SegScores] = {}
+        self._overlay_batch: dict[str, Tensor] | None = None
+
+    # -- training ------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        output = self.net(batch["image"])
+        loss, logs = self.objective(output, batch["mask"], self.global_step)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch["image"].shape[0])
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = dict(self.optim_cfg)
+        sched = dict(cfg.pop("scheduler", {}) or {})
+        optimizer = build_optimizer(self.net.encoder_parameters(), self.net.head_parameters(), **cfg)
+        total = int(self.trainer.estimated_stepping_batches)
+        kind = sched.pop("name", "poly")
+        if kind == "constant":
+            return {"optimizer": optimizer}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: poly_factor(step, total, **sched)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    def predict_logits(self, images: Tensor) -> Tensor:
+        """Logits `[B, K, H, W]` at the input resolution (the network in eval mode)."""
+        return predict_whole(self.net, images, self.net.output_stride)
+
+    def _eval_step(self, split: str, batch: dict[str, Any], batch_idx: int) -> None:
+        pred = self.predict_logits(batch["image"]).argmax(1)
+        self.metrics[split].update(pred, batch["mask"])
+        if batch_idx == 0 and self.num_overlays > 0:
+            n = self.num_overlays
+            self._overlay_batch = {
+                "image": batch["image"][:n].cpu(),
+                "mask": batch["mask"][:n].cpu(),
+                "pred": pred[:n].cpu(),
+            }
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("val", batch, batch_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step("test", batch, batch_idx)
+
+    def _eval_epoch_end(self, split: str) -> None:
+        cm = self.metrics[split].compute()  # summed over ranks
+        self.metrics[split].reset()
+        s = scores(cm)
+        self.last_scores[split] = s
+        # The value is already global: every rank logs the same number, no further reduction.
+        logs = {f"{split}/mIoU": s.miou, f"{split}/pixel_acc": s.pixel_acc}
+        logs.update({f"{split}/IoU/{name}": float(s.iou[k]) for k, name in enumerate(self.class_names)})
+        if split == "val":
+            if not self.trainer.sanity_checking and not np.isnan(s.miou):
+                self.best_miou = s.miou if np.isnan(self.best_miou) else max(self.best_miou, s.miou)
+            logs["val/mIoU_best"] = self.best_miou
+        self.log_dict(logs, sync_dist=False, rank_zero_only=False)
+        if not self.trainer.sanity_checking:
+            self._log_overlays(split)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def _log_overlays(self, split: str) -> None:
+        batch, self._overlay_batch = self._overlay_batch, None
+        if batch is None or self.global_rank != 0:
+            return
+        rows = [
+            panel(
+                denormalize(batch["image"][i], self.mean, self.std),
+                batch["mask"][i].numpy(),
+                batch["pred"][i].numpy(),
+                self.palette,
+                self.ignore_index,
+            )
+            for i in range(batch["image"].shape[0])
+        ]
+        width = max(r.shape[1] for r in rows)
+        grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
+        out_dir = Path(self.trainer.default_root_dir) / "overlays"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out_dir / f"{split}_epoch{self.current_epoch:03d}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(f"{split}/overlays", [grid], step=self.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image(f"{split}/overlays", grid, self.global_step, dataformats="HWC")
+
+    # -- checkpoint ----------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["segcon"] = {"config": self.run_config, "best_miou": self.best_miou}
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                checkpoint["segcon"]["wandb_run_id"] = logger.version
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.best_miou = float(checkpoint.get("segcon", {}).get("best_miou", float("nan")))

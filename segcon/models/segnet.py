@@ -1,0 +1,125 @@
+"""SegNet: an smp segmentation model plus train-only heads, with one output contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import Tensor, nn
+
+from segcon.utils.errors import ConfigError
+from segcon.utils.weights import load_weights
+
+
+@dataclass
+class SegOutput:
+    """What a training forward pass returns.
+
+    Attributes:
+        logits: `[B, K, h, w]` classifier output (smp heads upsample to the input size).
+        features: encoder stages, `[B, C_i, H / 2^i, W / 2^i]` for i = 0..5 (some encoders report
+            zero-channel stages; keep them so indices match the stride).
+        decoder: `[B, C, h', w']` the feature the classifier reads.
+        embedding: `[B, D, h', w']` L2-normalised projection (only when a projection head exists).
+        aux: other train-only outputs by name (weight-branch logits, side outputs, ...).
+    """
+
+    logits: Tensor
+    features: list[Tensor] = field(default_factory=list)
+    decoder: Tensor | None = None
+    embedding: Tensor | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
+class SegNet(nn.Module):
+    """An smp model (`smp.create_model(arch, encoder_name, ...)`) with segcon's output contract.
+
+    In training mode `forward` returns a `SegOutput`; in eval mode it returns the logits tensor
+    `[B, K, H, W]` only, computed by the bare smp model, so train-only heads cost nothing at
+    inference and `self.model` alone is the exportable inference graph.
+
+    Args:
+        arch: smp architecture name (unet, fpn, deeplabv3plus, segformer, upernet, dpt, ...).
+        encoder_name: smp encoder name; `tu-<name>` for any timm encoder (e.g. tu-hrnet_w48).
+        num_classes: K.
+        encoder_weights: smp pretrained-weight name (downloads from a hub); None for random init.
+        in_channels: image channels.
+        weights_path: local file (.pt/.pth/.ckpt/.safetensors) with encoder or full-model weights.
+        weights_scope: "auto" (full model if every key is there, else encoder), "full" or "encoder".
+        **arch_kwargs: passed to the smp architecture (decoder_channels, encoder_depth, ...).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        encoder_name: str,
+        num_classes: int,
+        encoder_weights: str | None = None,
+        in_channels: int = 3,
+        weights_path: str | None = None,
+        weights_scope: str = "auto",
+        **arch_kwargs,
+    ) -> None:
+        super().__init__()
+        try:
+            self.model = smp.create_model(
+                arch,
+                encoder_name=encoder_name,
+                encoder_weights=encoder_weights,
+                in_channels=in_channels,
+                classes=num_classes,
+                **arch_kwargs,
+            )
+        except KeyError as err:
+            raise ConfigError(f"model.encoder_name={encoder_name!r} is not an smp encoder: {err}") from None
+        self.num_classes = num_classes
+        if weights_path:
+            load_weights(self.model, Path(weights_path), weights_scope)
+
+    @property
+    def output_stride(self) -> int:
+        """Input height and width must be multiples of this."""
+        if not getattr(self.model, "requires_divisible_input_shape", True):
+            return 1
+        return int(self.model.encoder.output_stride)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Backbone parameters (the group that gets the base learning rate)."""
+        return list(self.model.encoder.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Everything that is not the backbone (decoder, classifier, train-only heads)."""
+        encoder = {id(p) for p in self.model.encoder.parameters()}
+        return [p for p in self.parameters() if id(p) not in encoder]
+
+    def forward_features(self, x: Tensor) -> SegOutput:
+        """Full forward pass `[B, C, H, W]` -> SegOutput, in any mode."""
+        self.model.check_input_shape(x)
+        features = self.model.encoder(x)
+        if isinstance(features, tuple):  # ViT encoders (DPT) also return prefix tokens
+            features, prefix_tokens = features
+            decoder = self.model.decoder(features, prefix_tokens)
+        else:
+            decoder = self.model.decoder(features)
+        logits = self.model.segmentation_head(decoder)
+        return SegOutput(logits=logits, features=list(features), decoder=decoder)
+
+    def forward(self, x: Tensor) -> SegOutput | Tensor:
+        if not self.training:
+            return self.model(x)
+        return self.forward_features(x)
+
+
+def required_input_divisor(arch: str, encoder_name: str, **arch_kwargs) -> int:
+    """The output stride an smp model needs its input divisible by, without allocating weights."""
+    kwargs = dict(arch_kwargs, encoder_weights=None, classes=1)
+    try:
+        with torch.device("meta"):
+            model = smp.create_model(arch, encoder_name=encoder_name, **kwargs)
+    except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
+        model = smp.create_model(arch, encoder_name=encoder_name, **kwargs)
+    if not getattr(model, "requires_divisible_input_shape", True):
+        return 1
+    return int(model.encoder.output_stride)

@@ -1,0 +1,1 @@
+"""Losses and the Objective that sums them (plain torch; no Lightning here)."""

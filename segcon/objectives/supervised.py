@@ -1,0 +1,147 @@
+"""Supervised segmentation losses: `loss(logits [B, K, h, w], target [B, H, W]) -> scalar`.
+
+Logits at another resolution than the target are bilinearly resized to it. Pixels equal to
+`ignore_index` never contribute; a batch without a single valid pixel gives a zero that is still
+connected to the graph (no NaN, no unused parameters under DDP).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def match_size(logits: Tensor, target: Tensor) -> Tensor:
+    """Resize `logits [B, K, h, w]` bilinearly to the target's `[H, W]` if they differ."""
+    if logits.shape[-2:] != target.shape[-2:]:
+        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    return logits
+
+
+def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """sum(values * weights) / sum(weights), and a graph-connected 0 when every weight is 0.
+
+    No host sync: the clamp only matters when the numerator is 0 as well.
+    """
+    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+class _PixelLoss(nn.Module):
+    def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        cw = None if class_weights is None else torch.as_tensor(list(class_weights), dtype=torch.float32)
+        self.register_buffer("class_weights", cw, persistent=False)
+
+    def _pixel_weights(self, target: Tensor, valid: Tensor) -> Tensor:
+        """Per-pixel weight `[B, H, W]`: class weight of the target (1 without), 0 on ignore."""
+        if self.class_weights is None:
+            return valid.float()
+        return self.class_weights[target.clamp(min=0) * valid] * valid
+
+
+class CrossEntropyLoss(_PixelLoss):
+    """Pixel-wise cross-entropy, mean over valid pixels (class-weighted mean with class_weights).
+
+    Args:
+        ignore_index: label value to skip.
+        class_weights: optional `[K]` weights (a weighted mean, as torch's CE computes it).
+        label_smoothing: as in torch.nn.functional.cross_entropy.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        class_weights: Sequence[float] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__(ignore_index, class_weights)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = match_size(logits, target)
+        valid = target != self.ignore_index
+        ce = F.cross_entropy(
+            logits, target.masked_fill(~valid, 0), reduction="none", label_smoothing=self.label_smoothing
+        )
+        return _weighted_mean(ce, self._pixel_weights(target, valid))
+
+
+class OhemCrossEntropyLoss(_PixelLoss):
+    """Online hard example mining CE (as mmseg's OHEMPixelSampler + CE).
+
+    Keeps the valid pixels whose predicted probability of the true class is below
+    `max(thresh, p_(k))`, where p_(k) is the k-th smallest such probability over the batch and
+    k = `min_kept` x batch size, so at least `min_kept` pixels per image are kept. The loss is the
+    (class-weighted) mean CE over the kept pixels.
+    """
+
+    def __init__(
+        self,
+        thresh: float = 0.7,
+        min_kept: int = 100_000,
+        ignore_index: int = 255,
+        class_weights: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__(ignore_index, class_weights)
+        self.thresh = thresh
+        self.min_kept = min_kept
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = match_size(logits, target)
+        valid = target != self.ignore_index
+        safe_target = target.masked_fill(~valid, 0)
+        with torch.no_grad():
+            p_true = logits.softmax(1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+            valid_p = p_true[valid]
+            keep = valid.clone()
+            if valid_p.numel() > 0:
+                k = min(self.min_kept * target.shape[0], valid_p.numel() - 1)
+                threshold = valid_p.kthvalue(k + 1).values.clamp_min(self.thresh)
+                keep &= p_true < threshold
+        ce = F.cross_entropy(logits, safe_target, reduction="none")
+        return _weighted_mean(ce, self._pixel_weights(target, keep))
+
+
+class DiceLoss(_PixelLoss):
+    """Multi-class soft Dice: 1 - dice per class (softmax probabilities vs one-hot target over the
+    valid pixels of the whole batch), averaged over the classes present in the target.
+    """
+
+    def __init__(self, ignore_index: int = 255, smooth: float = 1.0) -> None:
+        super().__init__(ignore_index, None)
+        self.smooth = smooth
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = match_size(logits, target)
+        valid = (target != self.ignore_index).unsqueeze(1)
+        prob = logits.softmax(1) * valid
+        onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), logits.shape[1]).permute(0, 3, 1, 2)
+        onehot = onehot.to(prob.dtype) * valid
+        inter = (prob * onehot).sum((0, 2, 3))
+        card = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+        dice = (2 * inter + self.smooth) / (card + self.smooth)
+        present = (onehot.sum((0, 2, 3)) > 0).to(dice.dtype)
+        return _weighted_mean(1 - dice, present)
+
+
+class FocalLoss(_PixelLoss):
+    """Focal loss `-(1 - p_t)^gamma log p_t`, (class-weighted) mean over valid pixels.
+
+    class_weights plays the role of the per-class alpha.
+    """
+
+    def __init__(self, gamma: float = 2.0, ignore_index: int = 255, class_weights: Sequence[float] | None = None) -> None:
+        super().__init__(ignore_index, class_weights)
+        self.gamma = gamma
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = match_size(logits, target)
+        valid = target != self.ignore_index
+        safe_target = target.masked_fill(~valid, 0)
+        logp = logits.log_softmax(1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+        focal = -((1 - logp.exp()) ** self.gamma) * logp
+        return _weighted_mean(focal, self._pixel_weights(target, valid))

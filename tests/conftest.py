@@ -1,0 +1,69 @@
+"""Shared fixtures: composing the real configs, shrunk to tiny CPU-sized runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from segcon.config import config_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# A small synthetic dataset shared by the whole session: 16 train / 6 val images of 64x64.
+TINY_SYNTHETIC = [
+    "data.prepare.num_train=16",
+    "data.prepare.num_val=6",
+    "data.prepare.image_size=64",
+    "data.crop_size=[64,64]",
+]
+
+
+def compose_train(overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
+    """Compose conf/train.yaml with `overrides`, as segcon-train would, without running Hydra.
+
+    `paths.output_dir` is set to `output_dir` (the ${hydra:...} interpolation needs a running
+    app otherwise).
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        if output_dir is not None:
+            cfg.paths.output_dir = str(output_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-wide data dir (the tiny synthetic dataset is written there once)."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture
+def tiny_cfg(data_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
+    """Factory: a composed debug=fast config on the tiny synthetic dataset, writing to tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        base = [
+            "debug=fast",
+            "logger=csv",
+            f"paths.data_dir={data_dir}",
+            f"data.root={data_dir}/synthetic-tiny",
+            *TINY_SYNTHETIC,
+            "callbacks.rich_progress_bar=null",
+            "callbacks.model_summary=null",
+        ]
+        return compose_train([*base, *overrides], output_dir=tmp_path / "run")
+
+    return make

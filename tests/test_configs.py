@@ -1,0 +1,57 @@
+"""Every config file of every group composes, resolves and passes validate_cfg."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from segcon.config import config_dir, fill_data_defaults, validate_cfg
+from tests.conftest import compose_train
+
+CONF = config_dir()
+# Groups whose options are swapped one at a time on top of the default config. Files starting
+# with "_" are shared bases (e.g. data/_common.yaml), not options.
+GROUPS = ["data", "model", "loss", "contrast", "method", "optim", "trainer", "logger", "callbacks", "debug", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+CASES = [(g, o) for g in GROUPS for o in _options(g)]
+
+
+def test_every_group_has_options() -> None:
+    for group in GROUPS:
+        assert _options(group), f"conf/{group}/ has no options"
+
+
+@pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_resolves_and_validates(group: str, option: str, tmp_path: Path) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "folder":
+        overrides.append("data.num_classes=3")
+    if group in ("data", "experiment"):
+        overrides.append(f"data.root={tmp_path}")
+    cfg = compose_train(overrides, output_dir=tmp_path / "run")
+    OmegaConf.resolve(cfg)
+    fill_data_defaults(cfg)
+    validate_cfg(cfg, check_data=False)
+    assert cfg.model.num_classes == cfg.data.num_classes
+    assert len(cfg.data.class_names) == cfg.data.num_classes
+
+
+def test_default_config_is_the_documented_one(tmp_path: Path) -> None:
+    cfg = compose_train([], output_dir=tmp_path)
+    choices = {"data": "synthetic", "arch": "unet", "encoder": "resnet18"}
+    assert cfg.data.name == choices["data"]
+    assert (cfg.model.arch, cfg.model.encoder_name) == (choices["arch"], choices["encoder"])
+    assert cfg.model.encoder_weights is None  # nothing is downloaded by default
+    assert cfg.logger.wandb.offline is True
+
+
+def test_any_key_is_overridable(tmp_path: Path) -> None:
+    cfg = compose_train(["optim.lr=0.123", "data.batch_size=3", "trainer.max_epochs=7", "seed=9"], output_dir=tmp_path)
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.trainer.max_epochs, cfg.seed) == (0.123, 3, 7, 9)

@@ -1,0 +1,111 @@
+"""Supervised losses against slow, independently written references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcon.objectives.supervised import CrossEntropyLoss, DiceLoss, FocalLoss, OhemCrossEntropyLoss
+
+IGNORE = 255
+
+
+def _inputs(seed: int, b: int = 2, k: int = 4, h: int = 5, w: int = 6, p_ignore: float = 0.2):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, k, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, k, (b, h, w), generator=g)
+    target[torch.rand(b, h, w, generator=g) < p_ignore] = IGNORE
+    return logits, target
+
+
+def _pixels(logits: torch.Tensor, target: torch.Tensor):
+    """Yield (log-probabilities [K], label) for every valid pixel, one at a time."""
+    b, _, h, w = logits.shape
+    for i in range(b):
+        for y in range(h):
+            for x in range(w):
+                t = int(target[i, y, x])
+                if t != IGNORE:
+                    yield torch.log_softmax(logits[i, :, y, x], 0), t
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ce_matches_loop_with_class_weights(seed: int) -> None:
+    logits, target = _inputs(seed)
+    cw = [0.5, 1.0, 2.0, 3.0]
+    num = den = 0.0
+    for logp, t in _pixels(logits.detach(), target):
+        num += -cw[t] * float(logp[t])
+        den += cw[t]
+    loss = CrossEntropyLoss(IGNORE, class_weights=cw)(logits, target)
+    assert loss.item() == pytest.approx(num / den, rel=1e-9)
+    plain = CrossEntropyLoss(IGNORE)(logits, target)
+    assert plain.item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=IGNORE).item(), rel=1e-9)
+
+
+def test_ohem_keeps_hard_pixels_and_min_kept() -> None:
+    logits, target = _inputs(3, b=1, h=8, w=8)
+    probs = []
+    for logp, t in _pixels(logits.detach(), target):
+        probs.append((float(logp[t].exp()), -float(logp[t])))
+    probs.sort()
+    for thresh, min_kept in [(0.3, 5), (0.9, 5), (0.05, 20)]:
+        # threshold = max(thresh, the (min_kept)-th smallest probability, 0-based), keep p < threshold
+        kth = probs[min(min_kept, len(probs) - 1)][0]
+        threshold = max(thresh, kth)
+        kept = [nll for p, nll in probs if p < threshold]
+        loss = OhemCrossEntropyLoss(thresh=thresh, min_kept=min_kept, ignore_index=IGNORE)(logits, target)
+        assert len(kept) >= min(min_kept, len(probs))
+        assert loss.item() == pytest.approx(sum(kept) / len(kept), rel=1e-9)
+
+
+def test_dice_matches_manual_formula() -> None:
+    logits, target = _inputs(4, k=3)
+    k = 3
+    prob = logits.detach().softmax(1)
+    losses = []
+    for c in range(k):
+        inter = card = 0.0
+        present = False
+        for i in range(target.shape[0]):
+            for y in range(target.shape[1]):
+                for x in range(target.shape[2]):
+                    t = int(target[i, y, x])
+                    if t == IGNORE:
+                        continue
+                    p = float(prob[i, c, y, x])
+                    g = 1.0 if t == c else 0.0
+                    present |= g > 0
+                    inter += p * g
+                    card += p + g
+        if present:
+            losses.append(1 - (2 * inter + 1.0) / (card + 1.0))
+    loss = DiceLoss(IGNORE, smooth=1.0)(logits, target)
+    assert loss.item() == pytest.approx(sum(losses) / len(losses), rel=1e-9)
+
+
+def test_focal_gamma0_is_ce_and_gamma2_matches_loop() -> None:
+    logits, target = _inputs(5)
+    assert FocalLoss(0.0, IGNORE)(logits, target).item() == pytest.approx(CrossEntropyLoss(IGNORE)(logits, target).item(), rel=1e-9)
+    terms = [-((1 - math.exp(float(logp[t]))) ** 2) * float(logp[t]) for logp, t in _pixels(logits.detach(), target)]
+    assert FocalLoss(2.0, IGNORE)(logits, target).item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
+
+
+@pytest.mark.parametrize("loss_cls", [CrossEntropyLoss, OhemCrossEntropyLoss, DiceLoss, FocalLoss])
+def test_all_ignore_batch_is_zero_finite_and_in_graph(loss_cls) -> None:
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.full((2, 4, 4), IGNORE)
+    loss = loss_cls(ignore_index=IGNORE)(logits, target)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_logits_are_resized_to_the_label_size() -> None:
+    logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+    target = torch.randint(0, 3, (1, 16, 16))
+    up = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
+    assert CrossEntropyLoss()(logits, target).item() == pytest.approx(F.cross_entropy(up, target).item(), rel=1e-6)

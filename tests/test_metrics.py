@@ -1,0 +1,84 @@
+"""Dataset-level confusion-matrix metrics against an independent numpy computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from segcon.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
+
+
+def numpy_confusion(preds: list[np.ndarray], targets: list[np.ndarray], k: int, ignore: int) -> np.ndarray:
+    """Pixel-by-pixel loop, the slow obvious way."""
+    cm = np.zeros((k, k), np.int64)
+    for p, t in zip(preds, targets, strict=True):
+        for pv, tv in zip(p.ravel(), t.ravel(), strict=True):
+            if tv != ignore:
+                cm[tv, pv] += 1
+    return cm
+
+
+def numpy_miou(cm: np.ndarray) -> tuple[np.ndarray, float]:
+    ious = []
+    for c in range(cm.shape[0]):
+        tp = cm[c, c]
+        fp = cm[:, c].sum() - tp
+        fn = cm[c, :].sum() - tp
+        ious.append(tp / (tp + fp + fn) if tp + fp + fn > 0 else np.nan)
+    ious = np.array(ious)
+    return ious, float(np.nanmean(ious))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_confusion_matrix_and_miou_match_numpy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k, ignore = 6, 255
+    preds, targets = [], []
+    for _ in range(3):
+        t = rng.integers(0, k - 1, (7, 9))  # class k-1 never in the ground truth
+        t[rng.random(t.shape) < 0.2] = ignore
+        p = rng.integers(0, k - 2, (7, 9))  # classes k-2, k-1 never predicted
+        preds.append(p)
+        targets.append(t)
+    metric = ConfusionMatrix(k, ignore)
+    for p, t in zip(preds, targets, strict=True):
+        metric.update(torch.from_numpy(p), torch.from_numpy(t))
+    cm = metric.compute().numpy()
+    ref = numpy_confusion(preds, targets, k, ignore)
+    np.testing.assert_array_equal(cm, ref)
+
+    s = scores(torch.from_numpy(cm))
+    ref_iou, ref_miou = numpy_miou(ref)
+    np.testing.assert_allclose(s.iou.numpy(), ref_iou, rtol=1e-6, equal_nan=True)
+    assert math.isnan(float(s.iou[k - 1]))  # absent from ground truth and prediction: not averaged
+    assert s.miou == pytest.approx(ref_miou, rel=1e-9)
+    valid = sum((t != ignore).sum() for t in targets)
+    correct = sum(((p == t) & (t != ignore)).sum() for p, t in zip(preds, targets, strict=True))
+    assert s.pixel_acc == pytest.approx(correct / valid)
+
+
+def test_dataset_level_not_per_image_average() -> None:
+    """Two images: per-image mIoU averaging would differ from the dataset-level value."""
+    t1 = torch.tensor([[0, 0, 0, 1]])
+    p1 = torch.tensor([[0, 0, 0, 0]])
+    t2 = torch.tensor([[1, 1, 1, 1]])
+    p2 = torch.tensor([[1, 1, 1, 1]])
+    cm = confusion_matrix(p1, t1, 2, 255) + confusion_matrix(p2, t2, 2, 255)
+    # dataset level: class 0 IoU 3/4, class 1 IoU 4/5 -> mean 0.775
+    assert scores(cm).miou == pytest.approx((3 / 4 + 4 / 5) / 2)
+
+
+def test_ignore_pixels_never_counted_and_other_ignore_values() -> None:
+    t = torch.tensor([[0, -1, 1], [-1, 1, 0]])
+    p = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    cm = confusion_matrix(p, t, 2, ignore_index=-1)
+    assert int(cm.sum()) == 4
+    assert cm.tolist() == [[1, 1], [0, 2]]
+
+
+def test_out_of_range_target_is_an_error() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 7]), 3, 255)
