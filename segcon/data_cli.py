@@ -40,7 +40,6 @@ def stats(cfg: DictConfig) -> int:
     fill_data_defaults(cfg)
     data = cfg.data
     results: dict[str, SplitStats] = {}
-    err = Console(stderr=True)
     for split in SPLITS:
         disk_split = data.splits.get(split)
         if disk_split is None:
@@ -70,9 +69,10 @@ def stats(cfg: DictConfig) -> int:
 
     problems = [p for r in results.values() for p in r.problems]
     if problems:
-        err.print(f"[red]{len(problems)} label file(s) have problems:[/red]")
+        # Plain lines, never wrapped, so file names can be grepped.
+        print(f"{len(problems)} label file(s) have problems:", file=sys.stderr)
         for p in problems:
-            err.print(f"  - {p}", markup=False, highlight=False)
+            print(f"  - {p}", file=sys.stderr)
         return 1
     return 0
 

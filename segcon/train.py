@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
 from segcon.data.datamodule import SegDataModule
-from segcon.methods.callbacks import FinalReport
+from segcon.methods.callbacks import FinalReport, ModelCheckpoint
 from segcon.objectives.objective import build_objective
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_segcon_state
 from segcon.utils.errors import find_user_error
@@ -99,8 +99,11 @@ def _eval_checkpoint(trainer: L.Trainer, cfg: DictConfig) -> str | None:
     """Path of the checkpoint to evaluate at the end (`eval_ckpt: best|last`)."""
     cb = trainer.checkpoint_callback
     if cfg.train and cb is not None:
-        path = cb.best_model_path if cfg.eval_ckpt == "best" else cb.last_model_path
-        if path:
+        if cfg.eval_ckpt == "best":
+            path = cb.best_model_path
+        else:
+            path = cb.last_model_path or (cb.final_path() if isinstance(cb, ModelCheckpoint) else "")
+        if path and Path(path).is_file():
             return str(path)
         rank_zero_warn(f"no {cfg.eval_ckpt} checkpoint was written; evaluating the in-memory weights")
         return None
@@ -108,7 +111,21 @@ def _eval_checkpoint(trainer: L.Trainer, cfg: DictConfig) -> str | None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Run one training job described by `cfg`; return the final evaluation metrics."""
+    """Run one training job described by `cfg`; return the final evaluation metrics.
+
+    Any W&B run it opened is closed when it returns or fails, so the next job (a multirun, a
+    sweep, a notebook cell) starts a fresh one.
+    """
+    try:
+        metrics = _train(cfg)
+    except BaseException:
+        _finish_wandb(1)
+        raise
+    _finish_wandb(0)
+    return metrics
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     start = time.time()
     out_dir = Path(cfg.paths.output_dir)
     prepare_data(cfg)
@@ -160,14 +177,12 @@ def main(cfg: DictConfig) -> float | None:
     OmegaConf.resolve(cfg)
     try:
         metrics = train(cfg)
-    except BaseException as exc:
-        _finish_wandb(1)
+    except Exception as exc:
         err = find_user_error(exc)
         if err is None:
             raise
         log.error(str(err))
         raise SystemExit(f"error: {err}") from None
-    _finish_wandb(0)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 

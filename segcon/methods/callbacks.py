@@ -10,6 +10,25 @@ from lightning.pytorch.trainer.states import TrainerFn
 from rich.console import Console
 
 from segcon.evaluation.report import iou_table, write_metrics
+from segcon.utils.checkpoint import read_progress
+
+
+class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, plus: `last.ckpt` always holds the final state of training.
+
+    Lightning writes last.ckpt only together with another checkpoint (after a validation or an
+    epoch), so a run stopped by max_steps between two validations would leave an older one.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            path = self.final_path()
+            trainer.save_checkpoint(path)
+            self.last_model_path = str(path)
+
+    def final_path(self) -> Path:
+        """Where last.ckpt is (also known to processes that did not save it, e.g. after spawn)."""
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
 
 
 class FinalReport(L.Callback):
@@ -36,11 +55,13 @@ class FinalReport(L.Callback):
         if scores is None:
             return
         ckpt = trainer.ckpt_path
+        step, epoch = read_progress(ckpt) if ckpt else (trainer.global_step, trainer.current_epoch)
         extra = {
             f"{split}/checkpoint": str(ckpt) if ckpt else None,
             f"{split}/checkpoint_kind": self.eval_ckpt if ckpt else "in-memory weights",
+            f"{split}/checkpoint_step": step,
+            f"{split}/checkpoint_epoch": epoch,
             "wall_time_s": round(time.time() - self.start_time, 2),
-            "global_step": trainer.global_step,
         }
         if split == "val":
             extra["val/mIoU_best"] = pl_module.best_miou

@@ -11,6 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from segcon.evaluation.inference import predict_whole
@@ -152,7 +153,9 @@ class SupervisedModule(L.LightningModule):
         grid = np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], axis=0)
         out_dir = Path(self.trainer.default_root_dir) / "overlays"
         out_dir.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(out_dir / f"{split}_epoch{self.current_epoch:03d}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+        # During fit: one file per epoch; the end-of-run evaluation of the chosen checkpoint: "final".
+        tag = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == TrainerFn.FITTING else "final"
+        cv2.imwrite(str(out_dir / f"{split}_{tag}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(f"{split}/overlays", [grid], step=self.global_step)

@@ -27,8 +27,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             tmp.unlink(missing_ok=True)
 
 
+def _load_lazily(path: str | Path) -> dict[str, Any]:
+    """A checkpoint loaded without unpickling code and without reading tensors into memory."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def read_segcon_state(path: str | Path) -> dict[str, Any]:
-    """The `segcon` entry of a checkpoint (config, best mIoU, W&B run id), loaded without
-    unpickling code and without reading the tensors into memory."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return dict(ckpt.get("segcon", {}))
+    """The `segcon` entry of a checkpoint (config, best mIoU, W&B run id)."""
+    return dict(_load_lazily(path).get("segcon", {}))
+
+
+def read_progress(path: str | Path) -> tuple[int, int]:
+    """(global_step, epoch) at which a Lightning checkpoint was saved."""
+    ckpt = _load_lazily(path)
+    return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0))

@@ -1,0 +1,152 @@
+"""End-to-end runs of segcon-train on the tiny synthetic dataset (in-process and as a CLI)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from segcon.evaluation.metrics import confusion_matrix, scores
+from segcon.train import build_datamodule, build_module, train
+from tests.conftest import TINY_SYNTHETIC
+
+pytestmark = pytest.mark.slow
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _independent_miou(cfg: DictConfig, ckpt: Path) -> float:
+    """Evaluate a checkpoint with a plain loop (no Lightning): load weights, predict every val
+    image, sum one confusion matrix."""
+    module = build_module(cfg)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    module.eval()
+    dm = build_datamodule(cfg)
+    dm.setup("validate")
+    ds = dm.datasets["val"]
+    cm = torch.zeros(cfg.data.num_classes, cfg.data.num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(len(ds)):
+            item = ds[i]
+            pred = module.net(item["image"][None]).argmax(1)
+            cm += confusion_matrix(pred, item["mask"][None], cfg.data.num_classes, cfg.data.ignore_index)
+    return scores(cm).miou
+
+
+def test_fast_run_writes_metrics_checkpoints_overlays(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg()
+    run_dir = Path(cfg.paths.output_dir)
+    results = train(cfg)
+    m = _metrics(run_dir)
+    best = Path(m["val/checkpoint"])
+    assert best.parent == run_dir / "checkpoints" and best.name.startswith("best-")
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert m["val/checkpoint_kind"] == "best"
+    assert set(m["val/IoU"]) == set(cfg.data.class_names)
+    assert m["val/mIoU"] == pytest.approx(results["val/mIoU"])
+    assert m["val/mIoU_best"] >= m["val/mIoU"] - 1e-9  # best-by-val checkpoint is evaluated
+    # fit stops at step 6, inside epoch 1; it validated only after epoch 0 (step 4)
+    assert m["wall_time_s"] > 0 and m["val/checkpoint_step"] == 4 and m["val/checkpoint_epoch"] == 0
+    rows = list(csv.DictReader((run_dir / "val_per_class.csv").open()))
+    assert [r["class"] for r in rows] == list(cfg.data.class_names)
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "config_tree.log").is_file()
+    # fit validates after epoch 0 only (max_steps=6 stops in epoch 1); then the final evaluation
+    assert sorted(p.name for p in (run_dir / "overlays").glob("*.png")) == ["val_epoch000.png", "val_final.png"]
+    # every loss term is logged every step
+    logged = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
+    steps = {int(r["step"]) for r in logged if r.get("train/loss_ce")}
+    assert steps == set(range(6))
+    # the reported mIoU is the checkpoint's, recomputed here without Lightning
+    assert _independent_miou(cfg, best) == pytest.approx(m["val/mIoU"], abs=1e-12)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    assert ckpt["segcon"]["config"]["data"]["num_classes"] == 5
+
+
+def test_eval_last_checkpoint(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("eval_ckpt=last", "trainer.max_steps=4")
+    train(cfg)
+    m = _metrics(Path(cfg.paths.output_dir))
+    assert m["val/checkpoint"].endswith("last.ckpt") and m["val/checkpoint_kind"] == "last"
+
+
+def test_overfit_one_batch_drives_the_loss_down(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("debug=overfit", "trainer.max_epochs=40", "trainer.check_val_every_n_epoch=40", "optim.lr=3e-3")
+    train(cfg)
+    rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 40
+    assert min(losses[-5:]) < 0.25 * losses[0]
+
+
+def test_resume_continues_steps_and_wandb_run(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    first = tiny_cfg("logger=wandb", "trainer.max_steps=4", "trainer.max_epochs=4")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    run_id = torch.load(last, map_location="cpu", weights_only=True)["segcon"]["wandb_run_id"]
+    assert run_id
+    second = tiny_cfg("logger=wandb", "trainer.max_steps=6", "trainer.max_epochs=4", f"ckpt_path={last}", "eval_ckpt=last")
+    second.paths.output_dir = str(tmp_path / "resumed")
+    train(second)
+    m = _metrics(tmp_path / "resumed")
+    assert m["val/checkpoint_step"] == 6
+    offline = list((tmp_path / "resumed" / "wandb").glob("offline-run-*"))
+    assert offline and all(p.name.endswith(run_id) for p in offline)
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    return subprocess.run([sys.executable, "-m", "segcon.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _tiny_cli_args(data_dir: Path) -> list[str]:
+    return ["debug=fast", "logger=csv", f"paths.data_dir={data_dir}", f"data.root={data_dir}/synthetic-tiny", *TINY_SYNTHETIC]
+
+
+def test_cli_run_prints_table_and_final_miou(data_dir: Path, tmp_path: Path) -> None:
+    proc = _cli([*_tiny_cli_args(data_dir), f"hydra.run.dir={tmp_path}/cli"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "val per-class IoU" in proc.stdout and "final val mIoU:" in proc.stdout
+    assert "crack" in proc.stdout
+    assert (tmp_path / "cli" / "metrics.json").is_file()
+
+
+def test_cli_user_error_is_one_line_not_a_traceback(data_dir: Path, tmp_path: Path) -> None:
+    proc = _cli([*_tiny_cli_args(data_dir), "model.num_classes=3", f"hydra.run.dir={tmp_path}/bad"], tmp_path)
+    assert proc.returncode == 1
+    assert "error: model.num_classes=3 but data.num_classes=5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_multirun_two_jobs_two_run_dirs(data_dir: Path, tmp_path: Path) -> None:
+    proc = _cli(["-m", *_tiny_cli_args(data_dir), "seed=1,2", "trainer.max_steps=2", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, seed in (("0", 1), ("1", 2)):
+        run = tmp_path / "sweep" / job
+        assert _metrics(run)["val/checkpoint_step"] == 2
+        assert f"seed: {seed}" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.ddp
+def test_ddp_sim_miou_equals_single_process_evaluation(data_dir: Path, tmp_path: Path, tiny_cfg: Callable[..., DictConfig]) -> None:
+    """Two gloo processes train and evaluate; 5 val images over 2 ranks (3 + 2, no padding):
+    the all-reduced mIoU must equal a single-process evaluation of the same checkpoint."""
+    extra = ["trainer=ddp_sim", "data.subset.val=5", "data.val_batch_size=1", "trainer.limit_val_batches=1.0",
+             "trainer.max_steps=4", "eval_ckpt=last"]
+    proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = _metrics(tmp_path / "ddp")
+    assert m["val/checkpoint_step"] == 4  # 16 images / (4 x 2 ranks) = 2 steps per epoch, 2 epochs
+    cfg = tiny_cfg("data.subset.val=5")
+    assert _independent_miou(cfg, Path(m["val/checkpoint"])) == pytest.approx(m["val/mIoU"], abs=1e-12)
