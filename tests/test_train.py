@@ -150,3 +150,24 @@ def test_ddp_sim_miou_equals_single_process_evaluation(data_dir: Path, tmp_path:
     assert m["val/checkpoint_step"] == 4  # 16 images / (4 x 2 ranks) = 2 steps per epoch, 2 epochs
     cfg = tiny_cfg("data.subset.val=5")
     assert _independent_miou(cfg, Path(m["val/checkpoint"])) == pytest.approx(m["val/mIoU"], abs=1e-12)
+
+
+def test_tensorboard_overlays_and_mixed_precision(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """bf16 autocast (Lightning's precision flag, on CPU here) through the losses, and the
+    overlay images reaching TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg("logger=tensorboard", "trainer.precision=bf16-mixed", "trainer.max_steps=4")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0
+    events = EventAccumulator(str(Path(cfg.paths.output_dir) / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert "val/overlays" in events.Tags()["images"]
+    assert "train/loss_ce" in events.Tags()["scalars"]
+
+
+def test_profile_preset_writes_a_report(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("debug=profile", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")
+    train(cfg)
+    reports = list(Path(cfg.paths.output_dir).glob("*profile*.txt"))
+    assert reports and "run_training_batch" in reports[0].read_text()
