@@ -13,7 +13,7 @@ from tests.conftest import compose_train
 CONF = config_dir()
 # Groups whose options are swapped one at a time on top of the default config. Files starting
 # with "_" are shared bases (e.g. data/_common.yaml), not options.
-GROUPS = ["data", "model", "loss", "contrast", "method", "optim", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS = ["data", "model", "loss", "contrast", "sampler", "method", "optim", "trainer", "logger", "callbacks", "debug", "experiment"]
 
 
 def _options(group: str) -> list[str]:

@@ -171,3 +171,41 @@ def test_profile_preset_writes_a_report(tiny_cfg: Callable[..., DictConfig]) -> 
     train(cfg)
     reports = list(Path(cfg.paths.output_dir).glob("*profile*.txt"))
     assert reports and "run_training_batch" in reports[0].read_text()
+
+
+def test_contrast_terms_train_end_to_end(tiny_cfg: Callable[..., DictConfig]) -> None:
+    for overrides in (["contrast=pixel", "sampler=hard_easy"], ["contrast=pixel_memory", "sampler=random"]):
+        cfg = tiny_cfg(*overrides, "sampler.max_views=20", "trainer.max_steps=3", "trainer.max_epochs=1")
+        name = next(iter(cfg.contrast))
+        train(cfg)
+        rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
+        values = [float(r[f"train/loss_{name}"]) for r in rows if r.get(f"train/loss_{name}")]
+        assert len(values) == 3 and all(v > 0 for v in values)
+        state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        assert any(k.startswith("net.heads.projection.") for k in state)
+        if name == "pixel_memory":
+            assert int(state["objective.contrast.pixel_memory.memories.segment.count"].sum()) > 0
+
+
+@pytest.mark.ddp
+def test_ddp_sim_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_entries(data_dir: Path, tmp_path: Path) -> None:
+    from segcon.objectives.memory import ClassMemory
+
+    size = 16
+    extra = ["trainer=ddp_sim", "contrast=pixel_memory", "sampler.max_views=20", f"contrast.pixel_memory.memory_size={size}",
+             "contrast.pixel_memory.pixel_update_freq=2", "trainer.max_steps=3", "trainer.max_epochs=3",
+             "+callbacks.dump_memory._target_=tests.helpers.DumpMemory"]
+    proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"memory_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for k, v in ranks[0]["memory"].items():
+        assert torch.equal(v, ranks[1]["memory"][k]), k
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 3
+    for name in ("pixel", "segment"):
+        expected = ClassMemory(5, size, ranks[0]["memory"][f"{name}.feats"].shape[-1])
+        for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
+            expected.push(torch.cat([s0[name][0], s1[name][0]]), torch.cat([s0[name][1], s1[name][1]]))
+        for buf in ("feats", "ptr", "count"):
+            assert torch.equal(getattr(expected, buf), ranks[0]["memory"][f"{name}.{buf}"]), (name, buf)
+        own = sum(int((s[name][1] >= 0).sum()) for s in ranks[0]["steps"])
+        assert int(ranks[0]["memory"][f"{name}.count"].sum()) > min(own, size)  # more than rank 0 alone

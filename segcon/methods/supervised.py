@@ -19,6 +19,7 @@ from segcon.evaluation.metrics import ConfusionMatrix, SegScores, scores
 from segcon.evaluation.visualize import denormalize, panel
 from segcon.methods.optim import build_optimizer, poly_factor
 from segcon.models.segnet import SegNet
+from segcon.objectives.memory import MemoryUser
 from segcon.objectives.objective import Objective
 
 
@@ -76,6 +77,17 @@ class SupervisedModule(L.LightningModule):
         loss, logs = self.objective(output, batch["mask"], self.global_step)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch["image"].shape[0])
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        """Fill the memories of memory-using terms with this step's entries from all ranks."""
+        for term in self.objective.contrast.values():
+            if not isinstance(term, MemoryUser):
+                continue
+            for memory, (feats, labels) in term.pending_entries().items():
+                feats, labels = self.all_gather(feats), self.all_gather(labels)
+                if self.trainer.world_size > 1:  # [world, M, ...] -> [world * M, ...], rank order
+                    feats, labels = feats.flatten(0, 1), labels.flatten(0, 1)
+                term.enqueue(memory, feats, labels)
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = dict(self.optim_cfg)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
+from segcon.models.heads import ProjectionHead, concat_stages
 from segcon.utils.errors import ConfigError
 from segcon.utils.weights import load_weights
 
@@ -48,6 +51,10 @@ class SegNet(nn.Module):
         in_channels: image channels.
         weights_path: local file (.pt/.pth/.ckpt/.safetensors) with encoder or full-model weights.
         weights_scope: "auto" (full model if every key is there, else encoder), "full" or "encoder".
+        projection: train-only projection head, None for none (the contrast presets set it):
+            `{source: decoder | encoder, dim: 256, kind: convmlp | linear, stages: [2, 3, 4, 5]}`.
+            source "decoder" reads the feature the classifier reads; "encoder" reads the encoder
+            stages listed in `stages` upsampled to the largest and concatenated.
         **arch_kwargs: passed to the smp architecture (decoder_channels, encoder_depth, ...).
     """
 
@@ -60,6 +67,7 @@ class SegNet(nn.Module):
         in_channels: int = 3,
         weights_path: str | None = None,
         weights_scope: str = "auto",
+        projection: Mapping[str, Any] | None = None,
         **arch_kwargs,
     ) -> None:
         super().__init__()
@@ -77,6 +85,23 @@ class SegNet(nn.Module):
         self.num_classes = num_classes
         if weights_path:
             load_weights(self.model, Path(weights_path), weights_scope)
+        self.heads = nn.ModuleDict()
+        self.projection = None
+        if projection:
+            self.projection = {"source": "decoder", "dim": 256, "kind": "convmlp", "stages": [2, 3, 4, 5], **projection}
+            self.heads["projection"] = ProjectionHead(
+                self._projection_channels(), int(self.projection["dim"]), self.projection["kind"]
+            )
+
+    def _projection_channels(self) -> int:
+        source = self.projection["source"]
+        if source == "encoder":
+            return sum(self.model.encoder.out_channels[i] for i in self.projection["stages"])
+        if source == "decoder":
+            # The classifier's first convolution reads the decoder feature.
+            conv = next(m for m in self.model.segmentation_head.modules() if isinstance(m, nn.Conv2d))
+            return conv.in_channels
+        raise ConfigError(f"model.projection.source must be decoder or encoder, got {source!r}")
 
     @property
     def output_stride(self) -> int:
@@ -104,7 +129,14 @@ class SegNet(nn.Module):
         else:
             decoder = self.model.decoder(features)
         logits = self.model.segmentation_head(decoder)
-        return SegOutput(logits=logits, features=list(features), decoder=decoder)
+        out = SegOutput(logits=logits, features=list(features), decoder=decoder)
+        if self.projection is not None:
+            if self.projection["source"] == "decoder":
+                feat = decoder
+            else:
+                feat = concat_stages(out.features, list(self.projection["stages"]))
+            out.embedding = self.heads["projection"](feat)
+        return out
 
     def forward(self, x: Tensor) -> SegOutput | Tensor:
         if not self.training:

@@ -1,0 +1,218 @@
+"""Supervised pixel contrast (Wang et al., ICCV 2021; METHODS.md §0) and its memory-bank variant.
+
+Both are Objective contrast terms: `term(output: SegOutput, target [B, H, W], confidence) ->
+scalar`. They read `output.embedding` (L2-normalised `[B, D, h, w]`, from the projection
+head), resize the labels to `h x w` with nearest neighbour, take predictions and probabilities
+from the logits at `h x w`, let the sampler choose anchors, and contrast every anchor with the
+other sampled pixels of the whole batch (cross-image) — and, for the memory variant, with the
+per-class memory bank as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segcon.models.segnet import SegOutput
+from segcon.objectives.memory import ClassMemory, MemoryUser
+from segcon.objectives.samplers import pick_random
+from segcon.utils.errors import ConfigError
+
+DENOMINATORS = ("per_positive", "supcon")
+
+
+def pair_contrast(
+    anchors: Tensor,
+    anchor_labels: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    temperature: float,
+    base_temperature: float,
+    denominator: str = "per_positive",
+    keys_include_anchors: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Supervised InfoNCE of each anchor against a set of keys.
+
+    Args:
+        anchors: `[N, D]` L2-normalised; anchor_labels `[N]`.
+        keys: `[M, D]` L2-normalised; key_labels `[M]`. When `keys_include_anchors`, the first N
+            keys are the anchors themselves and key i is not a pair of anchor i.
+        denominator: "per_positive" (ContrastiveSeg: each positive against itself plus all
+            negatives) or "supcon" (all other keys in the partition).
+
+    Returns:
+        per-anchor losses `[N]` (0 where an anchor has no positive) and a `[N]` bool mask of the
+        anchors that have at least one positive.
+
+    ℓ_i = -(τ/τ_base) · mean_{p ∈ P(i)} [ s_ip - log( e^{s_ip} + Σ_{n ∈ Neg(i)} e^{s_in} ) ]
+    (per_positive), or with log Σ_{k ≠ i} e^{s_ik} as the second term (supcon); s = z·z'/τ.
+    """
+    if denominator not in DENOMINATORS:
+        raise ConfigError(f"contrast denominator must be one of {DENOMINATORS}, got {denominator!r}")
+    sim = anchors @ keys.T / temperature  # [N, M]
+    sim = sim - sim.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
+    same = anchor_labels[:, None] == key_labels[None, :]
+    not_self = torch.ones_like(same)
+    if keys_include_anchors:
+        n = anchors.shape[0]
+        not_self[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=anchors.device)
+    pos = same & not_self
+    neg = ~same
+    minus_inf = torch.finfo(sim.dtype).min
+    if denominator == "per_positive":
+        log_neg = torch.logsumexp(sim.masked_fill(~neg, minus_inf), dim=1, keepdim=True)  # [N, 1]
+        log_denom = torch.logaddexp(sim, log_neg)
+    else:
+        log_denom = torch.logsumexp(sim.masked_fill(~not_self, minus_inf), dim=1, keepdim=True)
+    log_prob = (sim - log_denom).masked_fill(~pos, 0.0)
+    n_pos = pos.sum(1)
+    has_pos = n_pos > 0
+    loss = -(temperature / base_temperature) * log_prob.sum(1) / n_pos.clamp_min(1)
+    return loss, has_pos
+
+
+def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of integer labels `[B, H, W]` to `size` (no new label values)."""
+    if tuple(target.shape[-2:]) == tuple(size):
+        return target
+    return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+class PixelContrastLoss(nn.Module):
+    """ContrastiveSeg's pixel-to-pixel contrast over sampled anchors of the whole batch.
+
+    Args:
+        sampler: chooses the anchors (see segcon.objectives.samplers).
+        temperature, base_temperature: τ and τ_base (the loss is scaled by τ / τ_base).
+        denominator: "per_positive" (ContrastiveSeg) or "supcon".
+        ignore_index: never sampled.
+    """
+
+    def __init__(
+        self,
+        sampler: Callable[..., Tensor],
+        temperature: float = 0.1,
+        base_temperature: float = 0.07,
+        denominator: str = "per_positive",
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        if denominator not in DENOMINATORS:
+            raise ConfigError(f"contrast denominator must be one of {DENOMINATORS}, got {denominator!r}")
+        self.sampler = sampler
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.denominator = denominator
+        self.ignore_index = ignore_index
+
+    def sample(self, output: SegOutput, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Anchors: (embeddings `[M, D]`, labels `[M]`, flat indices `[M]` into `[B * h * w]`)."""
+        emb = output.embedding
+        if emb is None:
+            raise ConfigError(
+                f"the {type(self).__name__} term needs an embedding: set model.projection "
+                "(the contrast presets do), e.g. model.projection={source: decoder, dim: 256}"
+            )
+        b, d, h, w = emb.shape
+        labels = labels_at(target, (h, w)).reshape(b, -1)
+        with torch.no_grad():
+            logits = F.interpolate(output.logits.detach(), size=(h, w), mode="bilinear", align_corners=False)
+            probs = logits.softmax(1).reshape(b, logits.shape[1], -1)
+            preds = probs.argmax(1)
+        index = self.sampler(labels, preds, probs)
+        flat = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        return flat[index], labels.reshape(-1)[index], index
+
+    def contrast(self, z: Tensor, y: Tensor, keys: Tensor | None = None, key_labels: Tensor | None = None) -> Tensor:
+        """Mean loss of anchors (z, y) against the batch anchors plus optional extra keys."""
+        all_keys = z if keys is None else torch.cat([z, keys])
+        all_labels = y if key_labels is None else torch.cat([y, key_labels])
+        loss, has_pos = pair_contrast(
+            z, y, all_keys, all_labels, self.temperature, self.base_temperature, self.denominator
+        )
+        # mean over anchors with a positive; a graph-connected 0 when there is none
+        return (loss * has_pos).sum() / has_pos.sum().clamp_min(1)
+
+    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
+        """`confidence` is not used: semi-supervised methods pass low-confidence pixels as ignore."""
+        z, y, _ = self.sample(output, target)
+        if z.shape[0] == 0:
+            return output.embedding.sum() * 0.0  # no anchor: 0, but the head stays in the graph (DDP)
+        return self.contrast(z, y)
+
+
+class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
+    """Pixel contrast against the batch plus a per-class memory of past embeddings.
+
+    Two per-class FIFO memories of detached embeddings: pixel entries (up to
+    `pixel_update_freq` random pixels per class per image per step) and segment entries (one
+    L2-normalised region mean per class per image per step). Anchors contrast with the batch's
+    anchors and every filled memory slot (no class is special, empty slots are not used).
+
+    New entries are not written by `forward`: the training method collects `pending_entries()`
+    from every rank (tensor all_gather) and calls `enqueue`, so all ranks hold the same memory.
+    """
+
+    def __init__(
+        self,
+        sampler: Callable[..., Tensor],
+        num_classes: int,
+        dim: int = 256,
+        memory_size: int = 5000,
+        pixel_update_freq: int = 10,
+        temperature: float = 0.07,
+        base_temperature: float = 0.07,
+        denominator: str = "per_positive",
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__(sampler, temperature, base_temperature, denominator, ignore_index)
+        self.num_classes = num_classes
+        self.pixel_update_freq = pixel_update_freq
+        self.memories = nn.ModuleDict(
+            {"pixel": ClassMemory(num_classes, memory_size, dim), "segment": ClassMemory(num_classes, memory_size, dim)}
+        )
+        self._pending: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
+        z, y, _ = self.sample(output, target)
+        self._pending = self._new_entries(output.embedding.detach(), target)
+        if z.shape[0] == 0:
+            return output.embedding.sum() * 0.0
+        keys, key_labels = zip(*(m.entries() for m in self.memories.values()), strict=True)
+        return self.contrast(z, y, torch.cat(keys), torch.cat(key_labels))
+
+    @torch.no_grad()
+    def _new_entries(self, emb: Tensor, target: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+        """Fixed-size entries of this step (padded with label -1, so every rank gathers the same
+        shapes): pixel `[B * K * freq, D]` and segment `[B * K, D]` with their labels."""
+        b, d, h, w = emb.shape
+        k, f = self.num_classes, self.pixel_update_freq
+        labels = labels_at(target, (h, w)).reshape(b, -1)
+        flat = emb.permute(0, 2, 3, 1).reshape(b, -1, d)
+        pix = emb.new_zeros(b, k, f, d)
+        pix_lab = torch.full((b, k, f), -1, dtype=torch.long, device=emb.device)
+        seg = emb.new_zeros(b, k, d)
+        seg_lab = torch.full((b, k), -1, dtype=torch.long, device=emb.device)
+        for i in range(b):
+            for c in labels[i].unique().tolist():
+                if not 0 <= c < k:
+                    continue
+                idx = (labels[i] == c).nonzero().squeeze(1)
+                seg[i, c] = F.normalize(flat[i, idx].mean(0), dim=0)
+                seg_lab[i, c] = c
+                pick = pick_random(idx, f)
+                pix[i, c, : pick.numel()] = flat[i, pick]
+                pix_lab[i, c, : pick.numel()] = c
+        return {"pixel": (pix.reshape(-1, d), pix_lab.reshape(-1)), "segment": (seg.reshape(-1, d), seg_lab.reshape(-1))}
+
+    def pending_entries(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """This step's entries per memory, to be gathered from all ranks and enqueued."""
+        return self._pending
+
+    @torch.no_grad()
+    def enqueue(self, memory: str, feats: Tensor, labels: Tensor) -> None:
+        """Append entries `[M, D]` with labels `[M]` (-1 = padding, skipped) to a memory."""
+        self.memories[memory].push(feats, labels)
+

@@ -1,0 +1,93 @@
+"""Anchor samplers: which labelled pixels a contrastive loss uses.
+
+A sampler is called with flattened per-image tensors and returns flat pixel indices into the
+`[B * N]` batch (image b, pixel n -> b * N + n); the loss gathers embeddings and labels with
+them. Samplers never return ignore pixels and are deterministic under a seeded generator.
+
+    indices = sampler(labels [B, N], preds [B, N], probs [B, K, N] | None, generator) -> [M]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _candidate_pairs(labels: Tensor, ignore_index: int, min_pixels: int) -> list[tuple[int, int]]:
+    """(image, class) pairs whose class has more than `min_pixels` pixels in that image."""
+    pairs = []
+    for b in range(labels.shape[0]):
+        classes, counts = labels[b].unique(return_counts=True)
+        for c, n in zip(classes.tolist(), counts.tolist(), strict=True):
+            if c != ignore_index and n > min_pixels:
+                pairs.append((b, c))
+    return pairs
+
+
+def pick_random(candidates: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """Up to `n` of the `candidates` uniformly at random, without replacement."""
+    perm = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:n]
+    return candidates[perm.to(candidates.device)]
+
+
+class RandomSampler:
+    """Uniform per class: for each (image, class) with more than `max_views` pixels, `n_view =
+    min(max_samples // pairs, max_views)` of its pixels drawn uniformly at random."""
+
+    def __init__(self, max_samples: int = 1024, max_views: int = 100, ignore_index: int = 255) -> None:
+        self.max_samples, self.max_views, self.ignore_index = max_samples, max_views, ignore_index
+
+    def __call__(
+        self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        pairs = _candidate_pairs(labels, self.ignore_index, self.max_views)
+        if not pairs:
+            return labels.new_zeros(0, dtype=torch.long)
+        n_view = min(self.max_samples // len(pairs), self.max_views)
+        n = labels.shape[1]
+        out = [b * n + pick_random((labels[b] == c).nonzero().squeeze(1), n_view, generator) for b, c in pairs]
+        return torch.cat(out)
+
+
+class HardEasySampler:
+    """ContrastiveSeg's hard-anchor sampling.
+
+    For each (image, class c) with more than `max_views` pixels, `n_view = min(max_samples //
+    pairs, max_views)` pixels: hard = (gt = c, pred != c), easy = (gt = c, pred = c).
+    Both sets have >= n_view / 2: n_view // 2 hard, the rest easy. Only hard is large: all easy,
+    the rest hard. Only easy is large: all hard, the rest easy. Inside each set the choice is
+    uniformly random.
+    """
+
+    def __init__(self, max_samples: int = 1024, max_views: int = 100, ignore_index: int = 255) -> None:
+        self.max_samples, self.max_views, self.ignore_index = max_samples, max_views, ignore_index
+
+    def __call__(
+        self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        pairs = _candidate_pairs(labels, self.ignore_index, self.max_views)
+        if not pairs:
+            return labels.new_zeros(0, dtype=torch.long)
+        n_view = min(self.max_samples // len(pairs), self.max_views)
+        n = labels.shape[1]
+        out = []
+        for b, c in pairs:
+            is_c = labels[b] == c
+            hard = (is_c & (preds[b] != c)).nonzero().squeeze(1)
+            easy = (is_c & (preds[b] == c)).nonzero().squeeze(1)
+            n_hard, n_easy = split_counts(hard.numel(), easy.numel(), n_view)
+            out.append(b * n + torch.cat([pick_random(hard, n_hard, generator), pick_random(easy, n_easy, generator)]))
+        return torch.cat(out)
+
+
+def split_counts(num_hard: int, num_easy: int, n_view: int) -> tuple[int, int]:
+    """How many hard and easy pixels to take for one (image, class), ContrastiveSeg's rule.
+
+    The caller guarantees num_hard + num_easy > n_view, so at least one set reaches n_view / 2.
+    """
+    hard_ok, easy_ok = num_hard >= n_view / 2, num_easy >= n_view / 2
+    if hard_ok and easy_ok:
+        return n_view // 2, n_view - n_view // 2
+    if hard_ok:  # easy is short: take all of it, fill up with hard
+        return n_view - num_easy, num_easy
+    return num_hard, n_view - num_hard  # hard is short: take all of it, fill up with easy

@@ -1,0 +1,192 @@
+"""Pixel contrast, samplers and the class memory against slow float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segcon.models.segnet import SegNet, SegOutput
+from segcon.objectives.contrast import (
+    PixelContrastLoss,
+    PixelMemoryContrastLoss,
+    labels_at,
+    pair_contrast,
+)
+from segcon.objectives.memory import ClassMemory
+from segcon.objectives.samplers import HardEasySampler, RandomSampler, split_counts
+
+IGNORE = 255
+
+
+def reference_loss(z: torch.Tensor, y: torch.Tensor, keys: torch.Tensor, key_labels: torch.Tensor,
+                   tau: float, base: float, denominator: str) -> float:
+    """The equations of METHODS.md §0(c), one anchor and one pair at a time, in float64.
+    The first len(z) keys are the anchors themselves."""
+    z, keys = z.double(), keys.double()
+    n, m = z.shape[0], keys.shape[0]
+    losses = []
+    for i in range(n):
+        s = [float(z[i] @ keys[j]) / tau for j in range(m)]
+        pos = [j for j in range(m) if j != i and int(key_labels[j]) == int(y[i])]
+        neg = [j for j in range(m) if int(key_labels[j]) != int(y[i])]
+        if not pos:
+            continue
+        terms = []
+        for p in pos:
+            if denominator == "per_positive":
+                denom = math.exp(s[p]) + sum(math.exp(s[k]) for k in neg)
+            else:
+                denom = sum(math.exp(s[k]) for k in range(m) if k != i)
+            terms.append(s[p] - math.log(denom))
+        losses.append(-(tau / base) * sum(terms) / len(terms))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("denominator", ["per_positive", "supcon"])
+@pytest.mark.parametrize(("n", "m_extra", "k", "seed"), [(12, 0, 3, 0), (20, 7, 4, 1), (9, 15, 5, 2), (6, 0, 1, 3)])
+def test_pair_contrast_matches_loop_reference(denominator: str, n: int, m_extra: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(n, 8, generator=g, dtype=torch.float64), dim=1)
+    y = torch.randint(0, k, (n,), generator=g)
+    y[0] = k + 2  # a class with a single anchor: no positive, excluded from the mean
+    extra = F.normalize(torch.randn(m_extra, 8, generator=g, dtype=torch.float64), dim=1)
+    extra_y = torch.randint(0, k, (m_extra,), generator=g)
+    keys, key_labels = torch.cat([z, extra]), torch.cat([y, extra_y])
+    loss, has_pos = pair_contrast(z, y, keys, key_labels, 0.1, 0.07, denominator)
+    assert not has_pos[0]
+    got = float((loss * has_pos).sum() / has_pos.sum())
+    assert got == pytest.approx(reference_loss(z, y, keys, key_labels, 0.1, 0.07, denominator), abs=1e-6)
+
+
+def _output(seed: int, b: int = 2, d: int = 8, k: int = 4, h: int = 8, w: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    emb = F.normalize(torch.randn(b, d, h, w, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    logits = torch.randn(b, k, 2 * h, 2 * w, generator=g, dtype=torch.float64)
+    target = torch.randint(0, k - 1, (b, 2 * h, 2 * w), generator=g)  # class k-1 absent
+    target[:, :4] = IGNORE
+    return SegOutput(logits=logits, embedding=emb), target
+
+
+def test_pixel_contrast_term_equals_reference_on_its_samples() -> None:
+    out, target = _output(0)
+    loss_fn = PixelContrastLoss(RandomSampler(max_samples=64, max_views=5), 0.1, 0.07)
+    torch.manual_seed(5)
+    z, y, index = loss_fn.sample(out, target)
+    torch.manual_seed(5)
+    loss = loss_fn(out, target)
+    small = labels_at(target, (8, 8)).reshape(-1)
+    assert (small[index] != IGNORE).all() and torch.equal(small[index], y)
+    assert loss.item() == pytest.approx(reference_loss(z.detach(), y, z.detach(), y, 0.1, 0.07, "per_positive"), abs=1e-6)
+    loss.backward()
+    assert out.embedding.grad is not None and out.embedding.grad.abs().sum() > 0
+
+
+def test_gradient_reaches_projection_head_and_backbone() -> None:
+    torch.manual_seed(0)
+    net = SegNet("fpn", "resnet18", num_classes=3, projection={"source": "decoder", "dim": 16})
+    x = torch.randn(2, 3, 64, 64)
+    target = torch.randint(0, 3, (2, 64, 64))
+    loss = PixelContrastLoss(RandomSampler(max_samples=128, max_views=10))(net(x), target)
+    loss.backward()
+    assert net.heads["projection"].proj[0].weight.grad.abs().sum() > 0
+    assert net.model.encoder.conv1.weight.grad.abs().sum() > 0
+    assert net.model.segmentation_head[0].weight.grad is None  # the classifier is not in this loss
+
+
+@pytest.mark.parametrize("make_target", [lambda: torch.full((2, 16, 16), IGNORE), lambda: torch.zeros(2, 16, 16, dtype=torch.long)])
+def test_degenerate_batches_give_a_connected_finite_zero(make_target) -> None:
+    out, _ = _output(1)
+    for loss_fn in (PixelContrastLoss(HardEasySampler(64, 5)), PixelMemoryContrastLoss(HardEasySampler(64, 5), num_classes=4, dim=8, memory_size=4)):
+        out.embedding.grad = None
+        loss = loss_fn(out, make_target())
+        assert loss.item() == 0.0  # all ignore: no anchor; one class: no negative
+        loss.backward()
+        assert torch.isfinite(out.embedding.grad).all()
+
+
+def _constructed(n_per_class: dict[int, tuple[int, int]], ignore: int = 10):
+    """One image: for class c, `hard` misclassified and `easy` correct pixels, then ignore pixels."""
+    labels, preds = [], []
+    for c, (hard, easy) in n_per_class.items():
+        labels += [c] * (hard + easy)
+        preds += [c + 100] * hard + [c] * easy
+    labels += [IGNORE] * ignore
+    preds += [0] * ignore
+    return torch.tensor([labels]), torch.tensor([preds])
+
+
+def test_hard_easy_exact_counts_and_fallbacks() -> None:
+    # max_views 10, 3 pairs, max_samples 30 -> n_view = 10 per class
+    labels, preds = _constructed({0: (20, 20), 1: (30, 3), 2: (2, 40)})
+    idx = HardEasySampler(max_samples=30, max_views=10)(labels, preds, None, torch.Generator().manual_seed(0))
+    lab, pr = labels[0, idx], preds[0, idx]
+    for c, (want_hard, want_easy) in {0: (5, 5), 1: (7, 3), 2: (2, 8)}.items():
+        assert int(((lab == c) & (pr != c)).sum()) == want_hard
+        assert int(((lab == c) & (pr == c)).sum()) == want_easy
+    assert (lab != IGNORE).all() and idx.unique().numel() == idx.numel()
+    assert split_counts(3, 3, 5) == (2, 3) and split_counts(1, 9, 5) == (1, 4) and split_counts(9, 1, 5) == (4, 1)
+
+
+def test_samplers_skip_small_classes_budget_and_determinism() -> None:
+    labels, preds = _constructed({0: (50, 50), 1: (3, 4), 2: (60, 0)})  # class 1 has 7 <= max_views
+    for sampler in (RandomSampler(max_samples=40, max_views=10), HardEasySampler(max_samples=40, max_views=10)):
+        a = sampler(labels, preds, None, torch.Generator().manual_seed(1))
+        b = sampler(labels, preds, None, torch.Generator().manual_seed(1))
+        c = sampler(labels, preds, None, torch.Generator().manual_seed(2))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        counts = torch.bincount(labels[0, a], minlength=3)
+        assert counts.tolist() == [10, 0, 10]  # n_view = min(40 // 2, 10)
+
+
+def test_sampler_flat_indices_address_the_right_image() -> None:
+    labels = torch.tensor([[0] * 12 + [1] * 12, [1] * 24])
+    preds = labels.clone()
+    idx = RandomSampler(max_samples=100, max_views=5)(labels, preds)
+    flat = labels.reshape(-1)[idx]
+    assert torch.bincount(idx // 24).tolist() == [10, 5]  # image 0: two classes, image 1: one
+    assert (flat[idx // 24 == 1] == 1).all()
+
+
+def test_memory_wraps_around_in_fifo_order_and_keeps_class_zero() -> None:
+    mem = ClassMemory(num_classes=3, size=4, dim=2)
+    def entries(vals, c):
+        return torch.tensor([[v, 0.0] for v in vals]), torch.full((len(vals),), c)
+    mem.push(*entries([1, 2, 3], 0))
+    mem.push(*entries([4, 5], 0))  # wraps: 1 is overwritten
+    assert mem.ordered(0)[:, 0].tolist() == [2, 3, 4, 5]
+    assert int(mem.ptr[0]) == 1 and int(mem.count[0]) == 4
+    mem.push(*entries(list(range(10, 17)), 1))  # more than size at once: the last 4 kept
+    assert mem.ordered(1)[:, 0].tolist() == [13, 14, 15, 16]
+    feats, labels = torch.tensor([[9.0, 9.0], [8.0, 8.0]]), torch.tensor([-1, 2])  # -1 = padding
+    mem.push(feats, labels)
+    all_feats, all_labels = mem.entries()
+    assert sorted(all_labels.tolist()) == [0] * 4 + [1] * 4 + [2]
+    assert [8.0, 8.0] in all_feats.tolist() and [9.0, 9.0] not in all_feats.tolist()
+
+
+def test_memory_term_state_round_trip_gives_identical_bank_and_next_loss() -> None:
+    def make():
+        return PixelMemoryContrastLoss(RandomSampler(64, 5), num_classes=4, dim=8, memory_size=6, pixel_update_freq=3)
+    term = make()
+    for seed in range(3):
+        out, target = _output(seed)
+        term(out, target)
+        for name, (f, lab) in term.pending_entries().items():
+            term.enqueue(name, f, lab)
+    state = {k: v.clone() for k, v in term.state_dict().items()}
+    assert {"memories.pixel.feats", "memories.segment.ptr"} <= state.keys()
+    restored = make()
+    restored.load_state_dict(state)
+    for k, v in term.state_dict().items():
+        assert torch.equal(v, restored.state_dict()[k]), k
+    out, target = _output(7)
+    torch.manual_seed(3)
+    a = term(out, target)
+    torch.manual_seed(3)
+    b = restored(out, target)
+    assert a.item() == b.item()
+    segment_labels = restored.memories["segment"].entries()[1]
+    assert (segment_labels != 3).all()  # class 3 never appears in these targets: no fake entries
