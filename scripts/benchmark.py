@@ -3,6 +3,11 @@
     python scripts/benchmark.py [--model unet_r18] [--batch 8] [--size 128] [--steps 40]
                                 [--warmup 5] [--precision 32-true] [--accelerator auto]
                                 [--loader-batches 30] [--json out.json]
+    python scripts/benchmark.py --compare contrast=none contrast=pixel contrast=pixel_memory
+
+`--compare` times segcon's step under each set of config overrides (space-separated sets;
+commas inside one set separate its overrides) and reports step-time and peak-memory ratios
+against the first set.
 
 Each measurement runs in a fresh Python process (clean peak-memory numbers):
 
@@ -36,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5
 
 
-def _compose(args: argparse.Namespace, data_root: str):
+def _compose(args: argparse.Namespace, data_root: str, extra: list[str] | None = None):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
@@ -45,7 +50,7 @@ def _compose(args: argparse.Namespace, data_root: str):
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"model={args.model}", f"data.root={data_root}", f"data.batch_size={args.batch}"],
+            overrides=[f"model={args.model}", f"data.root={data_root}", f"data.batch_size={args.batch}", *(extra or [])],
         )
     with open_dict(cfg):
         cfg.paths.output_dir = str(Path(data_root).parent / "bench-run")
@@ -126,7 +131,7 @@ def child_segcon(args: argparse.Namespace) -> dict:
 
     device = _device(args)
     torch.manual_seed(0)
-    cfg = _compose(args, args.data_root)
+    cfg = _compose(args, args.data_root, [o for o in (args.overrides or "").split(",") if o])
     module = build_module(cfg)
     batches = _batches(args, torch.device("cpu"))
     loader = DataLoader([batches[i % len(batches)] for i in range(args.warmup + args.steps)], batch_size=None)
@@ -210,6 +215,34 @@ def _run_child(kind: str, argv: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _argv_without(argv: list[str], flag: str, n_values: int) -> list[str]:
+    i = argv.index(flag)
+    return argv[:i] + argv[i + 1 + n_values :]
+
+
+def compare(args: argparse.Namespace, argv: list[str]) -> None:
+    """Time segcon's step under each override set; ratios against the first set."""
+    from rich.console import Console
+    from rich.table import Table
+
+    runs: dict[str, list[dict]] = {c: [] for c in args.compare}
+    for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
+        for c in args.compare:
+            runs[c].append(_run_child("segcon", [*argv, "--overrides", c]))
+    best = {c: min(r, key=lambda x: x["step_s"]) for c, r in runs.items()}
+    base = best[args.compare[0]]
+    table = Table(title=f"{args.model}, batch {args.batch} x {args.size}², {args.precision}")
+    for col in ("overrides", "step time (s)", "peak memory (GiB)", "ratio time", "ratio memory"):
+        table.add_column(col, justify="right")
+    for c, r in best.items():
+        table.add_row(c, f"{r['step_s']:.4f}", f"{r['peak_gib']:.2f}", f"{r['step_s'] / base['step_s']:.3f}",
+                      f"{r['peak_gib'] / base['peak_gib']:.3f}")
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "child"},
+                                               "best": best, "runs": runs}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="unet_r18")
@@ -223,6 +256,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternating bare/segcon runs; the fastest of each is kept")
     parser.add_argument("--data-root", default=str(ROOT / "data" / "synthetic"))
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--compare", nargs="+", default=None, help="override sets to compare (see above)")
+    parser.add_argument("--overrides", default="", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -231,6 +266,9 @@ def main() -> None:
         return
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--json") and a != args.json]
+    if args.compare:
+        compare(args, _argv_without(argv, "--compare", len(args.compare)))
+        return
     runs: dict[str, list[dict]] = {"bare": [], "segcon": []}
     for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike
         for kind in runs:

@@ -8,6 +8,7 @@ a dataset listed, or a GPU touched.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -120,15 +121,12 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
                 "one ignore value must hold for losses, samplers and metrics. Remove the override."
             )
 
-    from segcon.models.segnet import required_input_divisor
+    from segcon.models.segnet import SegNet, required_input_divisor
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
-    arch_kwargs = {
-        key: v
-        for key, v in model.items()
-        if key not in ("_target_", "arch", "encoder_name", "num_classes", "encoder_weights", "weights_path", "weights_scope")
-    }
+    own = set(inspect.signature(SegNet.__init__).parameters) | {"_target_"}
+    arch_kwargs = {key: v for key, v in model.items() if key not in own}
     try:
         stride = required_input_divisor(model["arch"], model["encoder_name"], **arch_kwargs)
     except KeyError as err:

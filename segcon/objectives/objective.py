@@ -91,6 +91,8 @@ def _split_terms(group: Mapping[str, Any] | None, key: str) -> tuple[dict[str, n
     terms: dict[str, nn.Module] = {}
     schedules: dict[str, TermSchedule] = {}
     for name, spec in (group or {}).items():
+        if spec is None:  # switched off (e.g. an experiment replacing an inherited term)
+            continue
         if not isinstance(spec, Mapping) or "_target_" not in spec:
             raise ConfigError(f"{key}.{name} must be a mapping with a _target_ (a loss class)")
         spec = dict(spec)
