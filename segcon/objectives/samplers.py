@@ -30,9 +30,9 @@ def pick_random(candidates: Tensor, n: int, generator: torch.Generator | None = 
     return candidates[perm.to(candidates.device)]
 
 
-class RandomSampler:
-    """Uniform per class: for each (image, class) with more than `max_views` pixels, `n_view =
-    min(max_samples // pairs, max_views)` of its pixels drawn uniformly at random."""
+class _PerClassSampler:
+    """Shared budget: for each (image, class) with more than `max_views` pixels, `n_view =
+    min(max_samples // pairs, max_views)` pixels, chosen by the subclass's `_choose`."""
 
     def __init__(self, max_samples: int = 1024, max_views: int = 100, ignore_index: int = 255) -> None:
         self.max_samples, self.max_views, self.ignore_index = max_samples, max_views, ignore_index
@@ -45,39 +45,34 @@ class RandomSampler:
             return labels.new_zeros(0, dtype=torch.long)
         n_view = min(self.max_samples // len(pairs), self.max_views)
         n = labels.shape[1]
-        out = [b * n + pick_random((labels[b] == c).nonzero().squeeze(1), n_view, generator) for b, c in pairs]
-        return torch.cat(out)
+        return torch.cat([b * n + self._choose(labels[b], preds[b], c, n_view, generator) for b, c in pairs])
+
+    def _choose(self, labels: Tensor, preds: Tensor, c: int, n_view: int, generator: torch.Generator | None) -> Tensor:
+        """`n_view` pixel indices `[n_view]` of class `c` in one image (`labels`, `preds`: `[N]`)."""
+        raise NotImplementedError
 
 
-class HardEasySampler:
+class RandomSampler(_PerClassSampler):
+    """Uniform per class: the `n_view` pixels of each (image, class) drawn uniformly at random."""
+
+    def _choose(self, labels: Tensor, preds: Tensor, c: int, n_view: int, generator: torch.Generator | None) -> Tensor:
+        return pick_random((labels == c).nonzero().squeeze(1), n_view, generator)
+
+
+class HardEasySampler(_PerClassSampler):
     """ContrastiveSeg's hard-anchor sampling.
 
-    For each (image, class c) with more than `max_views` pixels, `n_view = min(max_samples //
-    pairs, max_views)` pixels: hard = (gt = c, pred != c), easy = (gt = c, pred = c).
-    Both sets have >= n_view / 2: n_view // 2 hard, the rest easy. Only hard is large: all easy,
-    the rest hard. Only easy is large: all hard, the rest easy. Inside each set the choice is
-    uniformly random.
+    Per (image, class c): hard = (gt = c, pred != c), easy = (gt = c, pred = c). Both sets have
+    >= n_view / 2: n_view // 2 hard, the rest easy. Only hard is large: all easy, the rest hard.
+    Only easy is large: all hard, the rest easy. Inside each set the choice is uniformly random.
     """
 
-    def __init__(self, max_samples: int = 1024, max_views: int = 100, ignore_index: int = 255) -> None:
-        self.max_samples, self.max_views, self.ignore_index = max_samples, max_views, ignore_index
-
-    def __call__(
-        self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        pairs = _candidate_pairs(labels, self.ignore_index, self.max_views)
-        if not pairs:
-            return labels.new_zeros(0, dtype=torch.long)
-        n_view = min(self.max_samples // len(pairs), self.max_views)
-        n = labels.shape[1]
-        out = []
-        for b, c in pairs:
-            is_c = labels[b] == c
-            hard = (is_c & (preds[b] != c)).nonzero().squeeze(1)
-            easy = (is_c & (preds[b] == c)).nonzero().squeeze(1)
-            n_hard, n_easy = split_counts(hard.numel(), easy.numel(), n_view)
-            out.append(b * n + torch.cat([pick_random(hard, n_hard, generator), pick_random(easy, n_easy, generator)]))
-        return torch.cat(out)
+    def _choose(self, labels: Tensor, preds: Tensor, c: int, n_view: int, generator: torch.Generator | None) -> Tensor:
+        is_c = labels == c
+        hard = (is_c & (preds != c)).nonzero().squeeze(1)
+        easy = (is_c & (preds == c)).nonzero().squeeze(1)
+        n_hard, n_easy = split_counts(hard.numel(), easy.numel(), n_view)
+        return torch.cat([pick_random(hard, n_hard, generator), pick_random(easy, n_easy, generator)])
 
 
 def split_counts(num_hard: int, num_easy: int, n_view: int) -> tuple[int, int]:
