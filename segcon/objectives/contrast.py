@@ -74,6 +74,13 @@ def pair_contrast(
     return loss, has_pos
 
 
+def gather_pixels(emb: Tensor, index: Tensor) -> Tensor:
+    """Rows `[M, D]` of `emb [B, D, h, w]` at flat pixel indices `index [M]` into `[B * h * w]`,
+    without materialising a permuted copy of the whole map."""
+    n = emb.shape[2] * emb.shape[3]
+    return emb.flatten(2)[index // n, :, index % n]
+
+
 def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of integer labels `[B, H, W]` to `size` (no new label values)."""
     if tuple(target.shape[-2:]) == tuple(size):
@@ -115,15 +122,14 @@ class PixelContrastLoss(nn.Module):
                 f"the {type(self).__name__} term needs an embedding: set model.projection "
                 "(the contrast presets do), e.g. model.projection={source: decoder, dim: 256}"
             )
-        b, d, h, w = emb.shape
+        b, _, h, w = emb.shape
         labels = labels_at(target, (h, w)).reshape(b, -1)
         with torch.no_grad():
             logits = F.interpolate(output.logits.detach(), size=(h, w), mode="bilinear", align_corners=False)
             probs = logits.softmax(1).reshape(b, logits.shape[1], -1)
             preds = probs.argmax(1)
         index = self.sampler(labels, preds, probs)
-        flat = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        return flat[index], labels.reshape(-1)[index], index
+        return gather_pixels(emb, index), labels.reshape(-1)[index], index
 
     def contrast(self, z: Tensor, y: Tensor, keys: Tensor | None = None, key_labels: Tensor | None = None) -> Tensor:
         """Mean loss of anchors (z, y) against the batch anchors plus optional extra keys."""
@@ -190,7 +196,7 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         b, d, h, w = emb.shape
         k, f = self.num_classes, self.pixel_update_freq
         labels = labels_at(target, (h, w)).reshape(b, -1)
-        flat = emb.permute(0, 2, 3, 1).reshape(b, -1, d)
+        flat = emb.flatten(2)  # [B, D, N], a view
         pix = emb.new_zeros(b, k, f, d)
         pix_lab = torch.full((b, k, f), -1, dtype=torch.long, device=emb.device)
         seg = emb.new_zeros(b, k, d)
@@ -200,10 +206,10 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
                 if not 0 <= c < k:
                     continue
                 idx = (labels[i] == c).nonzero().squeeze(1)
-                seg[i, c] = F.normalize(flat[i, idx].mean(0), dim=0)
+                seg[i, c] = F.normalize(flat[i][:, idx].mean(1), dim=0)
                 seg_lab[i, c] = c
                 pick = pick_random(idx, f)
-                pix[i, c, : pick.numel()] = flat[i, pick]
+                pix[i, c, : pick.numel()] = flat[i][:, pick].T
                 pix_lab[i, c, : pick.numel()] = c
         return {"pixel": (pix.reshape(-1, d), pix_lab.reshape(-1)), "segment": (seg.reshape(-1, d), seg_lab.reshape(-1))}
 
