@@ -4,6 +4,16 @@
                                 [--warmup 5] [--precision 32-true] [--accelerator auto]
                                 [--loader-batches 30] [--json out.json]
     python scripts/benchmark.py --compare contrast=none contrast=pixel contrast=pixel_memory
+    python scripts/benchmark.py --inference [--model segformer_b0] [--infer-size 1024 2048]
+                                [--images 2] [--crop 512 1024] [--stride 341 683] [--chunk 4]
+                                [--scales 0.5 0.75 1.0 1.25 1.5 1.75] [--modes whole slide ms_flip ms_slide]
+
+`--inference` measures evaluation inference (segcon.evaluation.inference) on random images of
+`--infer-size` with a `--infer-classes`-class head: images/s and peak memory of whole, slide and
+ms_flip (scales + horizontal flip), each mode in its own process, next to the theoretical
+number of forward passes and the pixels processed relative to whole. Each process builds the
+model, runs `--infer-warmup` images, then times `--images` images; "working memory" is the peak
+minus the memory right after the model was built.
 
 `--compare` times segcon's step under each set of config overrides (space-separated sets;
 commas inside one set separate its overrides) and reports step-time and peak-memory ratios
@@ -203,7 +213,53 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-CHILDREN = {"bare": child_bare, "segcon": child_segcon, "loader": child_loader}
+def _infer_settings(args: argparse.Namespace, mode: str) -> dict:
+    if mode == "slide":
+        return {"mode": "slide", "crop": args.crop, "stride": args.stride, "chunk": args.chunk}
+    if mode == "ms_flip":
+        return {"mode": "ms_flip", "scales": args.scales, "flip": True}
+    if mode == "ms_slide":  # ms_flip whose views are covered by slide windows
+        return {"mode": "ms_flip", "scales": args.scales, "flip": True, "ms_slide": True,
+                "crop": args.crop, "stride": args.stride, "chunk": args.chunk}
+    return {"mode": "whole"}
+
+
+def child_inference(args: argparse.Namespace) -> dict:
+    import torch
+
+    from segcon.evaluation.inference import InferenceSettings, infer
+    from segcon.models.segnet import SegNet
+
+    device = _device(args)
+    torch.manual_seed(0)
+    net = SegNet(**{**_model_kwargs(args), "num_classes": args.infer_classes}).to(device).eval()
+    settings = InferenceSettings.from_config(_infer_settings(args, args.infer_mode))
+    h, w = args.infer_size
+    images = torch.randn(1, 3, h, w, device=device)
+    _sync(device)
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _peak_memory(device)  # the peak so far: imports, the model and its weights
+    for _ in range(args.infer_warmup):
+        infer(net, images, settings, net.output_stride)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.images):
+        infer(net, images, settings, net.output_stride)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    peak = _peak_memory(device)
+    return {
+        "mode": args.infer_mode, "settings": _infer_settings(args, args.infer_mode),
+        "passes": settings.passes(h, w), "pixel_ratio": settings.pixel_ratio(h, w),
+        "s_per_image": elapsed / args.images, "images_per_s": args.images / elapsed,
+        "peak_gib": peak, "working_gib": peak - base,
+    }
+
+
+CHILDREN = {"bare": child_bare, "segcon": child_segcon, "loader": child_loader, "inference": child_inference}
 
 
 def _run_child(kind: str, argv: list[str]) -> dict:
@@ -211,7 +267,7 @@ def _run_child(kind: str, argv: list[str]) -> dict:
         [sys.executable, __file__, "--child", kind, *argv], capture_output=True, text=True, check=False
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark child {kind!r} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"benchmark child {kind!r} failed (exit status {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -243,6 +299,42 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
                                                "best": best, "runs": runs}, indent=2) + "\n")
 
 
+def inference(args: argparse.Namespace, argv: list[str]) -> None:
+    """Time each evaluation mode in its own process; ratios against whole."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    results, failed = {}, {}
+    for m in args.modes:
+        try:
+            results[m] = _run_child("inference", [*argv, "--infer-mode", m])
+        except RuntimeError as err:  # e.g. killed for memory (exit status -9): report, go on
+            failed[m] = str(err).splitlines()[0]
+    base = results.get("whole")
+    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() and args.accelerator != "cpu" else (
+        f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    )
+    h, w = args.infer_size
+    table = Table(title=f"{args.model}, {args.infer_classes} classes, 1 x 3 x {h} x {w}, fp32, {device}")
+    for col in ("mode", "passes / image", "pixels vs whole", "s / image", "images/s", "time vs whole",
+                "peak memory (GiB)", "working memory (GiB)"):
+        table.add_column(col, justify="right")
+    for m, r in results.items():
+        ratio = f"{r['s_per_image'] / base['s_per_image']:.2f}" if base else "-"
+        table.add_row(m, str(r["passes"]), f"{r['pixel_ratio']:.2f}", f"{r['s_per_image']:.2f}",
+                      f"{r['images_per_s']:.3f}", ratio, f"{r['peak_gib']:.2f}", f"{r['working_gib']:.2f}")
+    for m in failed:
+        table.add_row(m, "-", "-", "failed", "-", "-", "-", "-")
+    console = Console()
+    console.print(table)
+    for m, reason in failed.items():
+        console.print(f"{m}: {reason}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "child"},
+                                               "device": device, "results": results, "failed": failed}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="unet_r18")
@@ -258,6 +350,18 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--compare", nargs="+", default=None, help="override sets to compare (see above)")
     parser.add_argument("--overrides", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--inference", action="store_true", help="time whole / slide / ms_flip inference (see above)")
+    parser.add_argument("--modes", nargs="+", default=["whole", "slide", "ms_flip"],
+                        choices=["whole", "slide", "ms_flip", "ms_slide"], help="ms_slide: ms_flip with slide views")
+    parser.add_argument("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
+    parser.add_argument("--infer-classes", type=int, default=19)
+    parser.add_argument("--images", type=int, default=2, help="timed images per mode")
+    parser.add_argument("--infer-warmup", type=int, default=1, help="untimed images per mode first")
+    parser.add_argument("--crop", type=int, nargs=2, default=[512, 1024], metavar=("H", "W"))
+    parser.add_argument("--stride", type=int, nargs=2, default=[341, 683], metavar=("H", "W"))
+    parser.add_argument("--chunk", type=int, default=4)
+    parser.add_argument("--scales", type=float, nargs="+", default=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    parser.add_argument("--infer-mode", default="whole", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -268,6 +372,9 @@ def main() -> None:
     argv = [a for a in sys.argv[1:] if not a.startswith("--json") and a != args.json]
     if args.compare:
         compare(args, _argv_without(argv, "--compare", len(args.compare)))
+        return
+    if args.inference:
+        inference(args, [a for a in argv if a != "--inference"])
         return
     runs: dict[str, list[dict]] = {"bare": [], "segcon": []}
     for _ in range(args.repeats):  # alternate, so drifting machine load hits both alike

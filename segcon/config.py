@@ -77,8 +77,8 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
 
     Checks: the class count agrees across data/model/loss/class names/palette; ignore_index is
     outside [0, K) and the same in every loss; crops are multiples of the encoder's output
-    stride; eval_ckpt is best|last; and (check_data) the data root has the expected layout for
-    every configured split.
+    stride; eval_ckpt is best|last; data.eval is a valid inference setting; and (check_data) the
+    data root has the expected layout for every configured split.
     """
     data = cfg.data
     k = data.get("num_classes")
@@ -148,6 +148,9 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
     for key in ("batch_size", "val_batch_size"):
         if int(data.get(key, 1)) < 1:
             raise ConfigError(f"data.{key} must be >= 1")
+    from segcon.evaluation.inference import InferenceSettings
+
+    InferenceSettings.from_config(OmegaConf.to_container(data.eval, resolve=True) if data.get("eval") else None)
 
     if check_data:
         dataset_cls = get_class(data.dataset._target_)

@@ -24,7 +24,7 @@ from rich.table import Table
 from segcon.config import config_dir, fill_data_defaults, prepare_data
 from segcon.data.datamodule import SPLITS
 from segcon.data.stats import SplitStats, split_stats
-from segcon.utils.errors import find_user_error
+from segcon.utils.cli import run_command
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -81,25 +81,17 @@ COMMANDS = {"stats": stats}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
-        return 0 if args else 2
+    return run_command(_run, USAGE, argv)
+
+
+def _run(args: list[str]) -> int:
     command, overrides = args[0], args[1:]
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}; commands: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
         return 2
-    try:
-        cfg = _compose(overrides)
-        OmegaConf.resolve(cfg.data)
-        return COMMANDS[command](cfg)
-    except Exception as exc:
-        err = find_user_error(exc)
-        if err is None:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
+    cfg = _compose(overrides)
+    OmegaConf.resolve(cfg.data)
+    return COMMANDS[command](cfg)
 
 if __name__ == "__main__":
     raise SystemExit(main())

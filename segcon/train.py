@@ -75,11 +75,12 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
         mean=list(d.mean),
         std=list(d.std),
         run_config=_plain(cfg),
+        inference=_plain(d.get("eval")),
         **method,
     )
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
+def instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a group that has a `_target_` (null entries are switched off)."""
     return [instantiate(spec) for spec in (group or {}).values() if spec is not None and "_target_" in spec]
 
@@ -119,9 +120,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         metrics = _train(cfg)
     except BaseException:
-        _finish_wandb(1)
+        finish_wandb(1)
         raise
-    _finish_wandb(0)
+    finish_wandb(0)
     return metrics
 
 
@@ -137,8 +138,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    callbacks = [*_instantiate_all(cfg.get("callbacks")), FinalReport(out_dir, cfg.eval_ckpt, start)]
-    loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = [*instantiate_all(cfg.get("callbacks")), FinalReport(out_dir, cfg.eval_ckpt, start)]
+    loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
@@ -159,7 +160,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _finish_wandb(exit_code: int) -> None:
+def finish_wandb(exit_code: int) -> None:
     """Close any W&B run, so that the next job of a multirun starts a fresh one."""
     if "wandb" in sys.modules:
         import wandb

@@ -50,20 +50,35 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+def tiny_overrides(data_dir: Path) -> list[str]:
+    """debug=fast on the tiny synthetic dataset, CSV logging, no progress bar or model summary."""
+    return [
+        "debug=fast",
+        "logger=csv",
+        f"paths.data_dir={data_dir}",
+        f"data.root={data_dir}/synthetic-tiny",
+        *TINY_SYNTHETIC,
+        "callbacks.rich_progress_bar=null",
+        "callbacks.model_summary=null",
+    ]
+
+
 @pytest.fixture
 def tiny_cfg(data_dir: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     """Factory: a composed debug=fast config on the tiny synthetic dataset, writing to tmp_path."""
 
     def make(*overrides: str) -> DictConfig:
-        base = [
-            "debug=fast",
-            "logger=csv",
-            f"paths.data_dir={data_dir}",
-            f"data.root={data_dir}/synthetic-tiny",
-            *TINY_SYNTHETIC,
-            "callbacks.rich_progress_bar=null",
-            "callbacks.model_summary=null",
-        ]
-        return compose_train([*base, *overrides], output_dir=tmp_path / "run")
+        return compose_train([*tiny_overrides(data_dir), *overrides], output_dir=tmp_path / "run")
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run directory of one tiny trained run (debug=fast, Unet-R18), shared by the
+    evaluation, prediction and export tests. Treat it as read-only."""
+    from segcon.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train(compose_train(tiny_overrides(data_dir), output_dir=run_dir))
+    return run_dir

@@ -28,7 +28,8 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 @dataclass(frozen=True)
 class SegScores:
     """Scores of one confusion matrix. `iou`/`acc` are `[K]` with NaN for classes absent from both
-    ground truth and prediction (IoU) or from the ground truth (accuracy)."""
+    ground truth and prediction (IoU) or from the ground truth (accuracy); `confusion` is the
+    `[K, K]` matrix itself (rows = ground truth, columns = prediction)."""
 
     iou: Tensor
     acc: Tensor
@@ -36,10 +37,12 @@ class SegScores:
     pixel_acc: float
     gt_pixels: Tensor
     pred_pixels: Tensor
+    confusion: Tensor
 
 
 def scores(cm: Tensor) -> SegScores:
     """Per-class IoU and recall, mIoU and pixel accuracy from a `[K, K]` confusion matrix."""
+    counts = cm.long().cpu()
     cm = cm.double()
     tp = cm.diag()
     gt = cm.sum(1)
@@ -51,7 +54,7 @@ def scores(cm: Tensor) -> SegScores:
     miou = float(iou[present].mean()) if present.any() else float("nan")
     total = float(cm.sum())
     pixel_acc = float(tp.sum() / total) if total > 0 else float("nan")
-    return SegScores(iou.float(), acc.float(), miou, pixel_acc, gt.long(), pred.long())
+    return SegScores(iou.float(), acc.float(), miou, pixel_acc, gt.long(), pred.long(), counts)
 
 
 class ConfusionMatrix(Metric):

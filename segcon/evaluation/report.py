@@ -1,4 +1,4 @@
-"""Per-class IoU tables (console), metrics.json and per-class CSV files."""
+"""Per-class IoU tables (console), metrics.json, per-class CSV files and report figures."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from segcon.evaluation.metrics import SegScores
+from segcon.evaluation.visualize import confusion_figure, iou_bar_figure
 from segcon.utils.io import atomic_write_json, atomic_write_text
 
 
@@ -87,3 +90,17 @@ def write_metrics(
     atomic_write_json(path, data)
     write_per_class_csv(out_dir / f"{split}_per_class.csv", scores, class_names)
     return path
+
+
+def write_figures(out_dir: Path, split: str, scores: SegScores, class_names: Sequence[str], label: str) -> dict[str, np.ndarray]:
+    """Write `<split>_confusion.png` (the row-normalised confusion matrix) and `<split>_iou.png`
+    (per-class IoU bars) to `out_dir`; return the RGB images by logger key (`<split>/confusion`,
+    `<split>/iou`). `label` goes into the titles (e.g. the checkpoint and mode)."""
+    images = {
+        "confusion": confusion_figure(scores.confusion.numpy(), class_names, f"{split} confusion, row-normalised ({label})"),
+        "iou": iou_bar_figure(scores.iou.tolist(), class_names, scores.miou, f"{split} per-class IoU ({label})"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, image in images.items():
+        cv2.imwrite(str(out_dir / f"{split}_{name}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    return {f"{split}/{name}": image for name, image in images.items()}

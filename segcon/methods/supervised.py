@@ -10,17 +10,18 @@ import cv2
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
-from segcon.evaluation.inference import predict_whole
+from segcon.evaluation.inference import InferenceSettings, infer
 from segcon.evaluation.metrics import ConfusionMatrix, SegScores, scores
 from segcon.evaluation.visualize import denormalize, panel
 from segcon.methods.optim import build_optimizer, poly_factor
 from segcon.models.segnet import SegNet
 from segcon.objectives.memory import MemoryUser
 from segcon.objectives.objective import Objective
+from segcon.utils.loggers import log_images
 
 
 class SupervisedModule(L.LightningModule):
@@ -33,6 +34,8 @@ class SupervisedModule(L.LightningModule):
         num_classes, ignore_index, class_names, palette, mean, std: from the data config.
         num_overlays: validation images drawn as image | ground truth | prediction each epoch.
         run_config: the resolved run config, stored in every checkpoint (for segcon-eval & co).
+        inference: how validation and test predict (`data.eval`: whole | slide | ms_flip and
+            their settings, see segcon.evaluation.inference); None is `whole`.
 
     Logged: `train/loss` and `train/loss_<term>` every step; `val/mIoU`, `val/mIoU_best`,
     `val/pixel_acc` and `val/IoU/<class>` every validation (same names under `test/`).
@@ -51,6 +54,7 @@ class SupervisedModule(L.LightningModule):
         std: Sequence[float],
         num_overlays: int = 4,
         run_config: Mapping[str, Any] | None = None,
+        inference: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -63,6 +67,7 @@ class SupervisedModule(L.LightningModule):
         self.mean, self.std = list(mean), list(std)
         self.num_overlays = num_overlays
         self.run_config = dict(run_config or {})
+        self.inference = InferenceSettings.from_config(inference)
         self.metrics = torch.nn.ModuleDict(
             {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
         )
@@ -105,8 +110,10 @@ class SupervisedModule(L.LightningModule):
     # -- evaluation ----------------------------------------------------------------------
 
     def predict_logits(self, images: Tensor) -> Tensor:
-        """Logits `[B, K, H, W]` at the input resolution (the network in eval mode)."""
-        return predict_whole(self.net, images, self.net.output_stride)
+        """Class scores `[B, K, H, W]` at the input resolution, by the `inference` mode: log-
+        probabilities (argmax is the prediction, softmax the probabilities averaged over slide
+        windows or multi-scale/flip views). The network must be in eval mode."""
+        return infer(self.net, images, self.inference, self.net.output_stride)
 
     def _eval_step(self, split: str, batch: dict[str, Any], batch_idx: int) -> None:
         pred = self.predict_logits(batch["image"]).argmax(1)
@@ -168,11 +175,7 @@ class SupervisedModule(L.LightningModule):
         # During fit: one file per epoch; the end-of-run evaluation of the chosen checkpoint: "final".
         tag = f"epoch{self.current_epoch:03d}" if self.trainer.state.fn == TrainerFn.FITTING else "final"
         cv2.imwrite(str(out_dir / f"{split}_{tag}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(f"{split}/overlays", [grid], step=self.global_step)
-            elif isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"{split}/overlays", grid, self.global_step, dataformats="HWC")
+        log_images(self.loggers, {f"{split}/overlays": grid}, self.global_step)
 
     # -- checkpoint ----------------------------------------------------------------------
 

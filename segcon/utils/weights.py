@@ -60,17 +60,25 @@ def load_weights(model: nn.Module, path: Path, scope: str = "auto") -> str:
     full_keys = set(model.state_dict())
     full = _strip(state, full_keys)
     if scope == "full" or (scope == "auto" and full_keys <= full.keys()):
-        _load_checked(model, full, path, "model")
+        load_checked(model, full, path, "model")
         return "full"
     encoder = model.encoder
     enc_keys = set(encoder.state_dict())
     enc_state = _strip(state, {f"encoder.{k}" for k in enc_keys} | enc_keys)
     enc_state = {k.removeprefix("encoder."): v for k, v in enc_state.items() if not k.startswith(("decoder.", "segmentation_head."))}
-    _load_checked(encoder, enc_state, path, "encoder")
+    load_checked(encoder, enc_state, path, "encoder")
     return "encoder"
 
 
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+_FIX = (
+    "Check model.arch, model.encoder_name and data.num_classes against the run that saved them, "
+    "or set model.weights_scope=encoder to load the backbone only."
+)
+
+
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str, fix: str = _FIX) -> None:
+    """`module.load_state_dict(state, strict=True)`, or one ConfigError naming `path`, examples of
+    missing / unexpected / other-shaped keys, and `fix`."""
     own = module.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -87,9 +95,5 @@ def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: Path,
             parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         if mismatched:
             parts.append(f"{len(mismatched)} with other shapes (e.g. {mismatched[:2]})")
-        raise ConfigError(
-            f"weights in {path} do not fit the {what}: {'; '.join(parts)}. Check model.arch, "
-            "model.encoder_name and data.num_classes against the run that saved them, or set "
-            "model.weights_scope=encoder to load the backbone only."
-        )
+        raise ConfigError(f"weights in {path} do not fit the {what}: {'; '.join(parts)}. {fix}")
     module.load_state_dict(state, strict=True)
