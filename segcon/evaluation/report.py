@@ -12,7 +12,6 @@ from typing import Any
 
 import cv2
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from segcon.evaluation.metrics import SegScores
@@ -41,10 +40,6 @@ def iou_table(scores: SegScores, class_names: Sequence[str], title: str) -> Tabl
             f"{int(scores.pred_pixels[k]):,}",
         )
     return table
-
-
-def print_table(table: Table, console: Console | None = None) -> None:
-    (console or Console()).print(table)
 
 
 def per_class_records(scores: SegScores, class_names: Sequence[str]) -> list[dict[str, Any]]:

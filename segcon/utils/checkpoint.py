@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from segcon.utils.errors import ConfigError
-from segcon.utils.weights import load_checked
+from segcon.utils.weights import load_checked, safe_torch_load
 
 BRANCHES = {"student": "net.model.", "teacher": "teacher.model."}
 """state_dict prefix of each network's bare smp model in a segcon checkpoint."""
@@ -50,21 +49,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _load_lazily(path: str | Path) -> dict[str, Any]:
-    """A checkpoint loaded without unpickling code and without reading tensors into memory;
-    a file that is not one, or that holds pickled objects, is a ConfigError naming it."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise ConfigError(f"checkpoint {path} not found") from None
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(
-            f"refusing to load {path}: it holds pickled objects other than tensors and plain "
-            f"containers ({first}). segcon reads checkpoints with weights_only=True and never "
-            "runs code from a file; load it only if you trust it, and re-save its state_dict."
-        ) from None
-    except (RuntimeError, OSError, ValueError) as err:
-        raise ConfigError(f"cannot read checkpoint {path}: {err}. Is it a segcon/Lightning checkpoint?") from None
+    """A checkpoint loaded without unpickling code and without reading tensors into memory."""
+    obj = safe_torch_load(path, mmap=True)
     if not isinstance(obj, dict):
         raise ConfigError(f"{path} is not a Lightning checkpoint (it holds a {type(obj).__name__}, not a dict)")
     return obj

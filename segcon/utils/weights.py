@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,22 +16,35 @@ from segcon.utils.errors import ConfigError
 _PREFIXES = ("net.model.", "student.model.", "teacher.model.", "module.", "model.", "net.")
 
 
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
+    """`torch.load` with weights_only=True: tensors and plain containers only. A file holding
+    other pickled objects is refused (its code never runs) with a ConfigError naming it; so is a
+    missing or unreadable file. `mmap` leaves tensors on disk until used (zipfile format only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(
+            f"refusing to load {path}: it holds pickled objects other than tensors and plain "
+            f"containers ({first}). segcon reads torch files with weights_only=True and never "
+            "runs code from a file; load it only if you trust it, and re-save its state_dict "
+            "(torch.save(model.state_dict(), f)) or a .safetensors file."
+        ) from None
+    except (RuntimeError, OSError, ValueError) as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file or a torch file (loaded with weights_only=True)."""
+    """Tensors from a .safetensors file or a torch file (see `safe_torch_load`)."""
     if not path.is_file():
         raise ConfigError(f"weights file {path} not found (key model.weights_path)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only refuses pickled code: say so instead of unpickling
-        raise ConfigError(
-            f"cannot read weights from {path}: {err}. segcon loads torch files with "
-            "weights_only=True; save a plain state_dict (torch.save(model.state_dict(), f)) or a "
-            ".safetensors file."
-        ) from None
+    obj = safe_torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
