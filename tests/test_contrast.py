@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segcon.models.heads import PixelEmbedding, ProjectionHead
 from segcon.models.segnet import SegNet, SegOutput
 from segcon.objectives.contrast import (
     PixelContrastLoss,
@@ -67,7 +68,7 @@ def _output(seed: int, b: int = 2, d: int = 8, k: int = 4, h: int = 8, w: int = 
     logits = torch.randn(b, k, 2 * h, 2 * w, generator=g, dtype=torch.float64)
     target = torch.randint(0, k - 1, (b, 2 * h, 2 * w), generator=g)  # class k-1 absent
     target[:, :4] = IGNORE
-    return SegOutput(logits=logits, embedding=emb), target
+    return SegOutput(logits=logits, embedding=PixelEmbedding.from_dense(emb)), target
 
 
 def test_pixel_contrast_term_equals_reference_on_its_samples() -> None:
@@ -81,7 +82,7 @@ def test_pixel_contrast_term_equals_reference_on_its_samples() -> None:
     assert (small[index] != IGNORE).all() and torch.equal(small[index], y)
     assert loss.item() == pytest.approx(reference_loss(z.detach(), y, z.detach(), y, 0.1, 0.07, "per_positive"), abs=1e-6)
     loss.backward()
-    assert out.embedding.grad is not None and out.embedding.grad.abs().sum() > 0
+    assert out.embedding.hidden.grad is not None and out.embedding.hidden.grad.abs().sum() > 0
 
 
 def test_gradient_reaches_projection_head_and_backbone() -> None:
@@ -91,7 +92,8 @@ def test_gradient_reaches_projection_head_and_backbone() -> None:
     target = torch.randint(0, 3, (2, 64, 64))
     loss = PixelContrastLoss(RandomSampler(max_samples=128, max_views=10))(net(x), target)
     loss.backward()
-    assert net.heads["projection"].proj[0].weight.grad.abs().sum() > 0
+    assert net.heads["projection"].stem[0].weight.grad.abs().sum() > 0
+    assert net.heads["projection"].out.weight.grad.abs().sum() > 0
     assert net.model.encoder.conv1.weight.grad.abs().sum() > 0
     assert net.model.segmentation_head[0].weight.grad is None  # the classifier is not in this loss
 
@@ -100,11 +102,11 @@ def test_gradient_reaches_projection_head_and_backbone() -> None:
 def test_degenerate_batches_give_a_connected_finite_zero(make_target) -> None:
     out, _ = _output(1)
     for loss_fn in (PixelContrastLoss(HardEasySampler(64, 5)), PixelMemoryContrastLoss(HardEasySampler(64, 5), num_classes=4, dim=8, memory_size=4)):
-        out.embedding.grad = None
+        out.embedding.hidden.grad = None
         loss = loss_fn(out, make_target())
         assert loss.item() == 0.0  # all ignore: no anchor; one class: no negative
         loss.backward()
-        assert torch.isfinite(out.embedding.grad).all()
+        assert torch.isfinite(out.embedding.hidden.grad).all()
 
 
 def _constructed(n_per_class: dict[int, tuple[int, int]], ignore: int = 10):
@@ -190,3 +192,35 @@ def test_memory_term_state_round_trip_gives_identical_bank_and_next_loss() -> No
     assert a.item() == b.item()
     segment_labels = restored.memories["segment"].entries()[1]
     assert (segment_labels != 3).all()  # class 3 never appears in these targets: no fake entries
+
+
+@pytest.mark.parametrize("kind", ["convmlp", "linear", "residual"])
+def test_projection_finished_at_gathered_pixels_equals_the_full_map(kind: str) -> None:
+    """The lazy embedding equals the head written as plain full-map convolutions, BatchNorm
+    statistics included (they come from every pixel, not only the gathered ones)."""
+    torch.manual_seed(0)
+    head = ProjectionHead(6, dim=5, kind=kind).double().train()
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    emb = head(x)
+    # reference: every layer over the whole map, the last one as a 1x1 convolution
+    h = x
+    if kind != "linear":
+        conv, bn = head.stem[0], head.stem[1]
+        h = F.conv2d(x, conv.weight, conv.bias)
+        mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+        h = ((h - mean) / torch.sqrt(var + bn.eps) * bn.weight[:, None, None] + bn.bias[:, None, None]).relu()
+    out = F.conv2d(h, head.out.weight[:, :, None, None], head.out.bias)
+    ref = F.normalize(h + out if kind == "residual" else out, dim=1)
+    assert torch.allclose(emb.dense(), ref, atol=1e-12)
+    index = torch.tensor([0, 7, 19, 20, 39])  # flat indices into 2 x 4 x 5, both images
+    b, n = index // 20, index % 20
+    assert torch.allclose(emb.at(index), ref.flatten(2)[b, :, n], atol=1e-12)
+    assert emb.size == (4, 5)
+
+
+def test_empty_embedding_zero_reaches_every_head_parameter() -> None:
+    head = ProjectionHead(4, dim=3, kind="convmlp")
+    zero = head(torch.randn(2, 4, 3, 3)).zero()
+    zero.backward()
+    assert zero.item() == 0.0
+    assert all(p.grad is not None and (p.grad == 0).all() for p in head.parameters())

@@ -11,7 +11,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch import Tensor, nn
 
-from segcon.models.heads import ProjectionHead, concat_stages
+from segcon.models.heads import PixelEmbedding, ProjectionHead, WeightBranch, concat_stages
 from segcon.utils.errors import ConfigError
 from segcon.utils.weights import load_weights
 
@@ -25,14 +25,16 @@ class SegOutput:
         features: encoder stages, `[B, C_i, H / 2^i, W / 2^i]` for i = 0..5 (some encoders report
             zero-channel stages; keep them so indices match the stride).
         decoder: `[B, C, h', w']` the feature the classifier reads.
-        embedding: `[B, D, h', w']` L2-normalised projection (only when a projection head exists).
-        aux: other train-only outputs by name (weight-branch logits, side outputs, ...).
+        embedding: the projection head's L2-normalised embeddings at `h' x w'`, evaluated where a
+            loss gathers them (only when a projection head exists; see PixelEmbedding).
+        aux: other train-only outputs by name: "weight_logits" `[B, K, h, w]` from CAC's weight
+            branch when it exists.
     """
 
     logits: Tensor
     features: list[Tensor] = field(default_factory=list)
     decoder: Tensor | None = None
-    embedding: Tensor | None = None
+    embedding: PixelEmbedding | None = None
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -54,7 +56,11 @@ class SegNet(nn.Module):
         projection: train-only projection head, None for none (the contrast presets set it):
             `{source: decoder | encoder, dim: 256, kind: convmlp | linear, stages: [2, 3, 4, 5]}`.
             source "decoder" reads the feature the classifier reads; "encoder" reads the encoder
-            stages listed in `stages` upsampled to the largest and concatenated.
+            stages listed in `stages` upsampled to the largest and concatenated; kind "residual" is
+            CAC's head.
+        weight_branch: train-only CAC weight branch, None for none (contrast=cac sets it):
+            `{depth: head | decoder}` — a fresh copy of the segmentation head, or of decoder and
+            head, fed with detached features; its logits are `SegOutput.aux["weight_logits"]`.
         **arch_kwargs: passed to the smp architecture (decoder_channels, encoder_depth, ...).
     """
 
@@ -68,6 +74,7 @@ class SegNet(nn.Module):
         weights_path: str | None = None,
         weights_scope: str = "auto",
         projection: Mapping[str, Any] | None = None,
+        weight_branch: Mapping[str, Any] | None = None,
         **arch_kwargs,
     ) -> None:
         super().__init__()
@@ -91,6 +98,13 @@ class SegNet(nn.Module):
             self.projection = {"source": "decoder", "dim": 256, "kind": "convmlp", "stages": [2, 3, 4, 5], **projection}
             self.heads["projection"] = ProjectionHead(
                 self._projection_channels(), int(self.projection["dim"]), self.projection["kind"]
+            )
+        if weight_branch:
+            unknown = set(weight_branch) - {"depth"}
+            if unknown:
+                raise ConfigError(f"model.weight_branch has unknown key(s) {sorted(unknown)}; it takes depth: head | decoder")
+            self.heads["weight_branch"] = WeightBranch(
+                self.model.decoder, self.model.segmentation_head, str(weight_branch.get("depth", "head"))
             )
 
     def _projection_channels(self) -> int:
@@ -124,10 +138,11 @@ class SegNet(nn.Module):
         self.model.check_input_shape(x)
         features = self.model.encoder(x)
         if isinstance(features, tuple):  # ViT encoders (DPT) also return prefix tokens
-            features, prefix_tokens = features
-            decoder = self.model.decoder(features, prefix_tokens)
+            decoder_inputs: tuple = features
+            features = features[0]
         else:
-            decoder = self.model.decoder(features)
+            decoder_inputs = (features,)
+        decoder = self.model.decoder(*decoder_inputs)
         logits = self.model.segmentation_head(decoder)
         out = SegOutput(logits=logits, features=list(features), decoder=decoder)
         if self.projection is not None:
@@ -136,6 +151,8 @@ class SegNet(nn.Module):
             else:
                 feat = concat_stages(out.features, list(self.projection["stages"]))
             out.embedding = self.heads["projection"](feat)
+        if "weight_branch" in self.heads:
+            out.aux["weight_logits"] = self.heads["weight_branch"](decoder_inputs, decoder)
         return out
 
     def forward(self, x: Tensor) -> SegOutput | Tensor:

@@ -1,8 +1,8 @@
 """Supervised pixel contrast (Wang et al., ICCV 2021; METHODS.md §0) and its memory-bank variant.
 
 Both are Objective contrast terms: `term(output: SegOutput, target [B, H, W], confidence) ->
-scalar`. They read `output.embedding` (L2-normalised `[B, D, h, w]`, from the projection
-head), resize the labels to `h x w` with nearest neighbour, take predictions and probabilities
+scalar`. They read `output.embedding` (the projection head's PixelEmbedding at `h x w`, finished only
+at the sampled pixels), resize the labels to `h x w` with nearest neighbour, take predictions and probabilities
 from the logits at `h x w`, let the sampler choose anchors, and contrast every anchor with the
 other sampled pixels of the whole batch (cross-image) — and, for the memory variant, with the
 per-class memory bank as well.
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from segcon.models.heads import PixelEmbedding
 from segcon.models.segnet import SegOutput
 from segcon.objectives.memory import ClassMemory, MemoryUser
 from segcon.objectives.samplers import pick_random
@@ -74,13 +75,6 @@ def pair_contrast(
     return loss, has_pos
 
 
-def gather_pixels(emb: Tensor, index: Tensor) -> Tensor:
-    """Rows `[M, D]` of `emb [B, D, h, w]` at flat pixel indices `index [M]` into `[B * h * w]`,
-    without materialising a permuted copy of the whole map."""
-    n = emb.shape[2] * emb.shape[3]
-    return emb.flatten(2)[index // n, :, index % n]
-
-
 def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of integer labels `[B, H, W]` to `size` (no new label values)."""
     if tuple(target.shape[-2:]) == tuple(size):
@@ -122,14 +116,14 @@ class PixelContrastLoss(nn.Module):
                 f"the {type(self).__name__} term needs an embedding: set model.projection "
                 "(the contrast presets do), e.g. model.projection={source: decoder, dim: 256}"
             )
-        b, _, h, w = emb.shape
+        b, (h, w) = target.shape[0], emb.size
         labels = labels_at(target, (h, w)).reshape(b, -1)
         with torch.no_grad():
             logits = F.interpolate(output.logits.detach(), size=(h, w), mode="bilinear", align_corners=False)
             probs = logits.softmax(1).reshape(b, logits.shape[1], -1)
             preds = probs.argmax(1)
         index = self.sampler(labels, preds, probs)
-        return gather_pixels(emb, index), labels.reshape(-1)[index], index
+        return emb.at(index), labels.reshape(-1)[index], index
 
     def contrast(self, z: Tensor, y: Tensor, keys: Tensor | None = None, key_labels: Tensor | None = None) -> Tensor:
         """Mean loss of anchors (z, y) against the batch anchors plus optional extra keys."""
@@ -145,7 +139,7 @@ class PixelContrastLoss(nn.Module):
         """`confidence` is not used: semi-supervised methods pass low-confidence pixels as ignore."""
         z, y, _ = self.sample(output, target)
         if z.shape[0] == 0:
-            return output.embedding.sum() * 0.0  # no anchor: 0, but the head stays in the graph (DDP)
+            return output.embedding.zero()  # no anchor: 0, but the head stays in the graph (DDP)
         return self.contrast(z, y)
 
 
@@ -183,16 +177,18 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
 
     def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
         z, y, _ = self.sample(output, target)
-        self._pending = self._new_entries(output.embedding.detach(), target)
+        self._pending = self._new_entries(output.embedding, target)
         if z.shape[0] == 0:
-            return output.embedding.sum() * 0.0
+            return output.embedding.zero()
         keys, key_labels = zip(*(m.entries() for m in self.memories.values()), strict=True)
         return self.contrast(z, y, torch.cat(keys), torch.cat(key_labels))
 
     @torch.no_grad()
-    def _new_entries(self, emb: Tensor, target: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    def _new_entries(self, embedding: PixelEmbedding, target: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Fixed-size entries of this step (padded with label -1, so every rank gathers the same
-        shapes): pixel `[B * K * freq, D]` and segment `[B * K, D]` with their labels."""
+        shapes): pixel `[B * K * freq, D]` and segment `[B * K, D]` with their labels. Region
+        means need every pixel's embedding: the full map, computed here without a graph."""
+        emb = embedding.dense()
         b, d, h, w = emb.shape
         k, f = self.num_classes, self.pixel_update_freq
         labels = labels_at(target, (h, w)).reshape(b, -1)
