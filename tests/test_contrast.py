@@ -224,3 +224,15 @@ def test_empty_embedding_zero_reaches_every_head_parameter() -> None:
     zero.backward()
     assert zero.item() == 0.0
     assert all(p.grad is not None and (p.grad == 0).all() for p in head.parameters())
+
+
+@pytest.mark.parametrize("preset", ["pixel_contrast_cityscapes", "pixel_contrast_memory_cityscapes"])
+def test_pixel_contrast_presets_project_the_720_channel_hrnet_concatenation(preset: str, tmp_path) -> None:
+    from hydra.utils import instantiate
+
+    from tests.conftest import compose_train
+
+    cfg = compose_train([f"experiment={preset}", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
+    with torch.device("meta"):
+        net = instantiate(cfg.model)
+    assert net.heads["projection"].stem[0].in_channels == 48 + 96 + 192 + 384

@@ -174,15 +174,19 @@ def test_profile_preset_writes_a_report(tiny_cfg: Callable[..., DictConfig]) -> 
 
 
 def test_contrast_terms_train_end_to_end(tiny_cfg: Callable[..., DictConfig]) -> None:
-    for overrides in (["contrast=pixel", "sampler=hard_easy"], ["contrast=pixel_memory", "sampler=random"]):
+    runs = (["contrast=pixel", "sampler=hard_easy"], ["contrast=pixel_memory", "sampler=random"],
+            ["contrast=pixel", "sampler=marginal"], ["contrast=cac", "sampler=hard_easy"], ["contrast=cac", "loss=ohem"])
+    for overrides in runs:
         cfg = tiny_cfg(*overrides, "sampler.max_views=20", "trainer.max_steps=3", "trainer.max_epochs=1")
         name = next(iter(cfg.contrast))
         train(cfg)
         rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
-        values = [float(r[f"train/loss_{name}"]) for r in rows if r.get(f"train/loss_{name}")]
-        assert len(values) == 3 and all(v > 0 for v in values)
+        for term in cfg.contrast:
+            values = [float(r[f"train/loss_{term}"]) for r in rows if r.get(f"train/loss_{term}")]
+            assert len(values) == 3 and all(v > 0 for v in values), (overrides, term)
         state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
         assert any(k.startswith("net.heads.projection.") for k in state)
+        assert any(k.startswith("net.heads.weight_branch.") for k in state) == (name == "cac")
         if name == "pixel_memory":
             assert int(state["objective.contrast.pixel_memory.memories.segment.count"].sum()) > 0
 
@@ -209,3 +213,21 @@ def test_ddp_sim_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_ent
             assert torch.equal(getattr(expected, buf), ranks[0]["memory"][f"{name}.{buf}"]), (name, buf)
         own = sum(int((s[name][1] >= 0).sum()) for s in ranks[0]["steps"])
         assert int(ranks[0]["memory"][f"{name}.count"].sum()) > min(own, size)  # more than rank 0 alone
+
+
+@pytest.mark.ddp
+def test_ddp_sim_cac_trains_every_head(data_dir: Path, tmp_path: Path) -> None:
+    """contrast=cac under 2-process DDP: projection head, weight branch and network all get
+    gradients on both ranks (DDP would fail on an unused parameter), and the terms are logged."""
+    extra = ["trainer=ddp_sim", "contrast=cac", "sampler.max_views=20", "contrast.cac.warmup_steps=1",
+             "trainer.max_steps=3", "trainer.max_epochs=3"]
+    proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "ddp" / "csv" / "metrics.csv").open()))
+    for term in ("cac", "weight_branch"):
+        values = [float(r[f"train/loss_{term}"]) for r in rows if r.get(f"train/loss_{term}")]
+        assert len(values) == 3 and all(v > 0 for v in values), term
+    weights = [float(r["train/weight_cac"]) for r in rows if r.get("train/weight_cac")]
+    assert weights == pytest.approx([0.0, 0.4, 0.4])  # warm-up: 0 at step 0
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("net.heads.weight_branch.") for k in state)

@@ -82,6 +82,31 @@ def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
+def sample_anchors(
+    output: SegOutput, target: Tensor, sampler: Callable[..., Tensor], term: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Let `sampler` choose anchors at the embedding resolution `h x w`, from the labels
+    (nearest-resized) and the main classifier's predictions and probabilities (its logits
+    bilinearly resized, no gradient).
+
+    Returns embeddings `[M, D]`, labels `[M]` and flat indices `[M]` into `[B * h * w]`.
+    """
+    emb = output.embedding
+    if emb is None:
+        raise ConfigError(
+            f"the {term} term needs an embedding: set model.projection "
+            "(the contrast presets do), e.g. model.projection={source: decoder, dim: 256}"
+        )
+    b, (h, w) = target.shape[0], emb.size
+    labels = labels_at(target, (h, w)).reshape(b, -1)
+    with torch.no_grad():
+        logits = F.interpolate(output.logits.detach(), size=(h, w), mode="bilinear", align_corners=False)
+        probs = logits.softmax(1).reshape(b, logits.shape[1], -1)
+        preds = probs.argmax(1)
+    index = sampler(labels, preds, probs)
+    return emb.at(index), labels.reshape(-1)[index], index
+
+
 class PixelContrastLoss(nn.Module):
     """ContrastiveSeg's pixel-to-pixel contrast over sampled anchors of the whole batch.
 
@@ -110,20 +135,7 @@ class PixelContrastLoss(nn.Module):
 
     def sample(self, output: SegOutput, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Anchors: (embeddings `[M, D]`, labels `[M]`, flat indices `[M]` into `[B * h * w]`)."""
-        emb = output.embedding
-        if emb is None:
-            raise ConfigError(
-                f"the {type(self).__name__} term needs an embedding: set model.projection "
-                "(the contrast presets do), e.g. model.projection={source: decoder, dim: 256}"
-            )
-        b, (h, w) = target.shape[0], emb.size
-        labels = labels_at(target, (h, w)).reshape(b, -1)
-        with torch.no_grad():
-            logits = F.interpolate(output.logits.detach(), size=(h, w), mode="bilinear", align_corners=False)
-            probs = logits.softmax(1).reshape(b, logits.shape[1], -1)
-            preds = probs.argmax(1)
-        index = self.sampler(labels, preds, probs)
-        return emb.at(index), labels.reshape(-1)[index], index
+        return sample_anchors(output, target, self.sampler, type(self).__name__)
 
     def contrast(self, z: Tensor, y: Tensor, keys: Tensor | None = None, key_labels: Tensor | None = None) -> Tensor:
         """Mean loss of anchors (z, y) against the batch anchors plus optional extra keys."""

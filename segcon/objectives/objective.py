@@ -87,7 +87,8 @@ class Objective(nn.Module):
         return weighted if total is None else total + weighted
 
 
-def _split_terms(group: Mapping[str, Any] | None, key: str) -> tuple[dict[str, nn.Module], dict[str, TermSchedule]]:
+def build_terms(group: Mapping[str, Any] | None, key: str) -> tuple[dict[str, nn.Module], dict[str, TermSchedule]]:
+    """Loss modules and their schedules from a config group (`key` names it in errors)."""
     terms: dict[str, nn.Module] = {}
     schedules: dict[str, TermSchedule] = {}
     for name, spec in (group or {}).items():
@@ -108,6 +109,6 @@ def _split_terms(group: Mapping[str, Any] | None, key: str) -> tuple[dict[str, n
 def build_objective(loss: Mapping[str, Any], contrast: Mapping[str, Any] | None = None) -> Objective:
     """An Objective from the `loss` and `contrast` config groups: each maps a term name to
     `{_target_: <loss class>, weight, warmup_steps, ramp_steps, <loss kwargs>}`."""
-    supervised, s1 = _split_terms(loss, "loss")
-    contrastive, s2 = _split_terms(contrast, "contrast")
+    supervised, s1 = build_terms(loss, "loss")
+    contrastive, s2 = build_terms(contrast, "contrast")
     return Objective(supervised, contrastive, {**s1, **s2})

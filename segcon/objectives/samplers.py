@@ -45,17 +45,25 @@ class _PerClassSampler:
             return labels.new_zeros(0, dtype=torch.long)
         n_view = min(self.max_samples // len(pairs), self.max_views)
         n = labels.shape[1]
-        return torch.cat([b * n + self._choose(labels[b], preds[b], c, n_view, generator) for b, c in pairs])
+        return torch.cat([
+            b * n + self._choose(labels[b], preds[b], None if probs is None else probs[b, c], c, n_view, generator)
+            for b, c in pairs
+        ])
 
-    def _choose(self, labels: Tensor, preds: Tensor, c: int, n_view: int, generator: torch.Generator | None) -> Tensor:
-        """`n_view` pixel indices `[n_view]` of class `c` in one image (`labels`, `preds`: `[N]`)."""
+    def _choose(
+        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
+    ) -> Tensor:
+        """`n_view` pixel indices `[n_view]` of class `c` in one image (`labels`, `preds`, and the
+        predicted probability of class c `prob_c`: `[N]`)."""
         raise NotImplementedError
 
 
 class RandomSampler(_PerClassSampler):
     """Uniform per class: the `n_view` pixels of each (image, class) drawn uniformly at random."""
 
-    def _choose(self, labels: Tensor, preds: Tensor, c: int, n_view: int, generator: torch.Generator | None) -> Tensor:
+    def _choose(
+        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
+    ) -> Tensor:
         return pick_random((labels == c).nonzero().squeeze(1), n_view, generator)
 
 
@@ -67,12 +75,41 @@ class HardEasySampler(_PerClassSampler):
     Only easy is large: all hard, the rest easy. Inside each set the choice is uniformly random.
     """
 
-    def _choose(self, labels: Tensor, preds: Tensor, c: int, n_view: int, generator: torch.Generator | None) -> Tensor:
-        is_c = labels == c
-        hard = (is_c & (preds != c)).nonzero().squeeze(1)
-        easy = (is_c & (preds == c)).nonzero().squeeze(1)
+    def _choose(
+        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
+    ) -> Tensor:
+        hard, easy = hard_easy_sets(labels, preds, c)
         n_hard, n_easy = split_counts(hard.numel(), easy.numel(), n_view)
         return torch.cat([pick_random(hard, n_hard, generator), pick_random(easy, n_easy, generator)])
+
+
+class MarginalSampler(_PerClassSampler):
+    """CAC's confidence-aware marginal sampling (METHODS.md §1(d)).
+
+    Same sets and counts as HardEasySampler, chosen by the predicted probability of the class
+    instead of at random: the hard pixels (gt = c, pred != c) with the *highest* p[c] — wrong
+    but closest to right — and the easy pixels (gt = c, pred = c) with the *lowest* p[c] —
+    right but least sure. Ties keep pixel order (stable sort), so the choice is deterministic.
+    Needs the probabilities: the losses pass the main classifier's softmax.
+    """
+
+    def _choose(
+        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
+    ) -> Tensor:
+        if prob_c is None:
+            raise ValueError("sampler=marginal sorts by the predicted probabilities; the loss passed none")
+        hard, easy = hard_easy_sets(labels, preds, c)
+        n_hard, n_easy = split_counts(hard.numel(), easy.numel(), n_view)
+        hard = hard[torch.argsort(prob_c[hard], descending=True, stable=True)[:n_hard]]
+        easy = easy[torch.argsort(prob_c[easy], stable=True)[:n_easy]]
+        return torch.cat([hard, easy])
+
+
+def hard_easy_sets(labels: Tensor, preds: Tensor, c: int) -> tuple[Tensor, Tensor]:
+    """Pixel indices of class `c` in one image (`[N]` inputs): misclassified (hard) and correct
+    (easy)."""
+    is_c = labels == c
+    return (is_c & (preds != c)).nonzero().squeeze(1), (is_c & (preds == c)).nonzero().squeeze(1)
 
 
 def split_counts(num_hard: int, num_easy: int, n_view: int) -> tuple[int, int]:

@@ -90,12 +90,15 @@ class OhemCrossEntropyLoss(_PixelLoss):
         self.thresh = thresh
         self.min_kept = min_kept
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, mining_logits: Tensor | None = None) -> Tensor:
+        """`mining_logits` (default: `logits`) choose the kept pixels: CAC's weight branch is
+        trained on the pixels the main classifier finds hard."""
         logits = match_size(logits, target)
         valid = target != self.ignore_index
         safe_target = target.masked_fill(~valid, 0)
         with torch.no_grad():
-            p_true = logits.softmax(1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
+            mining = logits if mining_logits is None else match_size(mining_logits, target)
+            p_true = mining.softmax(1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
             valid_p = p_true[valid]
             keep = valid.clone()
             if valid_p.numel() > 0:

@@ -1,0 +1,164 @@
+"""CAC: confidence-aware contrastive loss (Lv et al., ACM MM 2023; METHODS.md §1).
+
+Two Objective terms, both reading the whole `SegOutput`:
+
+- `ConfidenceAwareContrastLoss` (λ): SupCon-style contrast over sampled anchors in which every
+  pair (i, j) is weighted by `W_ij = 1 - (q_i[y_j] + q_j[y_i]) / 2`, q the softmax of the weight
+  branch (`output.aux["weight_logits"]`, a classifier on detached features). Pairs the model is
+  already sure about weigh little.
+- `WeightBranchLoss` (β): the supervised loss group applied to the weight branch's logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from segcon.models.heads import gather_pixels
+from segcon.models.segnet import SegOutput
+from segcon.objectives.contrast import sample_anchors
+from segcon.objectives.objective import build_terms
+from segcon.objectives.supervised import OhemCrossEntropyLoss
+from segcon.utils.errors import ConfigError
+
+CLASS_MEANS = ("scatter", "present")
+WEIGHT_LOGITS = "weight_logits"
+
+
+def pair_weights(q: Tensor, y: Tensor) -> Tensor:
+    """`W [N, N]` with `W_ij = 1 - (q_i[y_j] + q_j[y_i]) / 2` and a zero diagonal, from class
+    probabilities `q [N, K]` and labels `y [N]`."""
+    a = q[:, y]  # a[i, j] = q_i[y_j]
+    w = 1.0 - 0.5 * (a + a.T)
+    return w.masked_fill(torch.eye(len(y), dtype=torch.bool, device=w.device), 0.0)
+
+
+def cac_per_anchor(
+    z: Tensor,
+    y: Tensor,
+    q: Tensor,
+    temperature: float = 0.1,
+    base_temperature: float = 0.07,
+    detach_pair_weights: bool = False,
+) -> Tensor:
+    """CAC loss of each of N sampled pixels `[N]`.
+
+    Args:
+        z: `[N, D]` L2-normalised embeddings; y: `[N]` labels (no ignore); q: `[N, K]` weight-branch
+            probabilities.
+        detach_pair_weights: stop the CAC gradient into the weight branch.
+
+    ℓ_i = -(τ/τ_base) Σ_{j∈P(i)} W_ij (s_ij - log Σ_{k≠i} W_ik e^{s_ik}) / |P(i)|, s = z·z'/τ,
+    P(i) the other pixels of y_i's class (an anchor without positive has ℓ_i = 0). The positive
+    count is unweighted, as in the authors' code.
+    """
+    z, q = z.float(), q.float()  # the exp/log below stay in float32 under mixed precision
+    w = pair_weights(q, y)
+    if detach_pair_weights:
+        w = w.detach()
+    s = z @ z.T / temperature
+    s = s - s.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
+    pos = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    log_partition = torch.log((w * s.exp()).sum(1, keepdim=True) + 1e-16)
+    numer = (w * pos * (s - log_partition)).sum(1)
+    return -(temperature / base_temperature) * numer / (pos.sum(1) + 1e-16)
+
+
+def class_balanced_mean(per_anchor: Tensor, y: Tensor, class_mean: str = "scatter") -> Tensor:
+    """Mean of the per-class mean losses (`per_anchor`, `y`: `[N]`).
+
+    class_mean "scatter" averages over class indices 0..max(y), absent classes counting 0 (the
+    authors' scatter_mean); "present" over the classes in y.
+    """
+    if class_mean not in CLASS_MEANS:
+        raise ConfigError(f"contrast.cac.class_mean must be one of {CLASS_MEANS}, got {class_mean!r}")
+    n_classes = int(y.max()) + 1
+    sums = per_anchor.new_zeros(n_classes).index_add(0, y, per_anchor)
+    counts = per_anchor.new_zeros(n_classes).index_add(0, y, torch.ones_like(per_anchor))
+    per_class = sums / counts.clamp_min(1)
+    return per_class.mean() if class_mean == "scatter" else per_class[counts > 0].mean()
+
+
+class ConfidenceAwareContrastLoss(nn.Module):
+    """The CAC term: anchors from the sampler (CAC uses `sampler=marginal`), pair weights from
+    the weight branch's probabilities at the sampled pixels, all sampled pixels of the batch
+    contrasted with each other.
+
+    Args:
+        sampler: chooses the anchors (segcon.objectives.samplers).
+        temperature, base_temperature: τ and τ_base.
+        class_mean: "scatter" (the authors' reduction) or "present"; see `class_balanced_mean`.
+        detach_pair_weights: False (the authors'): the weight branch also learns from this term.
+    """
+
+    def __init__(
+        self,
+        sampler: Callable[..., Tensor],
+        temperature: float = 0.1,
+        base_temperature: float = 0.07,
+        class_mean: str = "scatter",
+        detach_pair_weights: bool = False,
+    ) -> None:
+        super().__init__()
+        if class_mean not in CLASS_MEANS:
+            raise ConfigError(f"contrast.cac.class_mean must be one of {CLASS_MEANS}, got {class_mean!r}")
+        self.sampler = sampler
+        self.temperature, self.base_temperature = temperature, base_temperature
+        self.class_mean = class_mean
+        self.detach_pair_weights = detach_pair_weights
+
+    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
+        """`confidence` is not used: semi-supervised methods pass low-confidence pixels as ignore."""
+        weight_logits = _weight_logits(output, "cac")
+        z, y, index = sample_anchors(output, target, self.sampler, type(self).__name__)
+        if z.shape[0] == 0:  # no anchor: 0, with the projection head and weight branch in the graph
+            return output.embedding.zero() + weight_logits.sum() * 0.0
+        size = output.embedding.size
+        if tuple(weight_logits.shape[-2:]) != size:
+            weight_logits = F.interpolate(weight_logits, size=size, mode="bilinear", align_corners=False)
+        q = gather_pixels(weight_logits, index).softmax(1)
+        per_anchor = cac_per_anchor(z, y, q, self.temperature, self.base_temperature, self.detach_pair_weights)
+        return class_balanced_mean(per_anchor, y, self.class_mean)
+
+
+class WeightBranchLoss(nn.Module):
+    """The weight branch's supervision: the `loss` group's terms (same classes, same settings,
+    each at its own weight) applied to `output.aux["weight_logits"]`. OHEM terms keep the pixels
+    that the *main* classifier finds hard, as the authors' code does.
+
+    Args:
+        loss: the supervised loss group, `{name: {_target_, weight, <kwargs>}}` (the cac preset
+            passes `${loss}`).
+    """
+
+    def __init__(self, loss: Mapping[str, Any]) -> None:
+        super().__init__()
+        terms, schedules = build_terms(loss, "contrast.weight_branch.loss")
+        if not terms:
+            raise ConfigError("contrast.weight_branch.loss defines no term; pass the supervised loss group (${loss})")
+        self.terms = nn.ModuleDict(terms)
+        self.weights = {name: schedules[name].weight for name in terms}
+
+    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
+        logits = _weight_logits(output, "weight_branch")
+        total = logits.new_zeros(())
+        for name, term in self.terms.items():
+            if isinstance(term, OhemCrossEntropyLoss):
+                value = term(logits, target, mining_logits=output.logits.detach())
+            else:
+                value = term(logits, target)
+            total = total + self.weights[name] * value
+        return total
+
+
+def _weight_logits(output: SegOutput, term: str) -> Tensor:
+    if WEIGHT_LOGITS not in output.aux:
+        raise ConfigError(
+            f"the contrast.{term} term needs CAC's weight branch: set model.weight_branch={{depth: head}} "
+            "(contrast=cac does)"
+        )
+    return output.aux[WEIGHT_LOGITS]
