@@ -184,6 +184,12 @@ class SegDataset(Dataset):
         """Directories that must exist for `split`; checked before any file is listed."""
         return [root]
 
+    @classmethod
+    def id_from_path(cls, path: str) -> str:
+        """The sample id of an image path as published split lists write it (default: the file
+        stem; `JPEGImages/2007_000032.jpg` -> `2007_000032`)."""
+        return Path(path).stem
+
     def label_mapping(self) -> LabelMapping:
         """How raw mask values map to train ids. Default: values are train ids, 255 ignored."""
         return LabelMapping.identity(self.num_classes, {255, self.ignore_index} & set(range(256)))

@@ -47,6 +47,11 @@ class Cityscapes(SegDataset):
         masks = train_ids if self.uses_train_ids else [Path(f"{p}_gtFine_labelIds.png") for p in gt]
         return [Sample(*item) for item in zip(ids, images, masks, strict=True)]
 
+    @classmethod
+    def id_from_path(cls, path: str) -> str:
+        """`leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png` -> `aachen_000000_000019`."""
+        return Path(path).name.removesuffix(".png").removesuffix("_leftImg8bit")
+
     def label_mapping(self) -> LabelMapping:
         if self.uses_train_ids:
             return LabelMapping.identity(NUM_CLASSES)
