@@ -53,6 +53,7 @@ def pair_contrast(
     """
     if denominator not in DENOMINATORS:
         raise ConfigError(f"contrast denominator must be one of {DENOMINATORS}, got {denominator!r}")
+    anchors, keys = anchors.float(), keys.float()  # exp/log in float32 under mixed precision
     sim = anchors @ keys.T / temperature  # [N, M]
     sim = sim - sim.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
     same = anchor_labels[:, None] == key_labels[None, :]
