@@ -236,3 +236,13 @@ def test_pixel_contrast_presets_project_the_720_channel_hrnet_concatenation(pres
     with torch.device("meta"):
         net = instantiate(cfg.model)
     assert net.heads["projection"].stem[0].in_channels == 48 + 96 + 192 + 384
+
+
+def test_half_precision_embeddings_are_contrasted_in_float32() -> None:
+    g = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(16, 8, generator=g), dim=1)
+    y = torch.arange(16) % 3
+    full, _ = pair_contrast(z, y, z, y, 0.07, 0.07)
+    half, _ = pair_contrast(z.bfloat16(), y, z.bfloat16(), y, 0.07, 0.07)
+    assert half.dtype == torch.float32
+    assert torch.allclose(half, full, atol=0.05)  # only the bf16 rounding of the inputs remains

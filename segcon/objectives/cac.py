@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from segcon.models.heads import gather_pixels
 from segcon.models.segnet import SegOutput
-from segcon.objectives.contrast import sample_anchors
+from segcon.objectives.contrast import at_least_float32, sample_anchors
 from segcon.objectives.objective import build_terms
 from segcon.objectives.supervised import OhemCrossEntropyLoss
 from segcon.utils.errors import ConfigError
@@ -56,7 +56,7 @@ def cac_per_anchor(
     P(i) the other pixels of y_i's class (an anchor without positive has ℓ_i = 0). The positive
     count is unweighted, as in the authors' code.
     """
-    z, q = z.float(), q.float()  # the exp/log below stay in float32 under mixed precision
+    z, q = at_least_float32(z), at_least_float32(q)
     w = pair_weights(q, y)
     if detach_pair_weights:
         w = w.detach()

@@ -53,7 +53,7 @@ def pair_contrast(
     """
     if denominator not in DENOMINATORS:
         raise ConfigError(f"contrast denominator must be one of {DENOMINATORS}, got {denominator!r}")
-    anchors, keys = anchors.float(), keys.float()  # exp/log in float32 under mixed precision
+    anchors, keys = at_least_float32(anchors), at_least_float32(keys)
     sim = anchors @ keys.T / temperature  # [N, M]
     sim = sim - sim.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
     same = anchor_labels[:, None] == key_labels[None, :]
@@ -74,6 +74,12 @@ def pair_contrast(
     has_pos = n_pos > 0
     loss = -(temperature / base_temperature) * log_prob.sum(1) / n_pos.clamp_min(1)
     return loss, has_pos
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """`x` in float32 if it is in a half-precision type (the exp/log of the contrastive losses
+    stay accurate under mixed precision); float32 and float64 unchanged."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
