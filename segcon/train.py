@@ -53,6 +53,15 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
         num_workers=d.num_workers,
         subset=_plain(d.get("subset")),
         seed=cfg.seed,
+        split=d.get("split"),
+        labeled_fraction=d.get("labeled_fraction"),
+        labeled_count=d.get("labeled_count"),
+        split_seed=d.get("split_seed", 0),
+        unlabeled=bool(getattr(get_class(cfg.method._target_), "uses_unlabeled", False)),
+        weak_transform=_plain(d.get("weak_transform")) or [],
+        strong_transform=_plain(d.get("strong_transform")) or [],
+        num_strong=d.get("num_strong", 1),
+        unlabeled_batch_size=d.get("unlabeled_batch_size"),
     )
 
 

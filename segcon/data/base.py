@@ -8,6 +8,7 @@ error messages, and the transform call live here, once.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,17 @@ class SegDataset(Dataset):
         return LabelMapping.identity(self.num_classes, {255, self.ignore_index} & set(range(256)))
 
     # -- shared machinery ------------------------------------------------------------------
+
+    def select(self, ids: Sequence[str], labeled: bool) -> SegDataset:
+        """A copy holding only the samples `ids` (in that order), read with or without masks;
+        with masks, every selected sample must have its mask file."""
+        by_id = {s.id: s for s in self.samples}
+        part = copy.copy(self)
+        part.samples = [by_id[i] for i in ids]
+        part.labeled = labeled
+        if labeled:
+            part._check_masks_exist()
+        return part
 
     @classmethod
     def check_layout(cls, root: Path, split: str) -> None:

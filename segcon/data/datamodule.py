@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -10,9 +11,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
 from segcon.data.base import SegDataset
+from segcon.data.splits import Split, labeled_count, make_split, read_split
+from segcon.data.ssl import CyclingSampler, UnlabeledViews
 from segcon.data.transforms import SegTransform
 from segcon.utils.errors import ConfigError
 
@@ -35,19 +39,17 @@ class ShardSampler(Sampler[int]):
 
 
 def pad_collate(batch: Sequence[dict], ignore_index: int) -> dict[str, Any]:
-    """Stack items of different sizes: images padded with 0 (the normalised mean) and masks with
-    `ignore_index` at the bottom/right, so padding never counts in losses or metrics."""
+    """Stack items of different sizes, padding at the bottom/right: images (`image`, `strong`)
+    with 0 (the normalised mean), label maps (`mask`, `gt`) with `ignore_index`, `valid` with
+    False — so padding never counts in losses or metrics."""
     h = max(item["image"].shape[-2] for item in batch)
     w = max(item["image"].shape[-1] for item in batch)
     out: dict[str, Any] = {"id": [item["id"] for item in batch]}
-    out["image"] = torch.stack(
-        [F.pad(it["image"], (0, w - it["image"].shape[-1], 0, h - it["image"].shape[-2])) for it in batch]
-    )
-    if all("mask" in it for it in batch):
-        out["mask"] = torch.stack(
-            [F.pad(it["mask"], (0, w - it["mask"].shape[-1], 0, h - it["mask"].shape[-2]), value=ignore_index)
-             for it in batch]
-        )
+    for key, fill in (("image", 0.0), ("strong", 0.0), ("mask", ignore_index), ("gt", ignore_index), ("valid", False)):
+        if all(key in it for it in batch):
+            out[key] = torch.stack(
+                [F.pad(it[key], (0, w - it[key].shape[-1], 0, h - it[key].shape[-2]), value=fill) for it in batch]
+            )
     return out
 
 
@@ -68,9 +70,11 @@ def _seed_worker(worker_id: int) -> None:
     dataset = info.dataset
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    transform = getattr(dataset, "transform", None)
-    if transform is not None and hasattr(transform, "set_seed"):
-        transform.set_seed(torch.initial_seed() % 2**32)
+    seed = torch.initial_seed() % 2**32
+    if isinstance(dataset, UnlabeledViews):
+        dataset.set_seed(seed)
+    elif getattr(dataset, "transform", None) is not None and hasattr(dataset.transform, "set_seed"):
+        dataset.transform.set_seed(seed)
 
 
 class SegDataModule(L.LightningDataModule):
@@ -87,6 +91,15 @@ class SegDataModule(L.LightningDataModule):
         num_workers: loader processes per device.
         subset: optional {split: n}: use only the first n samples of a split (debugging).
         seed: seeds shuffling and augmentation.
+        split: semi-supervised split of the train split: a directory with labeled.txt
+            [+ unlabeled.txt] or a labeled list file (segcon.data.splits). Or, drawn on the fly
+            with `split_seed`: `labeled_fraction` (0.0625, "1/16") or `labeled_count`. None of
+            them: every training image is labeled.
+        unlabeled: also serve the unlabeled stream (teacher-student methods): training batches
+            are then `{"labeled": batch, "unlabeled": batch}`, one epoch = one pass over the
+            unlabeled images with the labeled ones repeated.
+        weak_transform, strong_transform, num_strong: the unlabeled views (segcon.data.ssl).
+        unlabeled_batch_size: per-device unlabeled batch (default: batch_size).
     """
 
     def __init__(
@@ -106,6 +119,15 @@ class SegDataModule(L.LightningDataModule):
         subset: Mapping[str, int | None] | None = None,
         seed: int = 0,
         pin_memory: bool = True,
+        split: str | None = None,
+        labeled_fraction: float | str | None = None,
+        labeled_count: int | None = None,
+        split_seed: int = 0,
+        unlabeled: bool = False,
+        weak_transform: Sequence[Mapping[str, Any]] = (),
+        strong_transform: Sequence[Mapping[str, Any]] = (),
+        num_strong: int = 1,
+        unlabeled_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.dataset_cfg = dataset
@@ -120,6 +142,21 @@ class SegDataModule(L.LightningDataModule):
         self.subset = dict(subset or {})
         self.seed = seed
         self.pin_memory = pin_memory
+        given = [k for k, v in (("split", split), ("labeled_fraction", labeled_fraction),
+                                ("labeled_count", labeled_count)) if v is not None]
+        if len(given) > 1:
+            raise ConfigError(f"set only one of data.split, data.labeled_fraction, data.labeled_count (got {given})")
+        if unlabeled and not given:
+            raise ConfigError(
+                "a teacher-student method needs unlabeled images: set data.split=<dir> (segcon-data split) "
+                "or data.labeled_fraction=1/16 or data.labeled_count=<n>"
+            )
+        self.split_source, self.split_amount, self.split_seed = split, labeled_fraction or labeled_count, split_seed
+        self.unlabeled = unlabeled
+        self.weak_steps, self.strong_steps = list(weak_transform or []), list(strong_transform or [])
+        self.num_strong = num_strong
+        self.unlabeled_batch_size = unlabeled_batch_size or batch_size
+        self.split: Split | None = None
         self.datasets: dict[str, Dataset] = {}
 
     def build_dataset(self, split: str, train: bool = False, labeled: bool = True) -> SegDataset:
@@ -147,7 +184,10 @@ class SegDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and "train" not in self.datasets:
-            self.datasets["train"] = self._limit("train", self.build_dataset("train", train=True))
+            if self.split_source is None and self.split_amount is None:
+                self.datasets["train"] = self._limit("train", self.build_dataset("train", train=True))
+            else:
+                self._setup_split()
             n, b = len(self.datasets["train"]), self.batch_size * self._world_size()
             if n < b:
                 raise ConfigError(
@@ -159,6 +199,36 @@ class SegDataModule(L.LightningDataModule):
             self.datasets["val"] = self._limit("val", self.build_dataset("val"))
         if stage in (None, "test") and self.splits.get("test") and "test" not in self.datasets:
             self.datasets["test"] = self._limit("test", self.build_dataset("test"))
+
+    def _setup_split(self) -> None:
+        """Labeled (and unlabeled) training datasets from the semi-supervised split."""
+        full = self.build_dataset("train", train=True, labeled=False)
+        ids = [sample.id for sample in full.samples]
+        if self.split_source is not None:
+            self.split = read_split(Path(str(self.split_source)), ids, type(full).id_from_path)
+        else:
+            n = labeled_count(self.split_amount, len(ids))
+            self.split = make_split(ids, n, int(self.split_seed))
+        self.datasets["train"] = full.select(self.split.labeled, labeled=True)
+        if self.unlabeled:
+            if not self.split.unlabeled:
+                raise ConfigError("the split leaves no unlabeled image; lower the labeled amount")
+            with_gt = all(s.mask is not None and s.mask.is_file() for s in full.select(self.split.unlabeled, False).samples)
+            base = full.select(self.split.unlabeled, labeled=with_gt)
+            base.transform = None
+            weak = SegTransform(self.weak_steps, self.mean, self.std, self.ignore_index)
+            strong = SegTransform(self.strong_steps, self.mean, self.std, self.ignore_index,
+                                  photometric_only="data.strong_transform")
+            views = UnlabeledViews(base, weak, strong, self.num_strong)
+            views.set_seed(self.seed + 7)
+            self.datasets["unlabeled"] = views
+
+    def split_info(self) -> dict[str, Any]:
+        """What was trained on: the split's hash and counts (empty without a split)."""
+        if self.split is None:
+            return {}
+        return {"split_hash": self.split.hash, "labeled_images": len(self.split.labeled),
+                "unlabeled_images": len(self.split.unlabeled)}
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1
@@ -181,7 +251,9 @@ class SegDataModule(L.LightningDataModule):
             generator=generator,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        if self.unlabeled:
+            return self._semi_supervised_loader()
         dataset = self.datasets["train"]
         world = self._world_size()
         if world > 1:
@@ -192,6 +264,29 @@ class SegDataModule(L.LightningDataModule):
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
         # drop_last: a last batch of one image breaks BatchNorm (e.g. DeepLabV3+'s ASPP pooling).
         return self._loader(dataset, self.batch_size, sampler, drop_last=True)
+
+    def _semi_supervised_loader(self) -> CombinedLoader:
+        """`{"labeled", "unlabeled"}` batches: one pass over the unlabeled images per epoch, the
+        labeled images cycled through fresh permutations to the same number of batches."""
+        unlabeled, labeled = self.datasets["unlabeled"], self.datasets["train"]
+        world, rank = self._world_size(), self._rank()
+        steps = len(unlabeled) // (self.unlabeled_batch_size * world)
+        if steps == 0:
+            raise ConfigError(
+                f"{len(unlabeled)} unlabeled images are fewer than one global unlabeled batch "
+                f"(data.unlabeled_batch_size={self.unlabeled_batch_size} x {world} devices)"
+            )
+        if world > 1:
+            u_sampler: Sampler = DistributedSampler(unlabeled, num_replicas=world, rank=rank, shuffle=True,
+                                                    seed=self.seed, drop_last=True)
+        else:
+            u_sampler = RandomSampler(unlabeled, generator=torch.Generator().manual_seed(self.seed + 1))
+        l_sampler = CyclingSampler(len(labeled), steps * self.batch_size, rank, world, self.seed)
+        loaders = {
+            "labeled": self._loader(labeled, self.batch_size, l_sampler, drop_last=True),
+            "unlabeled": self._loader(unlabeled, self.unlabeled_batch_size, u_sampler, drop_last=True),
+        }
+        return CombinedLoader(loaders, mode="min_size")
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.datasets[split]

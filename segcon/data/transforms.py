@@ -38,6 +38,13 @@ def _random_scale(min: float = 0.5, max: float = 2.0, p: float = 1.0, **_: Any) 
     return A.RandomScale(scale_limit=(min - 1.0, max - 1.0), interpolation=cv2.INTER_LINEAR, p=p)
 
 
+def _parse_step(step: Any) -> tuple[str, Mapping[str, Any]]:
+    if not isinstance(step, Mapping) or len(step) != 1:
+        raise ConfigError(f"each transform step must be a one-key mapping like {{hflip: {{p: 0.5}}}}, got {step!r}")
+    ((name, kwargs),) = step.items()
+    return str(name), kwargs
+
+
 def _build_step(name: str, kwargs: Mapping[str, Any], ignore_index: int, fill: tuple[float, ...]) -> A.BasicTransform:
     """One albumentations transform; padding fills the image with `fill` and the mask with ignore."""
     kw = dict(kwargs or {})
@@ -95,25 +102,40 @@ class SegTransform:
         mean: Sequence[float],
         std: Sequence[float],
         ignore_index: int = 255,
+        photometric_only: str | None = None,
     ) -> None:
         # Padding uses the mean colour, which normalises to 0: the same value evaluation pads with.
         fill = tuple(255.0 * m for m in mean)
-        built = []
-        for step in steps or []:
-            if not isinstance(step, Mapping) or len(step) != 1:
+        built = [_build_step(*_parse_step(step), ignore_index, fill) for step in steps or []]
+        if photometric_only is not None:
+            moving = [type(t).__name__ for t in built if not isinstance(t, A.ImageOnlyTransform)]
+            if moving:
                 raise ConfigError(
-                    f"each transform step must be a one-key mapping like {{hflip: {{p: 0.5}}}}, got {step!r}"
+                    f"{photometric_only} may only change colours, not geometry (it is applied to an "
+                    f"already cropped view whose pixels must stay aligned): remove {', '.join(moving)}"
                 )
-            ((name, kwargs),) = step.items()
-            built.append(_build_step(str(name), kwargs, ignore_index, fill))
-        built.append(A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0))
-        self.pipeline = A.Compose(built)
+        self.steps = A.Compose(built)
+        self.pipeline = A.Compose([*built, A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)])
+        self.normalize = A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0)
         self.ignore_index = ignore_index
 
     def set_seed(self, seed: int) -> None:
         """Re-seed the pipeline's random generators (albumentations 2 does not follow numpy's
         global seed: without this, forked data-loader workers would repeat each other)."""
         self.pipeline.set_random_seed(seed)
+        self.steps.set_random_seed(seed)
+
+    def augment(self, image: np.ndarray, masks: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The steps without normalisation: image `[h, w, 3] uint8` and `masks` (`[H, W]` int,
+        moved together with the image, padded with `ignore_index`)."""
+        if not masks:
+            return self.steps(image=image)["image"], []
+        out = self.steps(image=image, masks=[m.astype(np.int32) for m in masks])
+        return out["image"], [np.asarray(m).astype(np.int64) for m in out["masks"]]
+
+    def to_tensor(self, image: np.ndarray) -> torch.Tensor:
+        """Normalise a `[h, w, 3] uint8` image to a `[3, h, w]` float tensor."""
+        return torch.from_numpy(self.normalize(image=image)["image"].transpose(2, 0, 1).copy())
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         if mask is None:

@@ -1,0 +1,79 @@
+"""Semi-supervised data: unlabeled items with aligned weak and strong views, and the sampler that
+repeats the labeled set so that one epoch is one pass over the unlabeled set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from segcon.data.base import SegDataset
+from segcon.data.transforms import SegTransform
+
+
+class UnlabeledViews(Dataset):
+    """Unlabeled training items: one weak view and `num_strong` strong views of an image, with
+    identical geometry.
+
+    The weak steps (scale, crop, flip) run once; each strong view applies the photometric strong
+    steps (colour jitter, grayscale, blur) to the weak view's pixels, so a pseudo-label made on
+    the weak view lines up pixel for pixel with every strong view. CutMix, which mixes images of
+    the batch, happens in the training step.
+
+    Items: `image` `[3, h, w]` (weak view), `strong` `[num_strong, 3, h, w]`, `valid` `[h, w]`
+    bool (False where the crop padded the image), `gt` `[h, w]` (ground truth, only when the
+    dataset has masks; used for pseudo-label accuracy, never for training), `id`.
+    """
+
+    def __init__(self, dataset: SegDataset, weak: SegTransform, strong: SegTransform, num_strong: int = 1) -> None:
+        self.dataset, self.weak, self.strong, self.num_strong = dataset, weak, strong, num_strong
+
+    def set_seed(self, seed: int) -> None:
+        """Re-seed both pipelines (one stream per data-loader worker)."""
+        self.weak.set_seed(seed)
+        self.strong.set_seed(seed + 1)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        image, gt = self.dataset.load(index)
+        marker = np.zeros(image.shape[:2], np.int64)  # becomes ignore wherever the crop pads
+        weak, masks = self.weak.augment(image, [marker] if gt is None else [marker, gt])
+        strong = [self.strong.to_tensor(self.strong.augment(weak)[0]) for _ in range(self.num_strong)]
+        item = {
+            "image": self.weak.to_tensor(weak),
+            "strong": torch.stack(strong),
+            "valid": torch.from_numpy(masks[0] != self.weak.ignore_index),
+            "id": self.dataset.samples[index].id,
+        }
+        if gt is not None:
+            item["gt"] = torch.from_numpy(masks[1])
+        return item
+
+
+class CyclingSampler(Sampler[int]):
+    """Indices of a dataset of `size` items, repeated through fresh permutations until
+    `length` indices per rank are drawn: the labeled stream, sized to the unlabeled one.
+
+    Rank r takes every `world_size`-th index of one seeded stream starting at r, so the ranks
+    see disjoint items within each pass. `set_epoch` (called by Lightning) changes the stream.
+    """
+
+    def __init__(self, size: int, length: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
+        self.size, self.length, self.rank, self.world_size, self.seed = size, length, rank, world_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        need = self.length * self.world_size
+        stream = torch.cat([torch.randperm(self.size, generator=g) for _ in range(-(-need // self.size))])
+        return iter(stream[self.rank : need : self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.length

@@ -1,0 +1,122 @@
+"""Semi-supervised data: weak and strong views aligned pixel for pixel, padding marked, the
+labeled stream cycling to the unlabeled stream's length."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from segcon.data.folder import FolderDataset
+from segcon.data.ssl import CyclingSampler, UnlabeledViews
+from segcon.data.transforms import SegTransform
+from segcon.data.datamodule import SegDataModule
+from segcon.data.splits import make_split
+from segcon.utils.errors import ConfigError
+from tests.fake_datasets import make_folder_dataset
+
+MEAN, STD = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # to_tensor = value / 255; padding fills with 0
+GEOMETRY = [{"random_crop": {"size": [48, 48]}}, {"hflip": {"p": 0.5}}]
+
+
+def _coordinate_dataset(root: Path, h: int = 40, w: int = 60) -> FolderDataset:
+    """One image whose pixels encode their own coordinates (R = 10 + 4y, G = 10 + 3x, B = 200),
+    and a mask whose class is the column band x // 15."""
+    y, x = np.mgrid[0:h, 0:w]
+    image = np.stack([10 + 4 * y, 10 + 3 * x, np.full_like(y, 200)], -1).astype(np.uint8)
+    for d in ("images/train", "masks/train"):
+        (root / d).mkdir(parents=True)
+    Image.fromarray(image).save(root / "images/train/a.png")
+    Image.fromarray((x // 15).astype(np.uint8)).save(root / "masks/train/a.png")
+    return FolderDataset(root, "train", num_classes=4)
+
+
+def _views(dataset: FolderDataset, strong_steps: list, n: int = 2) -> UnlabeledViews:
+    weak = SegTransform(GEOMETRY, MEAN, STD, 255)
+    strong = SegTransform(strong_steps, MEAN, STD, 255, photometric_only="data.strong_transform")
+    return UnlabeledViews(dataset, weak, strong, num_strong=n)
+
+
+def test_strong_views_share_the_weak_geometry_and_padding_is_marked(tmp_path: Path) -> None:
+    views = _views(_coordinate_dataset(tmp_path), [{"color_jitter": {"brightness": 0.5, "p": 0.0}}])
+    for seed in range(6):
+        views.set_seed(seed)
+        item = views[0]
+        weak = (item["image"] * 255).round()
+        for s in item["strong"]:  # photometric steps that did not fire: exactly the weak pixels
+            assert torch.equal((s * 255).round(), weak)
+        # the crop (48 high, image 40 high) pads: padding is exactly where B = 0
+        assert torch.equal(item["valid"], weak[2] > 0) and not item["valid"].all()
+        # the ground truth moved with the image: its band equals the one read from G
+        col = (weak[1] - 10) / 3
+        band = torch.div(col, 15, rounding_mode="floor").long()
+        assert torch.equal(item["gt"][item["valid"]], band[item["valid"]])
+        assert (item["gt"][~item["valid"]] == 255).all()
+
+
+def test_strong_colour_changes_keep_the_pixels_in_place(tmp_path: Path) -> None:
+    views = _views(_coordinate_dataset(tmp_path), [{"grayscale": {"p": 1.0}}], n=1)
+    views.set_seed(3)
+    item = views[0]
+    weak, strong = item["image"] * 255, item["strong"][0] * 255
+    gray = 0.299 * weak[0] + 0.587 * weak[1] + 0.114 * weak[2]  # ITU-R 601 luma of the weak pixel
+    assert (strong[0] - gray).abs().max() <= 1.0 and torch.equal(strong[0], strong[1])
+
+
+def test_strong_steps_must_not_move_pixels() -> None:
+    with pytest.raises(ConfigError, match="data.strong_transform may only change colours.*HorizontalFlip"):
+        SegTransform([{"hflip": {"p": 0.5}}], MEAN, STD, 255, photometric_only="data.strong_transform")
+
+
+def test_cycling_sampler_repeats_passes_and_splits_ranks() -> None:
+    ranks = [list(CyclingSampler(5, 7, rank=r, world_size=2, seed=1)) for r in (0, 1)]
+    assert all(len(r) == 7 for r in ranks)
+    stream = [v for pair in zip(*ranks, strict=True) for v in pair]  # 14 draws: 2 full passes + 4
+    assert sorted(stream[:5]) == list(range(5)) and sorted(stream[5:10]) == list(range(5))
+    again = CyclingSampler(5, 7, rank=0, world_size=2, seed=1)
+    assert list(again) == ranks[0]
+    again.set_epoch(1)
+    assert list(again) != ranks[0]
+
+
+def _ssl_datamodule(root: Path, **kwargs) -> SegDataModule:
+    return SegDataModule(
+        dataset={"_target_": "segcon.data.folder.FolderDataset"}, root=str(root), splits={"train": "train", "val": "val"},
+        num_classes=3, ignore_index=255, mean=[0.5] * 3, std=[0.25] * 3,
+        train_transform=[{"random_crop": {"size": [32, 32]}}], batch_size=2, val_batch_size=2, num_workers=0,
+        weak_transform=[{"random_crop": {"size": [32, 32]}}, {"hflip": {"p": 0.5}}],
+        strong_transform=[{"grayscale": {"p": 0.5}}], seed=0, **kwargs,
+    )
+
+
+def test_semi_supervised_loader_pairs_labeled_and_unlabeled_batches(tmp_path: Path) -> None:
+    expected = make_folder_dataset(tmp_path, num_classes=3, splits={"train": 14, "val": 2})
+    dm = _ssl_datamodule(tmp_path, labeled_count=4, split_seed=2, unlabeled=True, num_strong=2, unlabeled_batch_size=3)
+    dm.setup("fit")
+    split = make_split(expected.ids["train"], 4, seed=2)
+    assert dm.split == split and dm.split_info()["split_hash"] == split.hash
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 10 // 3  # one pass over the 10 unlabeled images (drop_last)
+    seen_labeled = []
+    for batch, _, _ in batches:
+        lab, unl = batch["labeled"], batch["unlabeled"]
+        assert lab["image"].shape == (2, 3, 32, 32) and lab["mask"].shape == (2, 32, 32)
+        assert unl["strong"].shape == (3, 2, 3, 32, 32) and unl["valid"].dtype == torch.bool
+        assert set(unl["id"]) <= set(split.unlabeled) and set(lab["id"]) <= set(split.labeled)
+        assert "gt" in unl  # the folder dataset has masks for every image: pseudo-label accuracy
+        seen_labeled += lab["id"]
+    assert sorted(seen_labeled[:4]) == sorted(split.labeled)  # the labeled set cycles by passes
+
+
+def test_supervised_baseline_on_a_split_uses_the_labeled_images_only(tmp_path: Path) -> None:
+    make_folder_dataset(tmp_path, num_classes=3, splits={"train": 14, "val": 2})
+    dm = _ssl_datamodule(tmp_path, labeled_fraction="1/4")
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 4 and "unlabeled" not in dm.datasets  # ceil(14 / 4)
+    with pytest.raises(ConfigError, match="only one of"):
+        _ssl_datamodule(tmp_path, labeled_fraction="1/4", labeled_count=3)
+    with pytest.raises(ConfigError, match="needs unlabeled images"):
+        _ssl_datamodule(tmp_path, unlabeled=True)
