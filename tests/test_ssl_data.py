@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from segcon.data.datamodule import SegDataModule
 from segcon.data.folder import FolderDataset
+from segcon.data.splits import make_split
 from segcon.data.ssl import CyclingSampler, UnlabeledViews
 from segcon.data.transforms import SegTransform
-from segcon.data.datamodule import SegDataModule
-from segcon.data.splits import make_split
 from segcon.utils.errors import ConfigError
 from tests.fake_datasets import make_folder_dataset
 
@@ -67,7 +67,7 @@ def test_strong_colour_changes_keep_the_pixels_in_place(tmp_path: Path) -> None:
 
 
 def test_strong_steps_must_not_move_pixels() -> None:
-    with pytest.raises(ConfigError, match="data.strong_transform may only change colours.*HorizontalFlip"):
+    with pytest.raises(ConfigError, match=r"data\.strong_transform may only change colours.*HorizontalFlip"):
         SegTransform([{"hflip": {"p": 0.5}}], MEAN, STD, 255, photometric_only="data.strong_transform")
 
 
