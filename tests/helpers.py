@@ -29,3 +29,18 @@ class DumpMemory(L.Callback):
         state = {k: v.clone() for k, v in term.memories.state_dict().items()}
         path = Path(trainer.default_root_dir) / f"memory_rank{trainer.global_rank}.pt"
         torch.save({"steps": self.steps, "memory": state}, path)
+
+
+class DumpTeacher(L.Callback):
+    """Per rank: save the teacher's state when training starts and ends to
+    `<run dir>/teacher_<start|end>_rank<r>.pt`."""
+
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, when: str) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.teacher.state_dict().items()}
+        torch.save(state, Path(trainer.default_root_dir) / f"teacher_{when}_rank{trainer.global_rank}.pt")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "end")

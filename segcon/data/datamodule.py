@@ -189,7 +189,7 @@ class SegDataModule(L.LightningDataModule):
             else:
                 self._setup_split()
             n, b = len(self.datasets["train"]), self.batch_size * self._world_size()
-            if n < b:
+            if n < b and not self.unlabeled:  # with an unlabeled stream the labeled images cycle
                 raise ConfigError(
                     f"the train split has {n} images, fewer than one global batch "
                     f"(data.batch_size={self.batch_size} x {self._world_size()} devices); lower "
@@ -209,7 +209,7 @@ class SegDataModule(L.LightningDataModule):
         else:
             n = labeled_count(self.split_amount, len(ids))
             self.split = make_split(ids, n, int(self.split_seed))
-        self.datasets["train"] = full.select(self.split.labeled, labeled=True)
+        self.datasets["train"] = self._limit("train", full.select(self.split.labeled, labeled=True))
         if self.unlabeled:
             if not self.split.unlabeled:
                 raise ConfigError("the split leaves no unlabeled image; lower the labeled amount")
@@ -221,7 +221,7 @@ class SegDataModule(L.LightningDataModule):
                                   photometric_only="data.strong_transform")
             views = UnlabeledViews(base, weak, strong, self.num_strong)
             views.set_seed(self.seed + 7)
-            self.datasets["unlabeled"] = views
+            self.datasets["unlabeled"] = self._limit("train", views)
 
     def split_info(self) -> dict[str, Any]:
         """What was trained on: the split's hash and counts (empty without a split)."""

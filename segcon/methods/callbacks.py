@@ -89,6 +89,8 @@ class FinalReport(L.Callback):
             extra[f"{split}/inference"] = dataclasses.asdict(settings)
         if split == "val":
             extra["val/mIoU_best"] = pl_module.best_miou
+        if hasattr(pl_module, "report_extras"):
+            extra.update(pl_module.report_extras(split))
         write_metrics(self.out_dir, split, scores, pl_module.class_names, extra)
         used = f"{self.eval_ckpt} checkpoint {ckpt}" if ckpt else "the in-memory weights"
         label = f"{self.eval_ckpt if ckpt else 'in-memory'} weights, step {step}" + (

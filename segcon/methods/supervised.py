@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from segcon.evaluation.inference import InferenceSettings, infer
@@ -74,6 +75,7 @@ class SupervisedModule(L.LightningModule):
         self.best_miou = float("nan")
         self.last_scores: dict[str, SegScores] = {}
         self._overlay_batch: dict[str, Tensor] | None = None
+        self._restored_split: dict[str, Any] = {}
 
     # -- training ------------------------------------------------------------------------
 
@@ -177,13 +179,33 @@ class SupervisedModule(L.LightningModule):
         cv2.imwrite(str(out_dir / f"{split}_{tag}.png"), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
         log_images(self.loggers, {f"{split}/overlays": grid}, self.global_step)
 
+    def report_extras(self, split: str) -> dict[str, Any]:
+        """Entries added to metrics.json next to the scores: the semi-supervised split's hash and
+        counts when the run trained on one."""
+        return dict(self._split_info())
+
+    def _split_info(self) -> dict[str, Any]:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        info = datamodule.split_info() if hasattr(datamodule, "split_info") else {}
+        return info or self._restored_split
+
+    def on_fit_start(self) -> None:
+        info = self._split_info()
+        if info:
+            rank_zero_info(f"split {info['split_hash']}: {info['labeled_images']} labeled, "
+                           f"{info['unlabeled_images']} unlabeled training images")
+            for logger in self.loggers:
+                logger.log_hyperparams(info)
+
     # -- checkpoint ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["segcon"] = {"config": self.run_config, "best_miou": self.best_miou}
+        checkpoint["segcon"] = {"config": self.run_config, "best_miou": self.best_miou, **self._split_info()}
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["segcon"]["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.best_miou = float(checkpoint.get("segcon", {}).get("best_miou", float("nan")))
+        state = checkpoint.get("segcon", {})
+        self.best_miou = float(state.get("best_miou", float("nan")))
+        self._restored_split = {k: state[k] for k in ("split_hash", "labeled_images", "unlabeled_images") if k in state}

@@ -9,6 +9,7 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segcon.models.heads import PixelEmbedding, ProjectionHead, WeightBranch, concat_stages
@@ -154,6 +155,18 @@ class SegNet(nn.Module):
         if "weight_branch" in self.heads:
             out.aux["weight_logits"] = self.heads["weight_branch"](decoder_inputs, decoder)
         return out
+
+    def forward_perturbed(self, x: Tensor, dropout: float = 0.5) -> Tensor:
+        """Logits `[B, K, H, W]` decoded from encoder features with channel dropout
+        (`Dropout2d(dropout)` on every stage): UniMatch's feature-perturbation branch."""
+        self.model.check_input_shape(x)
+        features = self.model.encoder(x)
+        if isinstance(features, tuple):
+            stages, *rest = features
+            decoder_inputs: tuple = ([F.dropout2d(f, dropout, self.training) for f in stages], *rest)
+        else:
+            decoder_inputs = ([F.dropout2d(f, dropout, self.training) for f in features],)
+        return self.model.segmentation_head(self.model.decoder(*decoder_inputs))
 
     def forward(self, x: Tensor) -> SegOutput | Tensor:
         if not self.training:

@@ -62,10 +62,27 @@ class Objective(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns the total loss and a dict of detached values to log: `loss_<name>` for every
         term (unweighted), `weight_<name>` for scheduled weights, and `loss` (the total)."""
+        sup, logs = self.supervised_loss(output.logits, target, step)
+        con, con_logs = self.contrast_loss(output, target, step, confidence)
+        total = sup + con
+        logs = {**logs, **con_logs, "loss": total.detach()}
+        return total, logs
+
+    def supervised_loss(self, logits: Tensor, target: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted supervised terms on `logits [B, K, h, w]` and their logs."""
         logs: dict[str, Tensor] = {}
         total: Tensor | None = None
         for name, term in self.supervised.items():
-            total = self._add(total, logs, name, term(output.logits, target), step)
+            total = self._add(total, logs, name, term(logits, target), step)
+        assert total is not None
+        return total, logs
+
+    def contrast_loss(
+        self, output: SegOutput, target: Tensor, step: int, confidence: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted contrastive terms (0 without any) and their logs."""
+        logs: dict[str, Tensor] = {}
+        total: Tensor | None = None
         for name, term in self.contrast.items():
             value = term(output, target, confidence)
             if isinstance(value, Mapping):
@@ -73,9 +90,7 @@ class Objective(nn.Module):
                     logs[f"loss_{name}/{sub}"] = v.detach()
                 value = sum(value.values())
             total = self._add(total, logs, name, value, step)
-        assert total is not None
-        logs["loss"] = total.detach()
-        return total, logs
+        return (output.logits.new_zeros(()) if total is None else total), logs
 
     def _add(self, total: Tensor | None, logs: dict[str, Tensor], name: str, value: Tensor, step: int) -> Tensor:
         schedule = self.schedules.get(name, TermSchedule())

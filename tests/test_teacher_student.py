@@ -1,0 +1,159 @@
+"""Teacher-student methods: the unsupervised step against hand-computed targets, end-to-end runs
+of every method, contrastive terms with pseudo-labels, DDP and resume of the teacher."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from segcon.data.splits import make_split
+from segcon.methods.teacher_student import masked_ce
+from segcon.train import build_module, train
+from tests.test_train import _cli, _tiny_cli_args
+
+SSL = ["data.labeled_count=4", "trainer.max_steps=3"]
+IGNORE = 255
+
+
+def _rows(run: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run / "csv" / "metrics.csv").open()))
+
+
+def _values(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if r.get(key)]
+
+
+def test_masked_ce_divides_by_valid_pixels() -> None:
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[0.0, 3.0], [1.0, 0.0]]]])  # [1, 2, 2, 2]
+    label = torch.tensor([[[0, 1], [1, 0]]])
+    keep = torch.tensor([[[True, False], [True, False]]])
+    valid = torch.tensor([[[True, True], [True, False]]])
+    ce = torch.nn.functional.cross_entropy(logits, label, reduction="none")[0]
+    assert float(masked_ce(logits, label, keep, valid)) == pytest.approx(float(ce[0, 0] + ce[1, 0]) / 3)
+
+
+@pytest.mark.parametrize("method", ["mean_teacher", "fixmatch", "unimatch"])
+def test_methods_train_and_report_student_teacher_and_split(method: str, tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg(f"method={method}", *SSL)
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    rows = _rows(run)
+    unsup = ["train/loss_unsup"] if method != "unimatch" else ["train/loss_unsup_s1", "train/loss_unsup_s2", "train/loss_unsup_fp"]
+    for key in [*unsup, "train/loss_ce", "train/mask_ratio", "train/pl_acc_all"]:
+        assert len(_values(rows, key)) == 3, key
+    assert all(0.0 <= v <= 1.0 for v in _values(rows, "train/mask_ratio") + _values(rows, "train/pl_acc_all"))
+    assert _values(rows, "val/teacher/mIoU") and _values(rows, "val/mIoU")
+    metrics = json.loads((run / "metrics.json").read_text())
+    ids = sorted(p.stem for p in (Path(cfg.data.root) / "images" / "train").glob("*.png"))[:16]
+    expected = make_split(ids, 4, seed=0)
+    assert metrics["split_hash"] == expected.hash and metrics["labeled_images"] == 4
+    assert 0.0 <= metrics["val/teacher/mIoU"] <= 1.0 and "val/teacher/IoU/crack" in metrics
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["segcon"]["split_hash"] == expected.hash
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("teacher.model.") for k in keys) and not any(k.startswith("teacher.heads.") for k in keys)
+    teacher = {k[len("teacher."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("teacher.model.")}
+    student = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.model.")}
+    assert teacher.keys() == student.keys()
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # an average, not a copy
+
+
+def test_supervised_baseline_trains_on_the_labeled_images_only(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("method=supervised", *SSL)
+    train(cfg)
+    metrics = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert metrics["labeled_images"] == 4 and metrics["unlabeled_images"] == 12
+    assert "val/teacher/mIoU" not in metrics
+
+
+def _module(tiny_cfg: Callable[..., DictConfig], *overrides: str):
+    cfg = tiny_cfg(*overrides)
+    module = build_module(cfg)
+    module._trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, world_size=1)
+    return module
+
+
+def test_contrast_target_is_labels_plus_confident_pseudo_labels(tiny_cfg: Callable[..., DictConfig]) -> None:
+    module = _module(tiny_cfg, "method=mean_teacher", "method.cutmix_prob=0", "method.confidence.threshold=0.3",
+                     "contrast=pixel", "sampler.max_views=5")
+    captured = {}
+
+    def capture(output, target, step, confidence=None):
+        captured["target"] = target
+        return output.logits.sum() * 0, {}
+
+    module.objective.contrast_loss = capture
+    g = torch.Generator().manual_seed(0)
+    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    weak = torch.randn(2, 3, 64, 64, generator=g)
+    valid = torch.ones(2, 64, 64, dtype=torch.bool)
+    valid[:, :, 50:] = False  # crop padding
+    unlabeled = {"image": weak, "strong": weak[:, None].clone(), "valid": valid}
+    module.unsupervised_step(labeled, unlabeled)
+    with torch.no_grad():
+        conf, pseudo = module.teacher(weak).softmax(1).max(1)
+    expected = pseudo.masked_fill(~((conf >= 0.3) & valid), IGNORE)
+    target = captured["target"]
+    assert torch.equal(target[:2], labeled["mask"]) and torch.equal(target[2:], expected)
+    assert (target[2:] != IGNORE).any() and (target[2:, :, 50:] == IGNORE).all()
+
+
+def test_entropy_filter_drops_the_most_uncertain_share(tiny_cfg: Callable[..., DictConfig]) -> None:
+    module = _module(tiny_cfg, "method=mean_teacher", "method.confidence.mode=entropy", "method.confidence.drop_percent=20")
+    g = torch.Generator().manual_seed(1)
+    probs = torch.randn(2, 5, 8, 8, generator=g).mul(3).softmax(1)
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    valid[0, 0] = False
+    keep = module.confident(probs, valid)
+    entropy = -(probs * probs.log()).sum(1)
+    n = int(valid.sum())
+    assert int(keep.sum()) == n - int(0.2 * n) and not (keep & ~valid).any()
+    assert entropy[keep].max() <= entropy[valid & ~keep].min()  # the dropped ones are the most uncertain
+    module._trainer.global_step = 100  # end of training: nothing is dropped any more
+    assert torch.equal(module.confident(probs, valid), valid)
+
+
+def test_cac_joins_a_teacher_student_run(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("method=mean_teacher", "contrast=cac", "sampler.max_views=20", "method.confidence.threshold=0.0", *SSL)
+    train(cfg)
+    rows = _rows(Path(cfg.paths.output_dir))
+    for key in ("train/loss_cac", "train/loss_weight_branch", "train/loss_unsup"):
+        values = _values(rows, key)
+        assert len(values) == 3 and all(v > 0 for v in values), key
+
+
+def test_resume_restores_the_teacher(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    first = tiny_cfg("method=mean_teacher", *SSL, "trainer.max_epochs=4")
+    train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    second = tiny_cfg("method=mean_teacher", "data.labeled_count=4", "trainer.max_steps=5", "trainer.max_epochs=4",
+                      f"ckpt_path={last}", "+callbacks.dump_teacher._target_=tests.helpers.DumpTeacher")
+    second.paths.output_dir = str(tmp_path / "resumed")
+    train(second)
+    start = torch.load(Path(second.paths.output_dir) / "teacher_start_rank0.pt", weights_only=True)
+    for k, v in start.items():
+        assert torch.equal(v, saved[f"teacher.{k}"]), k  # restored, not re-copied from the student
+    end = torch.load(Path(second.paths.output_dir) / "teacher_end_rank0.pt", weights_only=True)
+    assert any(not torch.equal(end[k], start[k]) for k in start)  # and it kept averaging
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+
+
+@pytest.mark.ddp
+def test_ddp_sim_teacher_is_identical_on_both_ranks(data_dir: Path, tmp_path: Path) -> None:
+    extra = ["trainer=ddp_sim", "method=fixmatch", "data.labeled_count=4", "data.unlabeled_batch_size=2",
+             "trainer.max_steps=3", "+callbacks.dump_teacher._target_=tests.helpers.DumpTeacher"]
+    proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"teacher_end_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    start = torch.load(tmp_path / "ddp" / "teacher_start_rank0.pt", weights_only=True)
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), k
+    assert any(not torch.equal(ranks[0][k], start[k]) for k in start)
