@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
 from segcon.data.datamodule import SegDataModule
 from segcon.methods.callbacks import FinalReport, ModelCheckpoint
+from segcon.methods.optim import lr_for_batch
 from segcon.objectives.objective import build_objective
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_segcon_state
 from segcon.utils.errors import find_user_error
@@ -57,6 +58,7 @@ def build_datamodule(cfg: DictConfig) -> SegDataModule:
         labeled_fraction=d.get("labeled_fraction"),
         labeled_count=d.get("labeled_count"),
         split_seed=d.get("split_seed", 0),
+        labeled_pool=d.get("labeled_pool"),
         unlabeled=bool(getattr(get_class(cfg.method._target_), "uses_unlabeled", False)),
         weak_transform=_plain(d.get("weak_transform")) or [],
         strong_transform=_plain(d.get("strong_transform")) or [],
@@ -152,10 +154,14 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
-    rank_zero_info(
-        f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s) "
-        f"= {cfg.data.batch_size * trainer.world_size}"
+    global_batch = cfg.data.batch_size * trainer.world_size
+    rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s) = {global_batch}")
+    lr, note = lr_for_batch(
+        float(cfg.optim.lr), cfg.optim.get("base_batch"), global_batch, str(cfg.optim.get("scale_lr", "none"))
     )
+    if note:
+        (rank_zero_info if lr != cfg.optim.lr else rank_zero_warn)(note)
+    module.optim_cfg["lr"] = lr
 
     if cfg.train:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

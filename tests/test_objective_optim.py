@@ -77,3 +77,15 @@ def test_head_lr_multiplier_groups() -> None:
     assert isinstance(build_optimizer(list(enc.parameters()), [], "adamw", 1e-3, 0.01), torch.optim.AdamW)
     with pytest.raises(ConfigError, match="sgd or adamw"):
         build_optimizer(list(enc.parameters()), [], "lamb", 1e-3, 0.01)
+
+
+def test_lr_for_batch_scales_linearly_or_warns() -> None:
+    from segcon.methods.optim import lr_for_batch
+
+    assert lr_for_batch(0.01, 16, 8, "linear") == (0.005, lr_for_batch(0.01, 16, 8, "linear")[1])
+    assert "lr 0.005" in lr_for_batch(0.01, 16, 8, "linear")[1]
+    lr, note = lr_for_batch(0.01, 16, 8, "none")
+    assert lr == 0.01 and "optim.scale_lr=linear rescales" in note
+    assert lr_for_batch(0.01, None, 8, "linear") == (0.01, None) and lr_for_batch(0.01, 8, 8, "none") == (0.01, None)
+    with pytest.raises(ConfigError, match="scale_lr"):
+        lr_for_batch(0.01, 8, 4, "sqrt")

@@ -120,3 +120,13 @@ def test_supervised_baseline_on_a_split_uses_the_labeled_images_only(tmp_path: P
         _ssl_datamodule(tmp_path, labeled_fraction="1/4", labeled_count=3)
     with pytest.raises(ConfigError, match="needs unlabeled images"):
         _ssl_datamodule(tmp_path, unlabeled=True)
+
+
+def test_on_the_fly_split_draws_labels_from_the_pool_list(tmp_path: Path) -> None:
+    expected = make_folder_dataset(tmp_path, num_classes=3, splits={"train": 14, "val": 2})
+    pool = expected.ids["train"][:6]
+    (tmp_path / "pool.txt").write_text("\n".join(pool) + "\n")
+    dm = _ssl_datamodule(tmp_path, labeled_count=3, labeled_pool=str(tmp_path / "pool.txt"), unlabeled=True)
+    dm.setup("fit")
+    assert set(dm.split.labeled) <= set(pool) and len(dm.split.labeled) == 3
+    assert len(dm.split.unlabeled) == 11 and dm.split == make_split(expected.ids["train"], 3, 0, pool)

@@ -231,3 +231,11 @@ def test_ddp_sim_cac_trains_every_head(data_dir: Path, tmp_path: Path) -> None:
     assert weights == pytest.approx([0.0, 0.4, 0.4])  # warm-up: 0 at step 0
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("net.heads.weight_branch.") for k in state)
+
+
+def test_lr_is_rescaled_to_the_global_batch(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("optim.base_batch=8", "optim.scale_lr=linear", "trainer.max_steps=1")  # global batch 4
+    train(cfg)
+    rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
+    lrs = [float(r["lr-AdamW/encoder"]) for r in rows if r.get("lr-AdamW/encoder")]
+    assert lrs[0] == pytest.approx(1e-3 * 4 / 8)

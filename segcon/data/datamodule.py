@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
-from segcon.data.base import SegDataset
+from segcon.data.base import SegDataset, read_id_list
 from segcon.data.splits import Split, labeled_count, make_split, read_split
 from segcon.data.ssl import CyclingSampler, UnlabeledViews
 from segcon.data.transforms import SegTransform
@@ -93,8 +93,9 @@ class SegDataModule(L.LightningDataModule):
         seed: seeds shuffling and augmentation.
         split: semi-supervised split of the train split: a directory with labeled.txt
             [+ unlabeled.txt] or a labeled list file (segcon.data.splits). Or, drawn on the fly
-            with `split_seed`: `labeled_fraction` (0.0625, "1/16") or `labeled_count`. None of
-            them: every training image is labeled.
+            with `split_seed`: `labeled_fraction` (0.0625, "1/16") or `labeled_count`, drawn from
+            the ids listed in `labeled_pool` (a list file, e.g. VOC's train.txt for the classic
+            protocol) or from all training images. None of them: every training image is labeled.
         unlabeled: also serve the unlabeled stream (teacher-student methods): training batches
             are then `{"labeled": batch, "unlabeled": batch}`, one epoch = one pass over the
             unlabeled images with the labeled ones repeated.
@@ -123,6 +124,7 @@ class SegDataModule(L.LightningDataModule):
         labeled_fraction: float | str | None = None,
         labeled_count: int | None = None,
         split_seed: int = 0,
+        labeled_pool: str | None = None,
         unlabeled: bool = False,
         weak_transform: Sequence[Mapping[str, Any]] = (),
         strong_transform: Sequence[Mapping[str, Any]] = (),
@@ -152,6 +154,7 @@ class SegDataModule(L.LightningDataModule):
                 "or data.labeled_fraction=1/16 or data.labeled_count=<n>"
             )
         self.split_source, self.split_amount, self.split_seed = split, labeled_fraction or labeled_count, split_seed
+        self.labeled_pool = labeled_pool
         self.unlabeled = unlabeled
         self.weak_steps, self.strong_steps = list(weak_transform or []), list(strong_transform or [])
         self.num_strong = num_strong
@@ -207,8 +210,9 @@ class SegDataModule(L.LightningDataModule):
         if self.split_source is not None:
             self.split = read_split(Path(str(self.split_source)), ids, type(full).id_from_path)
         else:
-            n = labeled_count(self.split_amount, len(ids))
-            self.split = make_split(ids, n, int(self.split_seed))
+            pool = read_id_list(Path(self.labeled_pool).expanduser()) if self.labeled_pool else None
+            n = labeled_count(self.split_amount, len(pool if pool is not None else ids))
+            self.split = make_split(ids, n, int(self.split_seed), pool)
         self.datasets["train"] = self._limit("train", full.select(self.split.labeled, labeled=True))
         if self.unlabeled:
             if not self.split.unlabeled:

@@ -53,3 +53,25 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
     raise ConfigError(f"optim.name must be sgd or adamw, got {name!r}")
+
+
+SCALE_MODES = ("none", "linear")
+
+
+def lr_for_batch(lr: float, base_batch: int | None, global_batch: int, scale_lr: str = "none") -> tuple[float, str | None]:
+    """The learning rate for this run's global batch, and what to tell the user.
+
+    `base_batch` is the global batch (per device x devices x nodes) the preset's `lr` was tuned
+    for; None means unknown, and nothing is done. "linear" multiplies the lr by
+    global_batch / base_batch; "none" keeps it and says so when the batches differ.
+    """
+    if scale_lr not in SCALE_MODES:
+        raise ConfigError(f"optim.scale_lr must be one of {SCALE_MODES}, got {scale_lr!r}")
+    if base_batch is None or base_batch == global_batch:
+        return lr, None
+    if scale_lr == "linear":
+        new = lr * global_batch / base_batch
+        return new, (f"optim.lr {lr:g} was tuned for a global batch of {base_batch}; this run's is {global_batch}: "
+                     f"lr {new:g} (optim.scale_lr=linear)")
+    return lr, (f"optim.lr {lr:g} was tuned for a global batch of {base_batch}, this run's is {global_batch}; "
+                "the lr is kept. optim.scale_lr=linear rescales it.")

@@ -99,6 +99,8 @@ class SupervisedModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = dict(self.optim_cfg)
         sched = dict(cfg.pop("scheduler", {}) or {})
+        cfg.pop("scale_lr", None)
+        cfg.pop("base_batch", None)
         optimizer = build_optimizer(self.net.encoder_parameters(), self.net.head_parameters(), **cfg)
         total = int(self.trainer.estimated_stepping_batches)
         kind = sched.pop("name", "poly")
