@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from segcon.data.splits import make_split
 from segcon.methods.teacher_student import masked_ce
 from segcon.train import build_module, train
+from tests.test_evaluate import _eval
 from tests.test_train import _cli, _tiny_cli_args
 
 SSL = ["data.labeled_count=4", "trainer.max_steps=3"]
@@ -63,6 +64,10 @@ def test_methods_train_and_report_student_teacher_and_split(method: str, tiny_cf
     student = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.model.")}
     assert teacher.keys() == student.keys()
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)  # an average, not a copy
+    if method == "mean_teacher":  # segcon-eval of the teacher branch reproduces the run's teacher numbers
+        _eval(f"ckpt={run}", "branch=teacher", f"out_dir={run / 'eval_teacher'}")
+        again = json.loads((run / "eval_teacher" / "metrics.json").read_text())
+        assert again["val/mIoU"] == metrics["val/teacher/mIoU"] and again["val/checkpoint_kind"] == "teacher"
 
 
 def test_supervised_baseline_trains_on_the_labeled_images_only(tiny_cfg: Callable[..., DictConfig]) -> None:

@@ -13,6 +13,7 @@ and the confident pseudo-labels (everything else ignore).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,9 @@ from segcon.utils.ema import ema_momentum, ema_update
 from segcon.utils.errors import ConfigError
 
 CONFIDENCE_MODES = ("threshold", "entropy")
+
+# The teacher is in eval mode on purpose; Lightning's generic warning about it would only confuse.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
 
 class TeacherStudentModule(SupervisedModule):
