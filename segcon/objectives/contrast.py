@@ -121,7 +121,8 @@ class PixelContrastLoss(nn.Module):
         sampler: chooses the anchors (see segcon.objectives.samplers).
         temperature, base_temperature: τ and τ_base (the loss is scaled by τ / τ_base).
         denominator: "per_positive" (ContrastiveSeg) or "supcon".
-        ignore_index: never sampled.
+
+    Ignore pixels are never sampled: the sampler skips its `ignore_index`.
     """
 
     def __init__(
@@ -130,7 +131,6 @@ class PixelContrastLoss(nn.Module):
         temperature: float = 0.1,
         base_temperature: float = 0.07,
         denominator: str = "per_positive",
-        ignore_index: int = 255,
     ) -> None:
         super().__init__()
         if denominator not in DENOMINATORS:
@@ -138,7 +138,6 @@ class PixelContrastLoss(nn.Module):
         self.sampler = sampler
         self.temperature, self.base_temperature = temperature, base_temperature
         self.denominator = denominator
-        self.ignore_index = ignore_index
 
     def sample(self, output: SegOutput, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Anchors: (embeddings `[M, D]`, labels `[M]`, flat indices `[M]` into `[B * h * w]`)."""
@@ -184,9 +183,8 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         temperature: float = 0.07,
         base_temperature: float = 0.07,
         denominator: str = "per_positive",
-        ignore_index: int = 255,
     ) -> None:
-        super().__init__(sampler, temperature, base_temperature, denominator, ignore_index)
+        super().__init__(sampler, temperature, base_temperature, denominator)
         self.num_classes = num_classes
         self.pixel_update_freq = pixel_update_freq
         self.memories = nn.ModuleDict(
