@@ -17,7 +17,8 @@ minus the memory right after the model was built.
 
 `--compare` times segcon's step under each set of config overrides (space-separated sets;
 commas inside one set separate its overrides) and reports step-time and peak-memory ratios
-against the first set.
+against the first set. Teacher-student methods (`method=mean_teacher` ...) get the same batch
+as the labeled stream plus a batch of other images, of the same size, as the unlabeled stream.
 
 Each measurement runs in a fresh Python process (clean peak-memory numbers):
 
@@ -79,6 +80,17 @@ def _batches(args: argparse.Namespace, device):
         }
         for _ in range(4)
     ]
+
+
+def _with_unlabeled(labeled: dict, other: dict, num_strong: int) -> dict:
+    """A teacher-student batch: `labeled`, and `other`'s images as the unlabeled stream (weak
+    view, `num_strong` strong views, all pixels valid, ground truth for the accuracy logs)."""
+    import torch
+
+    image = other["image"]
+    unlabeled = {"image": image, "strong": image[:, None].repeat(1, num_strong, 1, 1, 1).contiguous(),
+                 "valid": torch.ones_like(other["mask"], dtype=torch.bool), "gt": other["mask"]}
+    return {"labeled": labeled, "unlabeled": unlabeled}
 
 
 def _peak_memory(device) -> float:
@@ -144,6 +156,9 @@ def child_segcon(args: argparse.Namespace) -> dict:
     cfg = _compose(args, args.data_root, [o for o in (args.overrides or "").split(",") if o])
     module = build_module(cfg)
     batches = _batches(args, torch.device("cpu"))
+    if getattr(module, "uses_unlabeled", False):  # teacher-student: a labeled + an unlabeled batch
+        others = batches[1:] + batches[:1]
+        batches = [_with_unlabeled(b, o, int(cfg.data.num_strong)) for b, o in zip(batches, others, strict=True)]
     loader = DataLoader([batches[i % len(batches)] for i in range(args.warmup + args.steps)], batch_size=None)
 
     class Timer(L.Callback):
