@@ -162,3 +162,15 @@ def test_ddp_sim_teacher_is_identical_on_both_ranks(data_dir: Path, tmp_path: Pa
     for k, v in ranks[0].items():
         assert torch.equal(v, ranks[1][k]), k
     assert any(not torch.equal(ranks[0][k], start[k]) for k in start)
+
+
+def test_pseudo_labels_come_from_the_teacher_or_the_student(tiny_cfg: Callable[..., DictConfig]) -> None:
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for method, source in (("mean_teacher", "teacher"), ("fixmatch", "student"), ("unimatch", "student")):
+        module = _module(tiny_cfg, f"method={method}")
+        with torch.no_grad():
+            for p in module.teacher.parameters():
+                p.add_(0.1)  # teacher and student now disagree
+            want = module.teacher(x).softmax(1) if source == "teacher" else module.net(x).logits.softmax(1)
+        assert torch.allclose(module.pseudo_labels(x), want), method
+        assert not module.teacher.training and module.net.training
