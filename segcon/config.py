@@ -16,7 +16,7 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from segcon.utils.errors import ConfigError
+from segcon.utils.errors import ConfigError, DataError
 
 EVAL_CKPTS = ("best", "last")
 
@@ -77,8 +77,9 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
 
     Checks: the class count agrees across data/model/loss/class names/palette; ignore_index is
     outside [0, K) and the same in every loss; crops are multiples of the encoder's output
-    stride; eval_ckpt is best|last; data.eval is a valid inference setting; and (check_data) the
-    data root has the expected layout for every configured split.
+    stride (training and weak-view crops); eval_ckpt is best|last; data.eval is a valid inference
+    setting; the teacher-student confidence settings are in range; and (check_data) the data
+    root has the expected layout for every configured split and data.split exists.
     """
     data = cfg.data
     k = data.get("num_classes")
@@ -135,6 +136,7 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
         raise ConfigError(f"model.arch={model['arch']!r}: {err}") from None
     crops = [("data.crop_size", tuple(data.crop_size))] if data.get("crop_size") is not None else []
     crops += [(f"data.train_transform {n}", s) for n, s in _crop_sizes(data.get("train_transform"))]
+    crops += [(f"data.weak_transform {n}", s) for n, s in _crop_sizes(data.get("weak_transform"))]
     for key, (h, w) in crops:
         if h % stride or w % stride:
             fix = (-(-h // stride) * stride, -(-w // stride) * stride)
@@ -152,7 +154,19 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
 
     InferenceSettings.from_config(OmegaConf.to_container(data.eval, resolve=True) if data.get("eval") else None)
 
+    confidence = (cfg.get("method") or {}).get("confidence") or {}
+    if not 0.0 <= float(confidence.get("threshold", 0.0)) <= 1.0:
+        raise ConfigError(f"method.confidence.threshold={confidence['threshold']} must lie in [0, 1] (a probability)")
+    if not 0.0 <= float(confidence.get("drop_percent", 0.0)) <= 100.0:
+        raise ConfigError(f"method.confidence.drop_percent={confidence['drop_percent']} must lie in [0, 100]")
+
     if check_data:
+        split = data.get("split")
+        if split is not None and not Path(str(split)).expanduser().exists():
+            raise DataError(
+                f"data.split={split} does not exist: give a directory written by `segcon-data split` "
+                "(labeled.txt [+ unlabeled.txt]) or a labeled list file"
+            )
         dataset_cls = get_class(data.dataset._target_)
         for disk_split in (data.get("splits") or {}).values():
             if disk_split is not None:

@@ -143,3 +143,13 @@ def test_unknown_group_option_is_hydras_error() -> None:
 def test_num_classes_override_against_a_fixed_label_mapping() -> None:
     with pytest.raises(ConfigError, match=r"data.num_classes=10, but the segcon.data.cityscapes.Cityscapes label mapping produces 19"):
         validate_cfg(_cfg("data=cityscapes", "data.num_classes=10"), check_data=False)
+
+
+def test_semi_supervised_settings_checked_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"method.confidence.threshold=1.5 must lie in \[0, 1\]"):
+        validate_cfg(_cfg("method=fixmatch", "method.confidence.threshold=1.5"), check_data=False)
+    with pytest.raises(ConfigError, match=r"data.weak_transform random_crop \(step 0\)=100x100 is not a multiple"):
+        validate_cfg(_cfg("model=deeplabv3plus_r50", "data.crop_size=[96,96]",
+                          "data.weak_transform=[{random_crop: {size: [100, 100]}}]"), check_data=False)
+    with pytest.raises(DataError, match=r"data.split=.*no-split does not exist"):
+        validate_cfg(_cfg("method=mean_teacher", f"data.split={tmp_path}/no-split", f"data.root={tmp_path}"))
