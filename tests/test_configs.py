@@ -55,3 +55,21 @@ def test_default_config_is_the_documented_one(tmp_path: Path) -> None:
 def test_any_key_is_overridable(tmp_path: Path) -> None:
     cfg = compose_train(["optim.lr=0.123", "data.batch_size=3", "trainer.max_epochs=7", "seed=9"], output_dir=tmp_path)
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.trainer.max_epochs, cfg.seed) == (0.123, 3, 7, 9)
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_keeps_its_method_keys_valid_also_for_the_supervised_baseline(experiment: str, tmp_path: Path) -> None:
+    """`experiment=X method=supervised` is how the baseline of a semi-supervised preset runs: the
+    preset must not leave keys in `method` that the chosen class does not take."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    for method in (None, "supervised"):
+        overrides = [f"experiment={experiment}", f"data.root={tmp_path}"] + ([f"method={method}"] if method else [])
+        cfg = compose_train(overrides, output_dir=tmp_path / "run")
+        cls = get_class(cfg.method._target_)
+        accepted = {name for klass in cls.__mro__ if "__init__" in vars(klass)
+                    for name in inspect.signature(klass.__init__).parameters}
+        unknown = set(cfg.method) - {"_target_"} - accepted
+        assert not unknown, (experiment, method, unknown)
