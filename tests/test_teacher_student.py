@@ -56,6 +56,9 @@ def test_methods_train_and_report_student_teacher_and_split(method: str, tiny_cf
     expected = make_split(ids, 4, seed=0)
     assert metrics["split_hash"] == expected.hash and metrics["labeled_images"] == 4
     assert 0.0 <= metrics["val/teacher/mIoU"] <= 1.0 and "val/teacher/IoU/crack" in metrics
+    fit_teacher = [float(r["val/teacher/mIoU"]) for r in rows if r.get("val/teacher/mIoU")][:-1]  # last: final eval
+    assert metrics["val/teacher/mIoU_last"] == pytest.approx(fit_teacher[-1])
+    assert "val/mIoU_last" in metrics
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["segcon"]["split_hash"] == expected.hash
     keys = ckpt["state_dict"].keys()

@@ -67,6 +67,9 @@ def test_fast_run_writes_metrics_checkpoints_overlays(tiny_cfg: Callable[..., Di
     logged = list(csv.DictReader((run_dir / "csv" / "metrics.csv").open()))
     steps = {int(r["step"]) for r in logged if r.get("train/loss_ce")}
     assert steps == set(range(6))
+    # the last validation of the training run (here the only one) is reported next to the best
+    fit_vals = [float(r["val/mIoU"]) for r in logged if r.get("val/mIoU")][:-1]  # the last row: final eval
+    assert len(fit_vals) == 1 and m["val/mIoU_last"] == pytest.approx(fit_vals[-1])
     # the reported mIoU is the checkpoint's, recomputed here without Lightning
     assert _independent_miou(cfg, best) == pytest.approx(m["val/mIoU"], abs=1e-12)
     ckpt = torch.load(best, map_location="cpu", weights_only=True)

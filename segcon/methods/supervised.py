@@ -73,6 +73,7 @@ class SupervisedModule(L.LightningModule):
             {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
         )
         self.best_miou = float("nan")
+        self.last_fit_miou: dict[str, float] = {}  # the final validation during fit, by network
         self.last_scores: dict[str, SegScores] = {}
         self._overlay_batch: dict[str, Tensor] | None = None
         self._restored_split: dict[str, Any] = {}
@@ -147,6 +148,8 @@ class SupervisedModule(L.LightningModule):
         if split == "val":
             if not self.trainer.sanity_checking and not np.isnan(s.miou):
                 self.best_miou = s.miou if np.isnan(self.best_miou) else max(self.best_miou, s.miou)
+            if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
+                self.last_fit_miou["val"] = s.miou
             logs["val/mIoU_best"] = self.best_miou
         self.log_dict(logs, sync_dist=False, rank_zero_only=False)
         if not self.trainer.sanity_checking:
@@ -182,9 +185,13 @@ class SupervisedModule(L.LightningModule):
         log_images(self.loggers, {f"{split}/overlays": grid}, self.global_step)
 
     def report_extras(self, split: str) -> dict[str, Any]:
-        """Entries added to metrics.json next to the scores: the semi-supervised split's hash and
-        counts when the run trained on one."""
-        return dict(self._split_info())
+        """Entries added to metrics.json next to the scores: `val/mIoU_last` (the last validation
+        of the training run, whatever checkpoint is evaluated), and the semi-supervised split's
+        hash and counts when the run trained on one."""
+        extras = dict(self._split_info())
+        if split == "val" and "val" in self.last_fit_miou:
+            extras["val/mIoU_last"] = self.last_fit_miou["val"]
+        return extras
 
     def _split_info(self) -> dict[str, Any]:
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from segcon.evaluation.inference import infer
@@ -206,6 +207,8 @@ class TeacherStudentModule(SupervisedModule):
         self.last_scores["val_teacher"] = s
         if not self.trainer.sanity_checking and s.miou == s.miou:
             self.best_teacher_miou = s.miou if self.best_teacher_miou != self.best_teacher_miou else max(self.best_teacher_miou, s.miou)
+            if self.trainer.state.fn == TrainerFn.FITTING:
+                self.last_fit_miou["val/teacher"] = s.miou
         logs = {"val/teacher/mIoU": s.miou, "val/teacher/mIoU_best": self.best_teacher_miou}
         logs.update({f"val/teacher/IoU/{name}": float(s.iou[k]) for k, name in enumerate(self.class_names)})
         self.log_dict(logs, sync_dist=False, rank_zero_only=False)
@@ -214,6 +217,8 @@ class TeacherStudentModule(SupervisedModule):
         extras = super().report_extras(split)
         teacher = self.last_scores.get("val_teacher")
         if split == "val" and teacher is not None:
+            if "val/teacher" in self.last_fit_miou:
+                extras["val/teacher/mIoU_last"] = self.last_fit_miou["val/teacher"]
             extras.update({"val/teacher/mIoU": teacher.miou, "val/teacher/mIoU_best": self.best_teacher_miou,
                            **{f"val/teacher/IoU/{n}": float(teacher.iou[k]) for k, n in enumerate(self.class_names)}})
         return extras
