@@ -217,8 +217,9 @@ class SegDataModule(L.LightningDataModule):
         if self.unlabeled:
             if not self.split.unlabeled:
                 raise ConfigError("the split leaves no unlabeled image; lower the labeled amount")
-            with_gt = all(s.mask is not None and s.mask.is_file() for s in full.select(self.split.unlabeled, False).samples)
-            base = full.select(self.split.unlabeled, labeled=with_gt)
+            base = full.select(self.split.unlabeled, labeled=False)
+            # masks of unlabeled images, where they all exist, only feed the pseudo-label accuracy
+            base.labeled = all(s.mask is not None and s.mask.is_file() for s in base.samples)
             base.transform = None
             weak = SegTransform(self.weak_steps, self.mean, self.std, self.ignore_index)
             strong = SegTransform(self.strong_steps, self.mean, self.std, self.ignore_index,

@@ -25,6 +25,11 @@ from segcon.objectives.objective import Objective
 from segcon.utils.loggers import log_images
 
 
+def running_best(best: float, value: float) -> float:
+    """The larger of `best` and `value`; NaN `best` means none yet (value must not be NaN)."""
+    return value if np.isnan(best) else max(best, value)
+
+
 class SupervisedModule(L.LightningModule):
     """Trains `net` on labelled batches with `objective`; validates with a dataset-level mIoU.
 
@@ -147,7 +152,7 @@ class SupervisedModule(L.LightningModule):
         logs.update({f"{split}/IoU/{name}": float(s.iou[k]) for k, name in enumerate(self.class_names)})
         if split == "val":
             if not self.trainer.sanity_checking and not np.isnan(s.miou):
-                self.best_miou = s.miou if np.isnan(self.best_miou) else max(self.best_miou, s.miou)
+                self.best_miou = running_best(self.best_miou, s.miou)
             if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
                 self.last_fit_miou["val"] = s.miou
             logs["val/mIoU_best"] = self.best_miou

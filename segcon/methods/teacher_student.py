@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
@@ -25,7 +26,7 @@ from torch import Tensor
 from segcon.evaluation.inference import infer
 from segcon.evaluation.metrics import ConfusionMatrix, scores
 from segcon.methods.mixing import cutmix, cutmix_masks
-from segcon.methods.supervised import SupervisedModule
+from segcon.methods.supervised import SupervisedModule, running_best
 from segcon.objectives.objective import TermSchedule
 from segcon.utils.ema import ema_momentum, ema_update
 from segcon.utils.errors import ConfigError
@@ -205,8 +206,8 @@ class TeacherStudentModule(SupervisedModule):
         self.metrics["val_teacher"].reset()
         s = scores(cm)
         self.last_scores["val_teacher"] = s
-        if not self.trainer.sanity_checking and s.miou == s.miou:
-            self.best_teacher_miou = s.miou if self.best_teacher_miou != self.best_teacher_miou else max(self.best_teacher_miou, s.miou)
+        if not self.trainer.sanity_checking and not np.isnan(s.miou):
+            self.best_teacher_miou = running_best(self.best_teacher_miou, s.miou)
             if self.trainer.state.fn == TrainerFn.FITTING:
                 self.last_fit_miou["val/teacher"] = s.miou
         logs = {"val/teacher/mIoU": s.miou, "val/teacher/mIoU_best": self.best_teacher_miou}
