@@ -37,3 +37,18 @@ def test_groups_by_overrides_without_seed(tmp_path: Path) -> None:
     assert groups[("contrast=pixel",)].mean_std("val/IoU/crack")[0] == pytest.approx(0.315)
     table = format_table(list(groups.values()), ["val/mIoU"])
     assert "| contrast=none | 3 | 62.00 ± 2.00 |" in table
+
+
+def test_several_sweep_dirs_form_one_group_and_a_repeated_seed_is_refused(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    _job(a, 0, ["seed=1", "method=fixmatch"], {"val/mIoU": 0.50})
+    _job(a, 1, ["seed=1", "method=unimatch"], {"val/mIoU": 0.70})
+    _job(b, 0, ["seed=2", "method=fixmatch"], {"val/mIoU": 0.54})
+    groups = {g.overrides: g for g in aggregate([a, b])}
+    assert groups[("method=fixmatch",)].seeds == ("1", "2")
+    assert groups[("method=fixmatch",)].mean_std("val/mIoU")[0] == pytest.approx(0.52)
+    assert groups[("method=unimatch",)].seeds == ("1",)
+    _job(b, 1, ["seed=1", "method=fixmatch"], {"val/mIoU": 0.9})  # seed 1 of fixmatch again
+    with pytest.raises(ValueError, match=r"both finished method=fixmatch with seed=1") as err:
+        aggregate([a, b])
+    assert str(a / "0") in str(err.value) and str(b / "1") in str(err.value)

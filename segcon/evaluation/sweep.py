@@ -1,4 +1,4 @@
-"""Aggregating a multirun: mean ± std over seeds of every configuration.
+"""Aggregating multiruns: mean ± std over seeds of every configuration.
 
 Each job directory of a Hydra multirun holds `.hydra/overrides.yaml` (its command-line
 overrides) and, once finished, `metrics.json`. Jobs are grouped by their overrides without the
@@ -46,20 +46,34 @@ def _flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def aggregate(sweep_dir: Path, seed_key: str = "seed") -> list[GroupStats]:
-    """Group the finished jobs under `sweep_dir` by their overrides without `seed_key`."""
+def aggregate(sweep_dirs: Path | Sequence[Path], seed_key: str = "seed") -> list[GroupStats]:
+    """Group the finished jobs under one or more sweep directories by their overrides without `seed_key`.
+
+    Jobs of several sweeps with the same overrides (e.g. the same grid run as two parallel
+    sweeps, or more seeds added later) join one group. The same configuration and seed finished
+    twice is refused, naming both jobs, rather than counted twice.
+    """
+    dirs = [sweep_dirs] if isinstance(sweep_dirs, Path) else list(sweep_dirs)
     groups: dict[tuple[str, ...], dict] = defaultdict(lambda: {"seeds": [], "values": defaultdict(list)})
-    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
-        job = overrides_file.parent.parent
-        if not (job / "metrics.json").is_file():
-            continue
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
-        key = tuple(o for o in overrides if not o.startswith(f"{seed_key}="))
-        seed = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{seed_key}=")), "?")
-        group = groups[key]
-        group["seeds"].append(seed)
-        for metric, value in _flatten(json.loads((job / "metrics.json").read_text())).items():
-            group["values"][metric].append(value)
+    seen: dict[tuple[tuple[str, ...], str], Path] = {}
+    for sweep_dir in dirs:
+        for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+            job = overrides_file.parent.parent
+            if not (job / "metrics.json").is_file():
+                continue
+            overrides = yaml.safe_load(overrides_file.read_text()) or []
+            key = tuple(o for o in overrides if not o.startswith(f"{seed_key}="))
+            seed = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{seed_key}=")), "?")
+            if (key, seed) in seen:
+                raise ValueError(
+                    f"{job} and {seen[key, seed]} both finished {' '.join(key) or '(defaults)'} with "
+                    f"{seed_key}={seed}; aggregate only one of them (move the other out of the sweep directory)"
+                )
+            seen[key, seed] = job
+            group = groups[key]
+            group["seeds"].append(seed)
+            for metric, value in _flatten(json.loads((job / "metrics.json").read_text())).items():
+                group["values"][metric].append(value)
     return [GroupStats(k, tuple(g["seeds"]), dict(g["values"])) for k, g in groups.items()]
 
 
