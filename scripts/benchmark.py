@@ -1,6 +1,6 @@
 """Framework overhead and data-loader throughput.
 
-    python scripts/benchmark.py [--model unet_r18] [--batch 8] [--size 128] [--steps 40]
+    python scripts/benchmark.py [--model unet_r18] [--batch 8] [--size 128 | --size 512 1024] [--steps 40]
                                 [--warmup 5] [--precision 32-true] [--accelerator auto]
                                 [--loader-batches 30] [--json out.json]
     python scripts/benchmark.py --compare contrast=none contrast=pixel contrast=pixel_memory
@@ -75,8 +75,8 @@ def _batches(args: argparse.Namespace, device):
     g = torch.Generator().manual_seed(0)
     return [
         {
-            "image": torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device),
-            "mask": torch.randint(0, NUM_CLASSES, (args.batch, args.size, args.size), generator=g).to(device),
+            "image": torch.randn(args.batch, 3, *args.size, generator=g).to(device),
+            "mask": torch.randint(0, NUM_CLASSES, (args.batch, *args.size), generator=g).to(device),
         }
         for _ in range(4)
     ]
@@ -91,6 +91,18 @@ def _with_unlabeled(labeled: dict, other: dict, num_strong: int) -> dict:
     unlabeled = {"image": image, "strong": image[:, None].repeat(1, num_strong, 1, 1, 1).contiguous(),
                  "valid": torch.ones_like(other["mask"], dtype=torch.bool), "gt": other["mask"]}
     return {"labeled": labeled, "unlabeled": unlabeled}
+
+
+def _size_text(size: tuple[int, int]) -> str:
+    return f"{size[0]}²" if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def _device_text(args: argparse.Namespace) -> str:
+    import torch
+
+    if torch.cuda.is_available() and args.accelerator != "cpu":
+        return "GPU " + torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
 
 
 def _peak_memory(device) -> float:
@@ -302,7 +314,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
             runs[c].append(_run_child("segcon", [*argv, "--overrides", c]))
     best = {c: min(r, key=lambda x: x["step_s"]) for c, r in runs.items()}
     base = best[args.compare[0]]
-    table = Table(title=f"{args.model}, batch {args.batch} x {args.size}², {args.precision}")
+    table = Table(title=f"{args.model}, batch {args.batch} x {_size_text(args.size)}, {args.precision}, {_device_text(args)}")
     for col in ("overrides", "step time (s)", "peak memory (GiB)", "ratio time", "ratio memory"):
         table.add_column(col, justify="right")
     for c, r in best.items():
@@ -316,7 +328,6 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
 
 def inference(args: argparse.Namespace, argv: list[str]) -> None:
     """Time each evaluation mode in its own process; ratios against whole."""
-    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -327,9 +338,7 @@ def inference(args: argparse.Namespace, argv: list[str]) -> None:
         except RuntimeError as err:  # e.g. killed for memory (exit status -9): report, go on
             failed[m] = str(err).splitlines()[0]
     base = results.get("whole")
-    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() and args.accelerator != "cpu" else (
-        f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-    )
+    device = _device_text(args)
     h, w = args.infer_size
     table = Table(title=f"{args.model}, {args.infer_classes} classes, 1 x 3 x {h} x {w}, fp32, {device}")
     for col in ("mode", "passes / image", "pixels vs whole", "s / image", "images/s", "time vs whole",
@@ -354,7 +363,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="unet_r18")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, nargs="+", default=[128], metavar="H [W]",
+                        help="training batch image size: one number (square) or height and width")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precision", default="32-true")
@@ -379,6 +389,9 @@ def main() -> None:
     parser.add_argument("--infer-mode", default="whole", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if len(args.size) > 2:
+        parser.error(f"--size takes one number (square) or two (height width), got {len(args.size)}")
+    args.size = (args.size[0], args.size[-1])
 
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
@@ -399,14 +412,11 @@ def main() -> None:
     seg = min(runs["segcon"], key=lambda r: r["step_s"])
     loader = _run_child("loader", argv)
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    device = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() and args.accelerator != "cpu" else (
-        f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-    )
-    table = Table(title=f"{args.model}, batch {args.batch} x {args.size}², {args.precision}, {device}")
+    device = _device_text(args)
+    table = Table(title=f"{args.model}, batch {args.batch} x {_size_text(args.size)}, {args.precision}, {device}")
     for col in ("", "step time (s)", "peak memory (GiB)", "ratio time", "ratio memory"):
         table.add_column(col, justify="right")
     table.add_row("bare PyTorch loop", f"{bare['step_s']:.4f}", f"{bare['peak_gib']:.2f}", "1.000", "1.000")
