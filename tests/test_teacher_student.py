@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from segcon.data.splits import make_split
-from segcon.methods.teacher_student import masked_ce
+from segcon.methods.teacher_student import TeacherStudentModule, masked_ce
 from segcon.train import build_module, train
 from tests.test_evaluate import _eval
 from tests.test_train import _cli, _tiny_cli_args
@@ -38,6 +38,23 @@ def test_masked_ce_divides_by_valid_pixels() -> None:
     valid = torch.tensor([[[True, True], [True, False]]])
     ce = torch.nn.functional.cross_entropy(logits, label, reduction="none")[0]
     assert float(masked_ce(logits, label, keep, valid)) == pytest.approx(float(ce[0, 0] + ce[1, 0]) / 3)
+
+
+def test_pseudo_label_stats_count_by_hand_and_skip_the_accuracy_of_no_confident_pixel() -> None:
+    label = torch.tensor([[[0, 1, 2], [1, 1, 0]]])  # [1, 2, 3] pseudo-labels
+    gt = torch.tensor([[[0, 2, 2], [1, IGNORE, 1]]])
+    valid = torch.tensor([[[True, True, True], [True, True, False]]])
+    keep = torch.tensor([[[True, True, False], [True, True, False]]])
+    owner = SimpleNamespace(ignore_index=IGNORE)
+    logs = TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid, "gt": gt})
+    # confident & valid: 4 of 5 valid pixels; scored confident: (0,0) right, (0,1) wrong, (1,0) right
+    assert float(logs["mask_ratio"]) == pytest.approx(4 / 5)
+    assert float(logs["pl_acc"]) == pytest.approx(2 / 3)
+    # all scored (valid, gt not ignored): (0,0) (0,1) (0,2) (1,0) -> right: (0,0) (0,2) (1,0)
+    assert float(logs["pl_acc_all"]) == pytest.approx(3 / 4)
+    none = TeacherStudentModule.pseudo_label_stats(owner, label, torch.zeros_like(keep), {"valid": valid, "gt": gt})
+    assert "pl_acc" not in none and float(none["mask_ratio"]) == 0.0 and float(none["pl_acc_all"]) == pytest.approx(3 / 4)
+    assert set(TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid})) == {"mask_ratio"}
 
 
 @pytest.mark.parametrize("method", ["mean_teacher", "fixmatch", "unimatch"])

@@ -148,14 +148,18 @@ class TeacherStudentModule(SupervisedModule):
 
     def pseudo_label_stats(self, label: Tensor, keep: Tensor, unlabeled: dict[str, Any]) -> dict[str, Tensor]:
         """mask_ratio (confident share of the valid pixels) and, with unlabeled ground truth,
-        pseudo-label accuracy on the confident pixels (pl_acc) and on all valid ones (pl_acc_all)."""
+        pseudo-label accuracy on the confident pixels (pl_acc) and on all valid ones (pl_acc_all).
+        pl_acc is left out of a step with no confident scored pixel (an accuracy of nothing is
+        not 0), so early steps under a strict threshold do not drag its curve down."""
         valid = unlabeled["valid"]
         logs = {"mask_ratio": keep.sum() / valid.sum().clamp_min(1)}
         gt = unlabeled.get("gt")
         if gt is not None:
             right = (label == gt) & (gt != self.ignore_index)
             scored = valid & (gt != self.ignore_index)
-            logs["pl_acc"] = (right & keep).sum() / (keep & scored).sum().clamp_min(1)
+            confident = (keep & scored).sum()
+            if confident > 0:
+                logs["pl_acc"] = (right & keep).sum() / confident
             logs["pl_acc_all"] = (right & scored).sum() / scored.sum().clamp_min(1)
         return logs
 
