@@ -57,6 +57,29 @@ def test_pseudo_label_stats_count_by_hand_and_skip_the_accuracy_of_no_confident_
     assert set(TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid})) == {"mask_ratio"}
 
 
+def test_metrics_json_keeps_the_runs_bests_when_an_earlier_checkpoint_is_evaluated(
+    tiny_cfg: Callable[..., DictConfig],
+) -> None:
+    # mode=min: the evaluated "best" checkpoint is the student's *worst* validation, whose
+    # restored running bests only cover the steps before it; metrics.json must still report
+    # the bests over the whole fit (student and teacher), and the last validation.
+    cfg = tiny_cfg("method=mean_teacher", "data.labeled_count=4", "trainer.max_steps=5", "trainer.max_epochs=-1",
+                   "+trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=null",
+                   "callbacks.model_checkpoint.mode=min", "method.ema_momentum=0.5")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    rows = [r for r in _rows(run) if r.get("val/mIoU")]
+    student = [float(r["val/mIoU"]) for r in rows][:-1]  # the last row: the final evaluation
+    teacher = [float(r["val/teacher/mIoU"]) for r in rows][:-1]
+    assert len(student) == 5
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["val/mIoU"] == pytest.approx(min(student))  # the evaluated checkpoint
+    assert metrics["val/mIoU_best"] == pytest.approx(max(student))
+    assert metrics["val/teacher/mIoU_best"] == pytest.approx(max(teacher))
+    assert metrics["val/mIoU_last"] == pytest.approx(student[-1])
+    assert metrics["val/teacher/mIoU_last"] == pytest.approx(teacher[-1])
+
+
 @pytest.mark.parametrize("method", ["mean_teacher", "fixmatch", "unimatch"])
 def test_methods_train_and_report_student_teacher_and_split(method: str, tiny_cfg: Callable[..., DictConfig]) -> None:
     cfg = tiny_cfg(f"method={method}", *SSL)

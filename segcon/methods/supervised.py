@@ -78,7 +78,10 @@ class SupervisedModule(L.LightningModule):
             {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
         )
         self.best_miou = float("nan")
-        self.last_fit_miou: dict[str, float] = {}  # the final validation during fit, by network
+        # The training run's own record, by metrics.json key: last validation and running best
+        # of the fit. In memory, so the end-of-run evaluation of an earlier checkpoint (whose
+        # restored best is the best up to *its* step) cannot overwrite it.
+        self.fit_summary: dict[str, float] = {}
         self.last_scores: dict[str, SegScores] = {}
         self._overlay_batch: dict[str, Tensor] | None = None
         self._restored_split: dict[str, Any] = {}
@@ -154,7 +157,7 @@ class SupervisedModule(L.LightningModule):
             if not self.trainer.sanity_checking and not np.isnan(s.miou):
                 self.best_miou = running_best(self.best_miou, s.miou)
             if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
-                self.last_fit_miou["val"] = s.miou
+                self.fit_summary.update({"val/mIoU_last": s.miou, "val/mIoU_best": self.best_miou})
             logs["val/mIoU_best"] = self.best_miou
         self.log_dict(logs, sync_dist=False, rank_zero_only=False)
         if not self.trainer.sanity_checking:
@@ -190,12 +193,13 @@ class SupervisedModule(L.LightningModule):
         log_images(self.loggers, {f"{split}/overlays": grid}, self.global_step)
 
     def report_extras(self, split: str) -> dict[str, Any]:
-        """Entries added to metrics.json next to the scores: `val/mIoU_last` (the last validation
-        of the training run, whatever checkpoint is evaluated), and the semi-supervised split's
-        hash and counts when the run trained on one."""
+        """Entries added to metrics.json next to the scores: `val/mIoU_last` and `val/mIoU_best`
+        (the training run's last validation and best, whatever checkpoint is evaluated; without
+        a fit in this process the best is the evaluated checkpoint's record), and the
+        semi-supervised split's hash and counts when the run trained on one."""
         extras = dict(self._split_info())
-        if split == "val" and "val" in self.last_fit_miou:
-            extras["val/mIoU_last"] = self.last_fit_miou["val"]
+        if split == "val":
+            extras.update(self.fit_summary)
         return extras
 
     def _split_info(self) -> dict[str, Any]:

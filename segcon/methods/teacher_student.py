@@ -213,7 +213,7 @@ class TeacherStudentModule(SupervisedModule):
         if not self.trainer.sanity_checking and not np.isnan(s.miou):
             self.best_teacher_miou = running_best(self.best_teacher_miou, s.miou)
             if self.trainer.state.fn == TrainerFn.FITTING:
-                self.last_fit_miou["val/teacher"] = s.miou
+                self.fit_summary.update({"val/teacher/mIoU_last": s.miou, "val/teacher/mIoU_best": self.best_teacher_miou})
         logs = {"val/teacher/mIoU": s.miou, "val/teacher/mIoU_best": self.best_teacher_miou}
         logs.update({f"val/teacher/IoU/{name}": float(s.iou[k]) for k, name in enumerate(self.class_names)})
         self.log_dict(logs, sync_dist=False, rank_zero_only=False)
@@ -222,9 +222,8 @@ class TeacherStudentModule(SupervisedModule):
         extras = super().report_extras(split)
         teacher = self.last_scores.get("val_teacher")
         if split == "val" and teacher is not None:
-            if "val/teacher" in self.last_fit_miou:
-                extras["val/teacher/mIoU_last"] = self.last_fit_miou["val/teacher"]
-            extras.update({"val/teacher/mIoU": teacher.miou, "val/teacher/mIoU_best": self.best_teacher_miou,
+            extras.setdefault("val/teacher/mIoU_best", self.best_teacher_miou)  # no fit here: the checkpoint's
+            extras.update({"val/teacher/mIoU": teacher.miou,
                            **{f"val/teacher/IoU/{n}": float(teacher.iou[k]) for k, n in enumerate(self.class_names)}})
         return extras
 
