@@ -87,8 +87,6 @@ class FinalReport(L.Callback):
         }
         if isinstance(settings, InferenceSettings):
             extra[f"{split}/inference"] = dataclasses.asdict(settings)
-        if split == "val":
-            extra["val/mIoU_best"] = pl_module.best_miou
         if hasattr(pl_module, "report_extras"):
             extra.update(pl_module.report_extras(split))
         write_metrics(self.out_dir, split, scores, pl_module.class_names, extra)

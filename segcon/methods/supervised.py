@@ -200,6 +200,7 @@ class SupervisedModule(L.LightningModule):
         extras = dict(self._split_info())
         if split == "val":
             extras.update(self.fit_summary)
+            extras.setdefault("val/mIoU_best", self.best_miou)  # no fit here: the checkpoint's
         return extras
 
     def _split_info(self) -> dict[str, Any]:
