@@ -148,6 +148,8 @@ def test_num_classes_override_against_a_fixed_label_mapping() -> None:
 def test_semi_supervised_settings_checked_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"method.confidence.threshold=1.5 must lie in \[0, 1\]"):
         validate_cfg(_cfg("method=fixmatch", "method.confidence.threshold=1.5"), check_data=False)
+    with pytest.raises(ConfigError, match=r"method.alignment_momentum=1.0 must lie in \[0, 1\)"):
+        validate_cfg(_cfg("method=fixmatch", "method.alignment_momentum=1.0"), check_data=False)
     with pytest.raises(ConfigError, match=r"data.weak_transform random_crop \(step 0\)=100x100 is not a multiple"):
         validate_cfg(_cfg("model=deeplabv3plus_r50", "data.crop_size=[96,96]",
                           "data.weak_transform=[{random_crop: {size: [100, 100]}}]"), check_data=False)

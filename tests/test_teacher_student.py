@@ -178,12 +178,13 @@ def test_cac_joins_a_teacher_student_run(tiny_cfg: Callable[..., DictConfig]) ->
 
 
 def test_resume_restores_the_teacher(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
-    first = tiny_cfg("method=mean_teacher", *SSL, "trainer.max_epochs=4")
+    first = tiny_cfg("method=mean_teacher", *SSL, "trainer.max_epochs=4", "method.distribution_alignment=true")
     train(first)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     second = tiny_cfg("method=mean_teacher", "data.labeled_count=4", "trainer.max_steps=5", "trainer.max_epochs=4",
-                      f"ckpt_path={last}", "+callbacks.dump_teacher._target_=tests.helpers.DumpTeacher")
+                      "method.distribution_alignment=true", f"ckpt_path={last}",
+                      "+callbacks.dump_teacher._target_=tests.helpers.DumpTeacher")
     second.paths.output_dir = str(tmp_path / "resumed")
     train(second)
     start = torch.load(Path(second.paths.output_dir) / "teacher_start_rank0.pt", weights_only=True)
@@ -191,12 +192,16 @@ def test_resume_restores_the_teacher(tiny_cfg: Callable[..., DictConfig], tmp_pa
         assert torch.equal(v, saved[f"teacher.{k}"]), k  # restored, not re-copied from the student
     end = torch.load(Path(second.paths.output_dir) / "teacher_end_rank0.pt", weights_only=True)
     assert any(not torch.equal(end[k], start[k]) for k in start)  # and it kept averaging
-    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 5
+    # the alignment's running distributions resumed too (2 steps on a fresh start would give 2)
+    assert int(saved["alignment.steps"]) == 3 and int(resumed["state_dict"]["alignment.steps"]) == 5
 
 
 @pytest.mark.ddp
 def test_ddp_sim_teacher_is_identical_on_both_ranks(data_dir: Path, tmp_path: Path) -> None:
-    extra = ["trainer=ddp_sim", "method=fixmatch", "data.labeled_count=4", "data.unlabeled_batch_size=2",
+    extra = ["trainer=ddp_sim", "method=fixmatch", "method.distribution_alignment=true", "data.labeled_count=4",
+             "data.unlabeled_batch_size=2",
              "trainer.max_steps=3", "+callbacks.dump_teacher._target_=tests.helpers.DumpTeacher"]
     proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]

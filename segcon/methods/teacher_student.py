@@ -25,6 +25,7 @@ from torch import Tensor
 
 from segcon.evaluation.inference import infer
 from segcon.evaluation.metrics import ConfusionMatrix, scores
+from segcon.methods.alignment import DistributionAlignment
 from segcon.methods.mixing import cutmix, cutmix_masks
 from segcon.methods.supervised import SupervisedModule, running_best
 from segcon.objectives.objective import TermSchedule
@@ -51,6 +52,10 @@ class TeacherStudentModule(SupervisedModule):
         confidence: `{mode: threshold, threshold: 0.95}` keeps pixels whose top probability
             reaches the threshold; `{mode: entropy, drop_percent: 20}` drops the highest-entropy
             share of the batch's pixels, from drop_percent % at the start linearly to 0 at the end.
+        distribution_alignment: rescale the pseudo-label probabilities by labeled class
+            frequency / mean predicted probability before the argmax and the confidence filter
+            (`segcon.methods.alignment`), against the rare-class confirmation bias of
+            class-imbalanced data; alignment_momentum is the EMA momentum of both distributions.
         unsup_weight, unsup_warmup_steps, unsup_ramp_steps: the unsupervised term's schedule.
         cutmix_prob: probability of a CutMix box per unlabeled image (the box's content comes
             from the next image of the batch, with its pseudo-labels and confidences).
@@ -64,6 +69,8 @@ class TeacherStudentModule(SupervisedModule):
         ema_momentum: float = 0.99,
         sup_warmup_epochs: int = 0,
         confidence: Mapping[str, Any] | None = None,
+        distribution_alignment: bool = False,
+        alignment_momentum: float = 0.99,
         unsup_weight: float = 1.0,
         unsup_warmup_steps: int = 0,
         unsup_ramp_steps: int = 0,
@@ -81,6 +88,8 @@ class TeacherStudentModule(SupervisedModule):
         self.confidence = {"mode": "threshold", "threshold": 0.95, "drop_percent": 20.0, **(confidence or {})}
         if self.confidence["mode"] not in CONFIDENCE_MODES:
             raise ConfigError(f"method.confidence.mode must be one of {CONFIDENCE_MODES}, got {self.confidence['mode']!r}")
+        self.alignment = (DistributionAlignment(self.num_classes, self.ignore_index, alignment_momentum)
+                          if distribution_alignment else None)
         self.unsup_schedule = TermSchedule(unsup_weight, unsup_warmup_steps, unsup_ramp_steps)
         self.cutmix_prob = cutmix_prob
         self.metrics["val_teacher"] = ConfusionMatrix(self.num_classes, self.ignore_index)
@@ -106,7 +115,7 @@ class TeacherStudentModule(SupervisedModule):
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """The default (mean teacher / FixMatch) step: pseudo-labels of the weak view, CutMix,
         the student on labeled + strong views in one pass. Returns the loss and its logs."""
-        probs = self.pseudo_labels(unlabeled["image"])
+        probs = self.weak_probs(labeled, unlabeled)
         label = probs.argmax(1)
         keep = self.confident(probs, unlabeled["valid"])
         logs = self.pseudo_label_stats(label, keep, unlabeled)
@@ -115,6 +124,14 @@ class TeacherStudentModule(SupervisedModule):
         output = self.net(torch.cat([labeled["image"], strong]))
         unsup = masked_ce(output.logits[n:], label, keep, valid)
         return self.combine(output, labeled["mask"], label, keep, {"unsup": (unsup, 1.0)}, logs)
+
+    def weak_probs(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> Tensor:
+        """The probabilities `[B, K, H, W]` pseudo-labels and confidences are taken from: those of
+        the weak view, distribution-aligned when enabled (the labeled masks feed the class prior)."""
+        probs = self.pseudo_labels(unlabeled["image"])
+        if self.alignment is not None:
+            probs = self.alignment(probs, unlabeled["valid"], labeled["mask"])
+        return probs
 
     @torch.no_grad()
     def pseudo_labels(self, weak: Tensor) -> Tensor:
@@ -271,7 +288,7 @@ class UniMatch(FixMatch):
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         if unlabeled["strong"].shape[1] < 2:
             raise ConfigError("method=unimatch needs two strong views: data.num_strong=2 (the unimatch preset sets it)")
-        probs = self.pseudo_labels(unlabeled["image"])
+        probs = self.weak_probs(labeled, unlabeled)
         label = probs.argmax(1)
         valid = unlabeled["valid"]
         keep = self.confident(probs, valid)
