@@ -40,21 +40,31 @@ def test_masked_ce_divides_by_valid_pixels() -> None:
     assert float(masked_ce(logits, label, keep, valid)) == pytest.approx(float(ce[0, 0] + ce[1, 0]) / 3)
 
 
-def test_pseudo_label_stats_count_by_hand_and_skip_the_accuracy_of_no_confident_pixel() -> None:
+def test_pseudo_label_stats_count_by_hand_and_skip_ratios_of_nothing() -> None:
     label = torch.tensor([[[0, 1, 2], [1, 1, 0]]])  # [1, 2, 3] pseudo-labels
     gt = torch.tensor([[[0, 2, 2], [1, IGNORE, 1]]])
     valid = torch.tensor([[[True, True, True], [True, True, False]]])
     keep = torch.tensor([[[True, True, False], [True, True, False]]])
-    owner = SimpleNamespace(ignore_index=IGNORE)
+    owner = SimpleNamespace(ignore_index=IGNORE, num_classes=3, class_names=["a", "b", "c"])
     logs = TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid, "gt": gt})
     # confident & valid: 4 of 5 valid pixels; scored confident: (0,0) right, (0,1) wrong, (1,0) right
     assert float(logs["mask_ratio"]) == pytest.approx(4 / 5)
     assert float(logs["pl_acc"]) == pytest.approx(2 / 3)
     # all scored (valid, gt not ignored): (0,0) (0,1) (0,2) (1,0) -> right: (0,0) (0,2) (1,0)
     assert float(logs["pl_acc_all"]) == pytest.approx(3 / 4)
+    # the 4 confident pseudo-labels: one a, three b
+    shares = {c: float(logs[f"pl_share/{c}"]) for c in "abc"}
+    assert shares == pytest.approx({"a": 1 / 4, "b": 3 / 4, "c": 0.0})
+    # scored gt pixels: a at (0,0), b at (1,0), c at (0,1) and (0,2); confident and right: (0,0), (1,0)
+    recall = {c: float(logs[f"pl_recall/{c}"]) for c in "abc"}
+    assert recall == pytest.approx({"a": 1.0, "b": 1.0, "c": 0.0})
     none = TeacherStudentModule.pseudo_label_stats(owner, label, torch.zeros_like(keep), {"valid": valid, "gt": gt})
     assert "pl_acc" not in none and float(none["mask_ratio"]) == 0.0 and float(none["pl_acc_all"]) == pytest.approx(3 / 4)
-    assert set(TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid})) == {"mask_ratio"}
+    assert not any(k.startswith("pl_share/") for k in none) and float(none["pl_recall/c"]) == 0.0
+    no_c = TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid, "gt": gt.clamp(max=1)})
+    assert "pl_recall/c" not in no_c  # no c pixel in the ground truth: no recall of it
+    no_gt = TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid})
+    assert set(no_gt) == {"mask_ratio", "pl_share/a", "pl_share/b", "pl_share/c"}
 
 
 def test_metrics_json_keeps_the_runs_bests_when_an_earlier_checkpoint_is_evaluated(
@@ -87,7 +97,7 @@ def test_methods_train_and_report_student_teacher_and_split(method: str, tiny_cf
     run = Path(cfg.paths.output_dir)
     rows = _rows(run)
     unsup = ["train/loss_unsup"] if method != "unimatch" else ["train/loss_unsup_s1", "train/loss_unsup_s2", "train/loss_unsup_fp"]
-    for key in [*unsup, "train/loss_ce", "train/mask_ratio", "train/pl_acc_all"]:
+    for key in [*unsup, "train/loss_ce", "train/mask_ratio", "train/pl_acc_all", "train/pl_recall/background"]:
         assert len(_values(rows, key)) == 3, key
     assert all(0.0 <= v <= 1.0 for v in _values(rows, "train/mask_ratio") + _values(rows, "train/pl_acc_all"))
     assert _values(rows, "val/teacher/mIoU") and _values(rows, "val/mIoU")

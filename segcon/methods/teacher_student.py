@@ -164,12 +164,21 @@ class TeacherStudentModule(SupervisedModule):
         return tuple(cutmix(boxes, t, t.roll(1, dims=0)) for t in (strong, *maps))
 
     def pseudo_label_stats(self, label: Tensor, keep: Tensor, unlabeled: dict[str, Any]) -> dict[str, Tensor]:
-        """mask_ratio (confident share of the valid pixels) and, with unlabeled ground truth,
-        pseudo-label accuracy on the confident pixels (pl_acc) and on all valid ones (pl_acc_all).
-        pl_acc is left out of a step with no confident scored pixel (an accuracy of nothing is
-        not 0), so early steps under a strict threshold do not drag its curve down."""
+        """mask_ratio (confident share of the valid pixels), pl_share/<class> (each class's share
+        of the confident pseudo-labels) and, with unlabeled ground truth, pseudo-label accuracy on
+        the confident pixels (pl_acc) and on all valid ones (pl_acc_all), and pl_recall/<class>
+        (share of the class's pixels that got a confident, correct pseudo-label: where rare
+        classes vanish from self-training, this is what shows it). A ratio with an empty
+        denominator in this step is left out rather than logged as 0, so early steps under a
+        strict threshold do not drag the curves down."""
         valid = unlabeled["valid"]
+        k = self.num_classes
         logs = {"mask_ratio": keep.sum() / valid.sum().clamp_min(1)}
+        kept = keep & valid
+        per_class = torch.bincount(label[kept].flatten(), minlength=k)[:k]
+        n_kept = int(kept.sum())
+        if n_kept > 0:
+            logs.update({f"pl_share/{name}": per_class[c] / n_kept for c, name in enumerate(self.class_names)})
         gt = unlabeled.get("gt")
         if gt is not None:
             right = (label == gt) & (gt != self.ignore_index)
@@ -178,6 +187,11 @@ class TeacherStudentModule(SupervisedModule):
             if confident > 0:
                 logs["pl_acc"] = (right & keep).sum() / confident
             logs["pl_acc_all"] = (right & scored).sum() / scored.sum().clamp_min(1)
+            gt_counts = torch.bincount(gt[scored].flatten(), minlength=k)[:k]
+            hits = torch.bincount(gt[scored & right & keep].flatten(), minlength=k)[:k]
+            for c, (name, n) in enumerate(zip(self.class_names, gt_counts.tolist(), strict=True)):
+                if n > 0:
+                    logs[f"pl_recall/{name}"] = hits[c] / n
         return logs
 
     def combine(
