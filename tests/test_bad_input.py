@@ -155,3 +155,22 @@ def test_semi_supervised_settings_checked_before_training(tmp_path: Path) -> Non
                           "data.weak_transform=[{random_crop: {size: [100, 100]}}]"), check_data=False)
     with pytest.raises(DataError, match=r"data.split=.*no-split does not exist"):
         validate_cfg(_cfg("method=mean_teacher", f"data.split={tmp_path}/no-split", f"data.root={tmp_path}"))
+
+
+def test_full_disk_mid_save_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from segcon.utils import checkpoint as ckpt_mod
+
+    path = tmp_path / "run" / "last.ckpt"
+    ckpt_mod.AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(1)}, path)
+    before = path.read_bytes()
+
+    def full_disk(obj: object, f: Path) -> None:
+        Path(f).write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*last\.ckpt.*previous one is kept.*GiB are free"):
+        ckpt_mod.AtomicCheckpointIO().save_checkpoint({"step": torch.tensor(2)}, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert torch.load(path, weights_only=True)["step"].item() == 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             torch.save(checkpoint, tmp)
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError
+            free_gib = shutil.disk_usage(path.parent).free / 2**30
+            kept = "the previous one is kept unchanged" if path.exists() else "no earlier one existed"
+            raise OSError(
+                f"could not write checkpoint {path} ({err}); {kept}. {free_gib:.1f} GiB are free on "
+                f"{path.parent}: free space (or run in another directory with hydra.run.dir=...) and resume "
+                "with ckpt_path=<the last checkpoint kept>."
+            ) from err
         finally:
             tmp.unlink(missing_ok=True)
 
