@@ -44,3 +44,16 @@ class DumpTeacher(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "end")
+
+
+def capture_contrast_target(module: L.LightningModule) -> dict[str, torch.Tensor]:
+    """Replace `module`'s contrastive loss by a zero loss that records the target map (B, H, W)
+    it is given; the returned dict holds it under "target" after a training step."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(output, target, step, confidence=None):
+        captured["target"] = target
+        return output.logits.sum() * 0, {}
+
+    module.objective.contrast_loss = capture
+    return captured

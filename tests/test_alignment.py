@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from segcon.methods.alignment import DistributionAlignment
 from segcon.train import build_module
+from tests.helpers import capture_contrast_target
 
 IGNORE = 255
 
@@ -65,13 +66,7 @@ def test_aligned_probabilities_give_the_pseudo_labels(tiny_cfg: Callable[..., Di
                    "method.distribution_alignment=true", "contrast=pixel", "sampler.max_views=5")
     module = build_module(cfg)
     module._trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, world_size=1)
-    captured = {}
-
-    def capture(output, target, step, confidence=None):
-        captured["target"] = target
-        return output.logits.sum() * 0, {}
-
-    module.objective.contrast_loss = capture
+    captured = capture_contrast_target(module)
     g = torch.Generator().manual_seed(2)
     mask = torch.zeros(2, 32, 32, dtype=torch.long)
     mask[:, :8] = 3  # labeled: a quarter class 3, the rest class 0

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from segcon.data.splits import make_split
 from segcon.methods.teacher_student import TeacherStudentModule, masked_ce
 from segcon.train import build_module, train
+from tests.helpers import capture_contrast_target
 from tests.test_evaluate import _eval
 from tests.test_train import _cli, _tiny_cli_args
 
@@ -141,13 +142,7 @@ def _module(tiny_cfg: Callable[..., DictConfig], *overrides: str):
 def test_contrast_target_is_labels_plus_confident_pseudo_labels(tiny_cfg: Callable[..., DictConfig]) -> None:
     module = _module(tiny_cfg, "method=mean_teacher", "method.cutmix_prob=0", "method.confidence.threshold=0.3",
                      "contrast=pixel", "sampler.max_views=5")
-    captured = {}
-
-    def capture(output, target, step, confidence=None):
-        captured["target"] = target
-        return output.logits.sum() * 0, {}
-
-    module.objective.contrast_loss = capture
+    captured = capture_contrast_target(module)
     g = torch.Generator().manual_seed(0)
     labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
     weak = torch.randn(2, 3, 64, 64, generator=g)
