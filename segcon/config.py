@@ -159,9 +159,10 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
         raise ConfigError(f"method.confidence.threshold={confidence['threshold']} must lie in [0, 1] (a probability)")
     if not 0.0 <= float(confidence.get("drop_percent", 0.0)) <= 100.0:
         raise ConfigError(f"method.confidence.drop_percent={confidence['drop_percent']} must lie in [0, 100]")
-    momentum = (cfg.get("method") or {}).get("alignment_momentum", 0.0)
-    if not 0.0 <= float(momentum) < 1.0:
-        raise ConfigError(f"method.alignment_momentum={momentum} must lie in [0, 1) (an EMA momentum)")
+    for key, where in (("ema_momentum", " (default: data.teacher_ema_momentum)"), ("alignment_momentum", "")):
+        momentum = (cfg.get("method") or {}).get(key, 0.0)
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ConfigError(f"method.{key}={momentum}{where} must lie in [0, 1) (an EMA momentum)")
 
     if check_data:
         split = data.get("split")

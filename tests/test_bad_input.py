@@ -150,6 +150,8 @@ def test_semi_supervised_settings_checked_before_training(tmp_path: Path) -> Non
         validate_cfg(_cfg("method=fixmatch", "method.confidence.threshold=1.5"), check_data=False)
     with pytest.raises(ConfigError, match=r"method.alignment_momentum=1.0 must lie in \[0, 1\)"):
         validate_cfg(_cfg("method=fixmatch", "method.alignment_momentum=1.0"), check_data=False)
+    with pytest.raises(ConfigError, match=r"method.ema_momentum=1.5 \(default: data.teacher_ema_momentum\) must lie in"):
+        validate_cfg(_cfg("method=mean_teacher", "data.teacher_ema_momentum=1.5"), check_data=False)
     with pytest.raises(ConfigError, match=r"data.weak_transform random_crop \(step 0\)=100x100 is not a multiple"):
         validate_cfg(_cfg("model=deeplabv3plus_r50", "data.crop_size=[96,96]",
                           "data.weak_transform=[{random_crop: {size: [100, 100]}}]"), check_data=False)

@@ -73,3 +73,12 @@ def test_every_experiment_keeps_its_method_keys_valid_also_for_the_supervised_ba
                     for name in inspect.signature(klass.__init__).parameters}
         unknown = set(cfg.method) - {"_target_"} - accepted
         assert not unknown, (experiment, method, unknown)
+
+
+def test_a_preset_sets_the_teacher_ema_and_the_command_line_still_wins(tmp_path: Path) -> None:
+    from segcon.train import build_module
+
+    base = ["experiment=ssl_synthetic", "method=mean_teacher", f"data.root={tmp_path}"]
+    assert compose_train(["method=mean_teacher", f"data.root={tmp_path}"], output_dir=tmp_path).method.ema_momentum == 0.99
+    assert build_module(compose_train(base, output_dir=tmp_path)).ema_max == 0.9
+    assert build_module(compose_train([*base, "method.ema_momentum=0.5"], output_dir=tmp_path)).ema_max == 0.5
