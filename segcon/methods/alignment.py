@@ -57,7 +57,7 @@ class DistributionAlignment(nn.Module):
         counts, sums, n_valid = stats[: self.num_classes], stats[self.num_classes : -1], stats[-1]
         prior = counts / counts.sum().clamp_min(1)
         mean = sums / n_valid.clamp_min(1)
-        m = self.momentum if int(self.steps) > 0 else 0.0
+        m = self.momentum * (self.steps > 0).to(self.labeled_prior.dtype)  # the first batch initialises (no host sync)
         self.labeled_prior.mul_(m).add_((1 - m) * prior.to(self.labeled_prior.dtype))
         self.unlabeled_mean.mul_(m).add_((1 - m) * mean.to(self.unlabeled_mean.dtype))
         self.steps += 1

@@ -175,21 +175,25 @@ class TeacherStudentModule(SupervisedModule):
         k = self.num_classes
         logs = {"mask_ratio": keep.sum() / valid.sum().clamp_min(1)}
         kept = keep & valid
-        per_class = torch.bincount(label[kept].flatten(), minlength=k)[:k]
-        n_kept = int(kept.sum())
-        if n_kept > 0:
-            logs.update({f"pl_share/{name}": per_class[c] / n_kept for c, name in enumerate(self.class_names)})
+        shares = torch.bincount(label[kept].flatten(), minlength=k)[:k]
+        denominators = [kept.sum().view(1)]
         gt = unlabeled.get("gt")
         if gt is not None:
             right = (label == gt) & (gt != self.ignore_index)
             scored = valid & (gt != self.ignore_index)
             confident = (keep & scored).sum()
-            if confident > 0:
-                logs["pl_acc"] = (right & keep).sum() / confident
             logs["pl_acc_all"] = (right & scored).sum() / scored.sum().clamp_min(1)
             gt_counts = torch.bincount(gt[scored].flatten(), minlength=k)[:k]
             hits = torch.bincount(gt[scored & right & keep].flatten(), minlength=k)[:k]
-            for c, (name, n) in enumerate(zip(self.class_names, gt_counts.tolist(), strict=True)):
+            denominators += [confident.view(1), gt_counts]
+        # Which ratios have something to count: one device-to-host copy per step for all of them.
+        counts = torch.cat(denominators).tolist()
+        if counts[0] > 0:
+            logs.update({f"pl_share/{name}": shares[c] / counts[0] for c, name in enumerate(self.class_names)})
+        if gt is not None:
+            if counts[1] > 0:
+                logs["pl_acc"] = (right & keep).sum() / confident
+            for c, (name, n) in enumerate(zip(self.class_names, counts[2:], strict=True)):
                 if n > 0:
                     logs[f"pl_recall/{name}"] = hits[c] / n
         return logs
