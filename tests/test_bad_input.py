@@ -14,6 +14,7 @@ from PIL import Image
 from segcon.config import validate_cfg
 from segcon.data.folder import FolderDataset
 from segcon.data.transforms import SegTransform
+from segcon.train import build_module
 from segcon.utils.errors import ConfigError, DataError
 from tests.conftest import compose_train
 
@@ -143,6 +144,13 @@ def test_unknown_group_option_is_hydras_error() -> None:
 def test_num_classes_override_against_a_fixed_label_mapping() -> None:
     with pytest.raises(ConfigError, match=r"data.num_classes=10, but the segcon.data.cityscapes.Cityscapes label mapping produces 19"):
         validate_cfg(_cfg("data=cityscapes", "data.num_classes=10"), check_data=False)
+
+
+@pytest.mark.parametrize(("key", "value", "bound"), [("strong_weight", -0.25, ">= 0"), ("fp_weight", -1, ">= 0"),
+                                                    ("loss_scale", 0, "> 0")])
+def test_unimatch_loss_weights_are_checked(key: str, value: float, bound: str) -> None:
+    with pytest.raises(ConfigError, match=rf"method.{key} must be {bound}, got {value} \(UniMatch's published value"):
+        build_module(_cfg("method=unimatch", f"method.{key}={value}"))
 
 
 def test_semi_supervised_settings_checked_before_training(tmp_path: Path) -> None:

@@ -158,6 +158,42 @@ def test_contrast_target_is_labels_plus_confident_pseudo_labels(tiny_cfg: Callab
     assert (target[2:] != IGNORE).any() and (target[2:, :, 50:] == IGNORE).all()
 
 
+@pytest.mark.parametrize(("weights", "scale"), [((0.25, 0.5), 0.5), ((0.5, 0.0), 1.0)])
+def test_unimatch_loss_is_the_weighted_sum_of_its_branches(
+    weights: tuple[float, float], scale: float, tiny_cfg: Callable[..., DictConfig]
+) -> None:
+    strong_w, fp_w = weights
+    module = _module(tiny_cfg, "method=unimatch", "method.cutmix_prob=0", "method.confidence.threshold=0.3",
+                     f"method.strong_weight={strong_w}", f"method.fp_weight={fp_w}", f"method.loss_scale={scale}")
+    g = torch.Generator().manual_seed(0)
+    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    weak = torch.randn(2, 3, 64, 64, generator=g)
+    strong = torch.stack([weak + 0.3 * torch.randn(2, 3, 64, 64, generator=g) for _ in range(2)], 1)
+    valid = torch.ones(2, 64, 64, dtype=torch.bool)
+    valid[:, :, 40:] = False
+    torch.manual_seed(7)  # the feature-perturbation branch's dropout
+    loss, logs = module.unsupervised_step(labeled, {"image": weak, "strong": strong, "valid": valid})
+
+    # the same quantities by hand: the student's own confident weak labels, plain CE on each branch
+    def ce_on(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        return (per_pixel * keep).sum() / valid.sum()
+
+    with torch.no_grad():
+        conf, pseudo = module.net(weak).logits.softmax(1).max(1)
+        keep = (conf >= 0.3) & valid
+        logits = module.net(torch.cat([labeled["image"], strong[:, 0], strong[:, 1]])).logits
+        torch.manual_seed(7)
+        fp = module.net.forward_perturbed(weak, 0.5)
+    assert keep.any() and not keep.all()
+    sup = torch.nn.functional.cross_entropy(logits[:2], labeled["mask"])
+    s1, s2 = ce_on(logits[2:4], pseudo, keep), ce_on(logits[4:], pseudo, keep)
+    expected = scale * (sup + strong_w * (s1 + s2) + fp_w * ce_on(fp, pseudo, keep))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(logs["loss_unsup_s1"]) == pytest.approx(float(s1), rel=1e-5)
+    assert ("loss_unsup_fp" in logs) == (fp_w > 0)  # a zero weight leaves the branch out
+
+
 def test_entropy_filter_drops_the_most_uncertain_share(tiny_cfg: Callable[..., DictConfig]) -> None:
     module = _module(tiny_cfg, "method=mean_teacher", "method.confidence.mode=entropy", "method.confidence.drop_percent=20")
     g = torch.Generator().manual_seed(1)

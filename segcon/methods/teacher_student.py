@@ -292,16 +292,40 @@ class FixMatch(TeacherStudentModule):
 
 class UniMatch(FixMatch):
     """UniMatch: FixMatch with two strong views and a feature-perturbation branch (dropout on the
-    encoder features of the weak view). Loss `(L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2`:
-    the supervised and contrastive terms are halved, the unsupervised weights are 0.125, 0.125
-    and 0.25 times `unsup_weight`.
+    encoder features of the weak view). Loss
+    `loss_scale * (L_x + strong_weight * (L_s1 + L_s2) + fp_weight * L_fp)`, published as
+    `(L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2`; `L_x` holds the supervised and contrastive
+    terms, `unsup_weight` (and its ramp) multiplies the three unsupervised ones.
 
-    Args: fp_dropout: Dropout2d probability on every encoder stage (0.5).
+    Args:
+        fp_dropout: Dropout2d probability on every encoder stage (0.5).
+        strong_weight: weight of each strong view's term (0.25).
+        fp_weight: weight of the feature-perturbation term (0.5); 0 leaves the branch out.
+        loss_scale: factor on the whole loss (0.5). Under SGD it scales the step as the learning
+            rate does (the published learning rates assume it); AdamW's step does not depend on it
+            (up to eps).
     """
 
-    def __init__(self, *args: Any, fp_dropout: float = 0.5, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        fp_dropout: float = 0.5,
+        strong_weight: float = 0.25,
+        fp_weight: float = 0.5,
+        loss_scale: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        published = {"strong_weight": 0.25, "fp_weight": 0.5, "loss_scale": 0.5}
+        for key, value, ok in (("strong_weight", strong_weight, strong_weight >= 0),
+                               ("fp_weight", fp_weight, fp_weight >= 0), ("loss_scale", loss_scale, loss_scale > 0)):
+            if not ok:
+                bound = "> 0" if key == "loss_scale" else ">= 0"
+                raise ConfigError(f"method.{key} must be {bound}, got {value} (UniMatch's published value: {published[key]})")
         self.fp_dropout = fp_dropout
+        self.strong_weight = strong_weight
+        self.fp_weight = fp_weight
+        self.loss_scale = loss_scale
 
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         if unlabeled["strong"].shape[1] < 2:
@@ -316,17 +340,19 @@ class UniMatch(FixMatch):
         n = labeled["image"].shape[0]
         output = self.net(torch.cat([labeled["image"], s1, s2]))
         m = s1.shape[0]
-        fp_logits = self.net.forward_perturbed(unlabeled["image"], self.fp_dropout)
         terms = {
-            "unsup_s1": (masked_ce(output.logits[n : n + m], l1, k1, v1), 0.25),
-            "unsup_s2": (masked_ce(output.logits[n + m :], l2, k2, v2), 0.25),
-            "unsup_fp": (masked_ce(fp_logits, label, keep, valid), 0.5),
+            "unsup_s1": (masked_ce(output.logits[n : n + m], l1, k1, v1), self.strong_weight),
+            "unsup_s2": (masked_ce(output.logits[n + m :], l2, k2, v2), self.strong_weight),
         }
+        if self.fp_weight > 0:
+            fp_logits = self.net.forward_perturbed(unlabeled["image"], self.fp_dropout)
+            terms["unsup_fp"] = (masked_ce(fp_logits, label, keep, valid), self.fp_weight)
         labels = labeled["mask"]
         # contrast sees labeled + both strong views: stack the second view's labels as well
         pseudo, kept = torch.cat([l1, l2]), torch.cat([k1, k2])
         loss, logs = self.combine(output, labels, pseudo, kept, terms, logs)
-        return loss / 2, {**logs, "loss": (loss / 2).detach()}
+        loss = loss * self.loss_scale
+        return loss, {**logs, "loss": loss.detach()}
 
 
 def masked_ce(logits: Tensor, label: Tensor, keep: Tensor, valid: Tensor) -> Tensor:
