@@ -163,6 +163,11 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
         momentum = (cfg.get("method") or {}).get(key, 0.0)
         if not 0.0 <= float(momentum) < 1.0:
             raise ConfigError(f"method.{key}={momentum}{where} must lie in [0, 1) (an EMA momentum)")
+    for key, published, positive in (("strong_weight", 0.25, False), ("fp_weight", 0.5, False), ("loss_scale", 0.5, True)):
+        value = (cfg.get("method") or {}).get(key)  # UniMatch's loss weights
+        if value is not None and (float(value) <= 0 if positive else float(value) < 0):
+            raise ConfigError(f"method.{key} must be {'> 0' if positive else '>= 0'}, got {value} "
+                              f"(UniMatch's published value: {published})")
 
     if check_data:
         split = data.get("split")

@@ -14,7 +14,6 @@ from PIL import Image
 from segcon.config import validate_cfg
 from segcon.data.folder import FolderDataset
 from segcon.data.transforms import SegTransform
-from segcon.train import build_module
 from segcon.utils.errors import ConfigError, DataError
 from tests.conftest import compose_train
 
@@ -150,7 +149,7 @@ def test_num_classes_override_against_a_fixed_label_mapping() -> None:
                                                     ("loss_scale", 0, "> 0")])
 def test_unimatch_loss_weights_are_checked(key: str, value: float, bound: str) -> None:
     with pytest.raises(ConfigError, match=rf"method.{key} must be {bound}, got {value} \(UniMatch's published value"):
-        build_module(_cfg("method=unimatch", f"method.{key}={value}"))
+        validate_cfg(_cfg("method=unimatch", f"method.{key}={value}"), check_data=False)
 
 
 def test_semi_supervised_settings_checked_before_training(tmp_path: Path) -> None:

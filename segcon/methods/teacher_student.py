@@ -316,12 +316,6 @@ class UniMatch(FixMatch):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        published = {"strong_weight": 0.25, "fp_weight": 0.5, "loss_scale": 0.5}
-        for key, value, ok in (("strong_weight", strong_weight, strong_weight >= 0),
-                               ("fp_weight", fp_weight, fp_weight >= 0), ("loss_scale", loss_scale, loss_scale > 0)):
-            if not ok:
-                bound = "> 0" if key == "loss_scale" else ">= 0"
-                raise ConfigError(f"method.{key} must be {bound}, got {value} (UniMatch's published value: {published[key]})")
         self.fp_dropout = fp_dropout
         self.strong_weight = strong_weight
         self.fp_weight = fp_weight
