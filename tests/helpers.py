@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -46,13 +47,15 @@ class DumpTeacher(L.Callback):
         self._save(trainer, pl_module, "end")
 
 
-def capture_contrast_target(module: L.LightningModule) -> dict[str, torch.Tensor]:
+def capture_contrast_target(module: L.LightningModule) -> dict[str, Any]:
     """Replace `module`'s contrastive loss by a zero loss that records the target map (B, H, W)
-    it is given; the returned dict holds it under "target" after a training step."""
-    captured: dict[str, torch.Tensor] = {}
+    and the SegOutput it is given; the returned dict holds them under "target" and "output"
+    after a training step."""
+    captured: dict[str, Any] = {}
 
     def capture(output, target, step, confidence=None):
         captured["target"] = target
+        captured["output"] = output
         return output.logits.sum() * 0, {}
 
     module.objective.contrast_loss = capture

@@ -33,6 +33,48 @@ def test_train_mode_returns_segoutput_eval_returns_logits(net: SegNet) -> None:
         torch.testing.assert_close(logits, net.forward_features(x).logits)
 
 
+def test_perturbed_branch_decodes_clean_and_dropped_stages_in_one_batch() -> None:
+    torch.manual_seed(0)
+    net = SegNet("fpn", "resnet18", num_classes=4, projection={"dim": 8})
+    x = torch.randn(2, 3, 64, 64)
+    net.train()
+    torch.manual_seed(3)
+    out = net.forward_features(x, perturb=0.5)
+    with torch.no_grad():  # by hand: one encoder pass, the decoder on [clean; Dropout2d(clean)]
+        torch.manual_seed(3)
+        stages = net.model.encoder(x)
+        decoded = net.model.decoder([torch.cat([f, torch.nn.functional.dropout2d(f, 0.5, True)]) for f in stages])
+        logits = net.model.segmentation_head(decoded)
+        hidden = net.heads["projection"].stem(decoded[:2])
+    torch.testing.assert_close(out.logits.detach(), logits[:2])
+    torch.testing.assert_close(out.aux["perturbed_logits"].detach(), logits[2:])
+    assert not torch.allclose(logits[:2], logits[2:], atol=1e-3)  # the dropout did perturb
+    torch.testing.assert_close(out.embedding.hidden.detach(), hidden)  # heads read the clean half
+    assert out.decoder.shape[0] == 2
+    net.eval()  # no dropout in eval mode: both halves are the plain prediction
+    with torch.no_grad():
+        out = net.forward_features(x, perturb=0.5)
+        torch.testing.assert_close(out.aux["perturbed_logits"], net(x))
+        torch.testing.assert_close(out.logits, net(x))
+
+
+def test_segoutput_take_and_cat_round_trip() -> None:
+    torch.manual_seed(0)
+    net = SegNet("fpn", "resnet18", num_classes=4, projection={"dim": 8}, weight_branch={"depth": "head"})
+    net.train()
+    out = net(torch.randn(3, 3, 64, 64))
+    whole = SegOutput.cat([out.take(slice(0, 1)), out.take(slice(1, 3))])
+    assert torch.equal(whole.logits, out.logits) and torch.equal(whole.decoder, out.decoder)
+    assert all(torch.equal(a, b) for a, b in zip(whole.features, out.features, strict=True))
+    assert torch.equal(whole.aux["weight_logits"], out.aux["weight_logits"])
+    index = torch.tensor([0, 5, out.embedding.hidden[0, 0].numel() * 2 + 7])  # pixels of images 0 and 2
+    torch.testing.assert_close(whole.embedding.at(index), out.embedding.at(index))
+    part = out.take(slice(2, 3))
+    torch.testing.assert_close(part.embedding.at(torch.tensor([7])), out.embedding.at(index[2:]))
+    with pytest.raises(ValueError, match="different fields"):
+        SegOutput.cat([out, SegOutput(logits=out.logits)])
+
+
 def test_parameter_groups_partition_all_parameters(net: SegNet) -> None:
     enc = {id(p) for p in net.encoder_parameters()}
     head = {id(p) for p in net.head_parameters()}

@@ -165,6 +165,7 @@ def test_unimatch_loss_is_the_weighted_sum_of_its_branches(
     strong_w, fp_w = weights
     module = _module(tiny_cfg, "method=unimatch", "method.cutmix_prob=0", "method.confidence.threshold=0.3",
                      f"method.strong_weight={strong_w}", f"method.fp_weight={fp_w}", f"method.loss_scale={scale}")
+    captured = capture_contrast_target(module)
     g = torch.Generator().manual_seed(0)
     labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
     weak = torch.randn(2, 3, 64, 64, generator=g)
@@ -174,24 +175,35 @@ def test_unimatch_loss_is_the_weighted_sum_of_its_branches(
     torch.manual_seed(7)  # the feature-perturbation branch's dropout
     loss, logs = module.unsupervised_step(labeled, {"image": weak, "strong": strong, "valid": valid})
 
-    # the same quantities by hand: the student's own confident weak labels, plain CE on each branch
+    # By hand, batched as the published code batches it: pass 1 = labeled + weak images through
+    # the encoder once, the decoder on clean and dropped-out stages stacked (dropout under the same
+    # seed); its weak rows, detached, give the pseudo-labels; pass 2 = both strong views.
     def ce_on(logits: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         per_pixel = torch.nn.functional.cross_entropy(logits, target, reduction="none")
         return (per_pixel * keep).sum() / valid.sum()
 
+    model = module.net.model
     with torch.no_grad():
-        conf, pseudo = module.net(weak).logits.softmax(1).max(1)
-        keep = (conf >= 0.3) & valid
-        logits = module.net(torch.cat([labeled["image"], strong[:, 0], strong[:, 1]])).logits
         torch.manual_seed(7)
-        fp = module.net.forward_perturbed(weak, 0.5)
+        stages = model.encoder(torch.cat([labeled["image"], weak]))
+        if fp_w > 0:
+            stages = [torch.cat([f, torch.nn.functional.dropout2d(f, 0.5, True)]) for f in stages]
+        first = model.segmentation_head(model.decoder(stages))
+        conf, pseudo = first[2:4].softmax(1).max(1)
+        keep = (conf >= 0.3) & valid
+        second = model.segmentation_head(model.decoder(model.encoder(torch.cat([strong[:, 0], strong[:, 1]]))))
     assert keep.any() and not keep.all()
-    sup = torch.nn.functional.cross_entropy(logits[:2], labeled["mask"])
-    s1, s2 = ce_on(logits[2:4], pseudo, keep), ce_on(logits[4:], pseudo, keep)
-    expected = scale * (sup + strong_w * (s1 + s2) + fp_w * ce_on(fp, pseudo, keep))
+    sup = torch.nn.functional.cross_entropy(first[:2], labeled["mask"])
+    s1, s2 = ce_on(second[:2], pseudo, keep), ce_on(second[2:], pseudo, keep)
+    unsup = strong_w * (s1 + s2) + (fp_w * ce_on(first[6:], pseudo, keep) if fp_w > 0 else 0.0)
+    expected = scale * (sup + unsup)
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     assert float(logs["loss_unsup_s1"]) == pytest.approx(float(s1), rel=1e-5)
     assert ("loss_unsup_fp" in logs) == (fp_w > 0)  # a zero weight leaves the branch out
+    # contrast sees the labeled rows of pass 1 and the strong views of pass 2, with their targets
+    torch.testing.assert_close(captured["output"].logits.detach(), torch.cat([first[:2], second]), rtol=1e-4, atol=1e-5)
+    filtered = pseudo.masked_fill(~keep, IGNORE)
+    assert torch.equal(captured["target"], torch.cat([labeled["mask"], filtered, filtered]))
 
 
 def test_entropy_filter_drops_the_most_uncertain_share(tiny_cfg: Callable[..., DictConfig]) -> None:

@@ -28,6 +28,7 @@ from segcon.evaluation.metrics import ConfusionMatrix, scores
 from segcon.methods.alignment import DistributionAlignment
 from segcon.methods.mixing import cutmix, cutmix_masks
 from segcon.methods.supervised import SupervisedModule, running_best
+from segcon.models.segnet import SegOutput
 from segcon.objectives.objective import TermSchedule
 from segcon.utils.ema import ema_momentum, ema_update
 from segcon.utils.errors import ConfigError
@@ -125,10 +126,12 @@ class TeacherStudentModule(SupervisedModule):
         unsup = masked_ce(output.logits[n:], label, keep, valid)
         return self.combine(output, labeled["mask"], label, keep, {"unsup": (unsup, 1.0)}, logs)
 
-    def weak_probs(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> Tensor:
+    def weak_probs(self, labeled: dict[str, Any], unlabeled: dict[str, Any], probs: Tensor | None = None) -> Tensor:
         """The probabilities `[B, K, H, W]` pseudo-labels and confidences are taken from: those of
-        the weak view, distribution-aligned when enabled (the labeled masks feed the class prior)."""
-        probs = self.pseudo_labels(unlabeled["image"])
+        the weak view (`pseudo_labels`, unless the caller already has them as `probs`),
+        distribution-aligned when enabled (the labeled masks feed the class prior)."""
+        if probs is None:
+            probs = self.pseudo_labels(unlabeled["image"])
         if self.alignment is not None:
             probs = self.alignment(probs, unlabeled["valid"], labeled["mask"])
         return probs
@@ -297,6 +300,13 @@ class UniMatch(FixMatch):
     `(L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2`; `L_x` holds the supervised and contrastive
     terms, `unsup_weight` (and its ramp) multiplies the three unsupervised ones.
 
+    The student runs in two passes, batched as the published code batches them (so BatchNorm
+    sees the same mixtures): the labeled images with the weak views, whose decoder also decodes
+    the perturbed features (`SegNet.forward_features(perturb=fp_dropout)`), and the two strong
+    views together. The weak views' predictions of the first pass, detached, are the
+    pseudo-labels. Contrastive terms see the labeled images of the first pass and the strong
+    views of the second.
+
     Args:
         fp_dropout: Dropout2d probability on every encoder stage (0.5).
         strong_weight: weight of each strong view's term (0.25).
@@ -324,27 +334,29 @@ class UniMatch(FixMatch):
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         if unlabeled["strong"].shape[1] < 2:
             raise ConfigError("method=unimatch needs two strong views: data.num_strong=2 (the unimatch preset sets it)")
-        probs = self.weak_probs(labeled, unlabeled)
+        n = labeled["image"].shape[0]
+        perturb = self.fp_dropout if self.fp_weight > 0 else 0.0
+        first = self.net.forward_features(torch.cat([labeled["image"], unlabeled["image"]]), perturb)
+        fp_logits = first.aux.pop("perturbed_logits", None)
+        probs = self.weak_probs(labeled, unlabeled, first.logits[n:].detach().softmax(1))
         label = probs.argmax(1)
         valid = unlabeled["valid"]
         keep = self.confident(probs, valid)
         logs = self.pseudo_label_stats(label, keep, unlabeled)
         s1, l1, k1, v1 = self.mix(unlabeled["strong"][:, 0], label, keep, valid)
         s2, l2, k2, v2 = self.mix(unlabeled["strong"][:, 1], label, keep, valid)
-        n = labeled["image"].shape[0]
-        output = self.net(torch.cat([labeled["image"], s1, s2]))
+        second = self.net.forward_features(torch.cat([s1, s2]))
         m = s1.shape[0]
         terms = {
-            "unsup_s1": (masked_ce(output.logits[n : n + m], l1, k1, v1), self.strong_weight),
-            "unsup_s2": (masked_ce(output.logits[n + m :], l2, k2, v2), self.strong_weight),
+            "unsup_s1": (masked_ce(second.logits[:m], l1, k1, v1), self.strong_weight),
+            "unsup_s2": (masked_ce(second.logits[m:], l2, k2, v2), self.strong_weight),
         }
-        if self.fp_weight > 0:
-            fp_logits = self.net.forward_perturbed(unlabeled["image"], self.fp_dropout)
-            terms["unsup_fp"] = (masked_ce(fp_logits, label, keep, valid), self.fp_weight)
-        labels = labeled["mask"]
-        # contrast sees labeled + both strong views: stack the second view's labels as well
+        if fp_logits is not None:
+            terms["unsup_fp"] = (masked_ce(fp_logits[n:], label, keep, valid), self.fp_weight)
+        # supervised terms read the labeled images, contrast the labeled images + both strong views
+        output = SegOutput.cat([first.take(slice(0, n)), second])
         pseudo, kept = torch.cat([l1, l2]), torch.cat([k1, k2])
-        loss, logs = self.combine(output, labels, pseudo, kept, terms, logs)
+        loss, logs = self.combine(output, labeled["mask"], pseudo, kept, terms, logs)
         loss = loss * self.loss_scale
         return loss, {**logs, "loss": loss.detach()}
 

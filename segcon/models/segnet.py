@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,36 @@ class SegOutput:
     decoder: Tensor | None = None
     embedding: PixelEmbedding | None = None
     aux: dict[str, Tensor] = field(default_factory=dict)
+
+    def take(self, rows: slice) -> SegOutput:
+        """The output of the images `rows` of the batch (every field sliced alike)."""
+        return SegOutput(
+            logits=self.logits[rows],
+            features=[f[rows] for f in self.features],
+            decoder=None if self.decoder is None else self.decoder[rows],
+            embedding=None if self.embedding is None else PixelEmbedding(self.embedding.hidden[rows], self.embedding.finish),
+            aux={k: v[rows] for k, v in self.aux.items()},
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[SegOutput]) -> SegOutput:
+        """The outputs of several forward passes of the same network as one batch, in order, so
+        a loss can see images that were not in one pass (UniMatch: the labeled images of its
+        first pass and the strong views of its second). The parts must carry the same fields
+        (and the embeddings the same head: its pointwise tail is shared)."""
+        first = parts[0]
+        if any(set(p.aux) != set(first.aux) or (p.embedding is None) != (first.embedding is None)
+               or (p.decoder is None) != (first.decoder is None) or len(p.features) != len(first.features)
+               for p in parts):
+            raise ValueError("SegOutput.cat: the parts carry different fields")
+        return SegOutput(
+            logits=torch.cat([p.logits for p in parts]),
+            features=[torch.cat(stage) for stage in zip(*(p.features for p in parts), strict=True)],
+            decoder=None if first.decoder is None else torch.cat([p.decoder for p in parts]),
+            embedding=None if first.embedding is None else PixelEmbedding(
+                torch.cat([p.embedding.hidden for p in parts]), first.embedding.finish),
+            aux={k: torch.cat([p.aux[k] for p in parts]) for k in first.aux},
+        )
 
 
 class SegNet(nn.Module):
@@ -134,44 +164,51 @@ class SegNet(nn.Module):
         encoder = {id(p) for p in self.model.encoder.parameters()}
         return [p for p in self.parameters() if id(p) not in encoder]
 
-    def forward_features(self, x: Tensor) -> SegOutput:
-        """Full forward pass `[B, C, H, W]` -> SegOutput, in any mode."""
+    def forward_features(self, x: Tensor, perturb: float = 0.0) -> SegOutput:
+        """Full forward pass `[B, C, H, W]` -> SegOutput, in any mode.
+
+        `perturb` > 0 adds UniMatch's feature-perturbation branch as the published code runs it:
+        the encoder runs once, the decoder and classifier on the clean stages and a copy with
+        `Dropout2d(perturb)` on every stage, stacked into one batch of 2B (so their batch
+        statistics see both); the copy's logits are `aux["perturbed_logits"] [B, K, H, W]`. The
+        train-only heads read the clean half only."""
         self.model.check_input_shape(x)
         features = self.model.encoder(x)
         if isinstance(features, tuple):  # ViT encoders (DPT) also return prefix tokens
-            decoder_inputs: tuple = features
-            features = features[0]
+            stages, *rest = features
         else:
-            decoder_inputs = (features,)
-        decoder = self.model.decoder(*decoder_inputs)
+            stages, rest = features, []
+        decoder_inputs: tuple = (stages, *rest)
+        if perturb > 0:
+            dropped = [torch.cat([f, F.dropout2d(f, perturb, self.training)]) for f in stages]
+            decoder = self.model.decoder(dropped, *(_twice(r) for r in rest))
+        else:
+            decoder = self.model.decoder(*decoder_inputs)
         logits = self.model.segmentation_head(decoder)
-        out = SegOutput(logits=logits, features=list(features), decoder=decoder)
+        out = SegOutput(logits=logits, features=list(stages), decoder=decoder)
+        if perturb > 0:
+            b = x.shape[0]
+            out.logits, out.decoder = logits[:b], decoder[:b]
+            out.aux["perturbed_logits"] = logits[b:]
         if self.projection is not None:
             if self.projection["source"] == "decoder":
-                feat = decoder
+                feat = out.decoder
             else:
                 feat = concat_stages(out.features, list(self.projection["stages"]))
             out.embedding = self.heads["projection"](feat)
         if "weight_branch" in self.heads:
-            out.aux["weight_logits"] = self.heads["weight_branch"](decoder_inputs, decoder)
+            out.aux["weight_logits"] = self.heads["weight_branch"](decoder_inputs, out.decoder)
         return out
-
-    def forward_perturbed(self, x: Tensor, dropout: float = 0.5) -> Tensor:
-        """Logits `[B, K, H, W]` decoded from encoder features with channel dropout
-        (`Dropout2d(dropout)` on every stage): UniMatch's feature-perturbation branch."""
-        self.model.check_input_shape(x)
-        features = self.model.encoder(x)
-        if isinstance(features, tuple):
-            stages, *rest = features
-            decoder_inputs: tuple = ([F.dropout2d(f, dropout, self.training) for f in stages], *rest)
-        else:
-            decoder_inputs = ([F.dropout2d(f, dropout, self.training) for f in features],)
-        return self.model.segmentation_head(self.model.decoder(*decoder_inputs))
 
     def forward(self, x: Tensor) -> SegOutput | Tensor:
         if not self.training:
             return self.model(x)
         return self.forward_features(x)
+
+
+def _twice(tokens: list[Tensor | None]) -> list[Tensor | None]:
+    """DPT's per-stage prefix tokens (None where the ViT has none) repeated for a batch of 2B."""
+    return [None if t is None else torch.cat([t, t]) for t in tokens]
 
 
 def required_input_divisor(arch: str, encoder_name: str, **arch_kwargs) -> int:
