@@ -267,7 +267,8 @@ def test_ddp_sim_teacher_is_identical_on_both_ranks(data_dir: Path, tmp_path: Pa
 
 def test_pseudo_labels_come_from_the_teacher_or_the_student(tiny_cfg: Callable[..., DictConfig]) -> None:
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    for method, source in (("mean_teacher", "teacher"), ("fixmatch", "student"), ("unimatch", "student")):
+    # (UniMatch takes its pseudo-labels from its first training pass: see its loss test)
+    for method, source in (("mean_teacher", "teacher"), ("fixmatch", "student")):
         module = _module(tiny_cfg, f"method={method}")
         with torch.no_grad():
             for p in module.teacher.model.segmentation_head.parameters():
