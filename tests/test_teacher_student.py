@@ -164,8 +164,9 @@ def test_unimatch_loss_is_the_weighted_sum_of_its_branches(
 ) -> None:
     strong_w, fp_w = weights
     module = _module(tiny_cfg, "method=unimatch", "method.cutmix_prob=0", "method.confidence.threshold=0.3",
-                     f"method.strong_weight={strong_w}", f"method.fp_weight={fp_w}", f"method.loss_scale={scale}")
-    captured = capture_contrast_target(module)
+                     f"method.strong_weight={strong_w}", f"method.fp_weight={fp_w}", f"method.loss_scale={scale}",
+                     "contrast=pixel")
+    captured = capture_contrast_target(module)  # a zero loss in place of the pixel contrast
     g = torch.Generator().manual_seed(0)
     labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
     weak = torch.randn(2, 3, 64, 64, generator=g)

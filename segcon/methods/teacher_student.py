@@ -353,8 +353,11 @@ class UniMatch(FixMatch):
         }
         if fp_logits is not None:
             terms["unsup_fp"] = (masked_ce(fp_logits[n:], label, keep, valid), self.fp_weight)
-        # supervised terms read the labeled images, contrast the labeled images + both strong views
-        output = SegOutput.cat([first.take(slice(0, n)), second])
+        # supervised terms read the labeled images, contrast terms the labeled images + both strong
+        # views; without contrast terms the concatenated copy of every field would go unread
+        output = first.take(slice(0, n))
+        if self.objective.contrast:
+            output = SegOutput.cat([output, second])
         pseudo, kept = torch.cat([l1, l2]), torch.cat([k1, k2])
         loss, logs = self.combine(output, labeled["mask"], pseudo, kept, terms, logs)
         loss = loss * self.loss_scale
