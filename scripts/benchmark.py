@@ -19,6 +19,10 @@ minus the memory right after the model was built.
 commas inside one set separate its overrides) and reports step-time and peak-memory ratios
 against the first set. Teacher-student methods (`method=mean_teacher` ...) get the same batch
 as the labeled stream plus a batch of other images, of the same size, as the unlabeled stream.
+Every loss term is timed at its full weight: warm-ups and ramps are set to 0 (a term in its
+warm-up is not computed). `--against <checkout>` also runs every set with the segcon of another
+checkout (e.g. a `git worktree` of an earlier commit; its own scripts/benchmark.py, alternating
+with this one) and prints both in one table: before / after on the same machine in the same run.
 
 Each measurement runs in a fresh Python process (clean peak-memory numbers):
 
@@ -124,13 +128,13 @@ def _device(args: argparse.Namespace):
 def child_bare(args: argparse.Namespace) -> dict:
     import torch
 
+    from segcon.build import build_model
     from segcon.methods.optim import poly_factor
-    from segcon.models.segnet import SegNet
     from segcon.objectives.supervised import CrossEntropyLoss
 
     device = _device(args)
     torch.manual_seed(0)
-    net = SegNet(**_model_kwargs(args)).to(device).train()
+    net = build_model(_compose(args, args.data_root, [f"data.num_classes={NUM_CLASSES}"])).to(device).train()
     loss_fn = CrossEntropyLoss()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
     total = args.warmup + args.steps
@@ -161,12 +165,13 @@ def child_segcon(args: argparse.Namespace) -> dict:
     import torch
     from torch.utils.data import DataLoader
 
-    from segcon.train import build_module
+    from segcon.build import build_module
 
     device = _device(args)
     torch.manual_seed(0)
     cfg = _compose(args, args.data_root, [o for o in (args.overrides or "").split(",") if o])
     module = build_module(cfg)
+    _full_weights(module)
     batches = _batches(args, torch.device("cpu"))
     if getattr(module, "uses_unlabeled", False):  # teacher-student: a labeled + an unlabeled batch
         others = batches[1:] + batches[:1]
@@ -205,8 +210,8 @@ def child_segcon(args: argparse.Namespace) -> dict:
 
 
 def child_loader(args: argparse.Namespace) -> dict:
+    from segcon.build import build_datamodule
     from segcon.config import prepare_data
-    from segcon.train import build_datamodule
 
     cfg = _compose(args, args.data_root)
     prepare_data(cfg)
@@ -226,11 +231,14 @@ def child_loader(args: argparse.Namespace) -> dict:
     return {"images_per_s": n / elapsed, "num_workers": cfg.data.num_workers, "crop": list(cfg.data.crop_size)}
 
 
-def _model_kwargs(args: argparse.Namespace) -> dict:
-    import yaml
+def _full_weights(module) -> None:
+    """Every term of the module's objective at its full weight from step 0 (no warm-up or ramp),
+    so its cost is measured."""
+    from segcon.objectives.objective import TermSchedule
 
-    spec = yaml.safe_load((ROOT / "conf" / "model" / f"{args.model}.yaml").read_text())
-    return {"arch": spec["arch"], "encoder_name": spec["encoder_name"], "num_classes": NUM_CLASSES}
+    objective = module.objective
+    for group in (objective.supervised, objective.pseudo, objective.contrast):
+        group.schedules = {name: TermSchedule(s.weight, 0, 0) for name, s in group.schedules.items()}
 
 
 def _sync(device) -> None:
@@ -254,12 +262,12 @@ def _infer_settings(args: argparse.Namespace, mode: str) -> dict:
 def child_inference(args: argparse.Namespace) -> dict:
     import torch
 
+    from segcon.build import build_model
     from segcon.evaluation.inference import InferenceSettings, infer
-    from segcon.models.segnet import SegNet
 
     device = _device(args)
     torch.manual_seed(0)
-    net = SegNet(**{**_model_kwargs(args), "num_classes": args.infer_classes}).to(device).eval()
+    net = build_model(_compose(args, args.data_root, [f"data.num_classes={args.infer_classes}"])).to(device).eval()
     settings = InferenceSettings.from_config(_infer_settings(args, args.infer_mode))
     h, w = args.infer_size
     images = torch.randn(1, 3, h, w, device=device)
@@ -270,11 +278,11 @@ def child_inference(args: argparse.Namespace) -> dict:
     else:
         base = _peak_memory(device)  # the peak so far: imports, the model and its weights
     for _ in range(args.infer_warmup):
-        infer(net, images, settings, net.output_stride)
+        infer(net, images, settings, net.input_divisor)
     _sync(device)
     start = time.perf_counter()
     for _ in range(args.images):
-        infer(net, images, settings, net.output_stride)
+        infer(net, images, settings, net.input_divisor)
     _sync(device)
     elapsed = time.perf_counter() - start
     peak = _peak_memory(device)
@@ -289,10 +297,11 @@ def child_inference(args: argparse.Namespace) -> dict:
 CHILDREN = {"bare": child_bare, "segcon": child_segcon, "loader": child_loader, "inference": child_inference}
 
 
-def _run_child(kind: str, argv: list[str]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--child", kind, *argv], capture_output=True, text=True, check=False
-    )
+def _run_child(kind: str, argv: list[str], checkout: Path = ROOT) -> dict:
+    """One measurement in a fresh process, with the segcon (and benchmark script) of `checkout`."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    proc = subprocess.run([sys.executable, str(checkout / "scripts" / "benchmark.py"), "--child", kind, *argv],
+                          capture_output=True, text=True, check=False, env=env, cwd=checkout)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child {kind!r} failed (exit status {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -304,25 +313,35 @@ def _argv_without(argv: list[str], flag: str, n_values: int) -> list[str]:
 
 
 def compare(args: argparse.Namespace, argv: list[str]) -> None:
-    """Time segcon's step under each override set; ratios against the first set."""
+    """Time segcon's step under each override set; ratios against the first set (and, with
+    `--against`, the same for another checkout, side by side)."""
     from rich.console import Console
     from rich.table import Table
 
-    runs: dict[str, list[dict]] = {c: [] for c in args.compare}
+    trees = {"after": ROOT} if args.against is None else {"before": Path(args.against).resolve(), "after": ROOT}
+    runs: dict[str, dict[str, list[dict]]] = {t: {c: [] for c in args.compare} for t in trees}
     for _ in range(args.repeats):  # alternate, so drifting machine load hits all alike
         for c in args.compare:
-            runs[c].append(_run_child("segcon", [*argv, "--overrides", c]))
-    best = {c: min(r, key=lambda x: x["step_s"]) for c, r in runs.items()}
-    base = best[args.compare[0]]
+            for tree, checkout in trees.items():
+                runs[tree][c].append(_run_child("segcon", [*argv, "--overrides", c], checkout))
+    best = {t: {c: min(r, key=lambda x: x["step_s"]) for c, r in by.items()} for t, by in runs.items()}
     table = Table(title=f"{args.model}, batch {args.batch} x {_size_text(args.size)}, {args.precision}, {_device_text(args)}")
-    for col in ("overrides", "step time (s)", "peak memory (GiB)", "ratio time", "ratio memory"):
-        table.add_column(col, justify="right")
-    for c, r in best.items():
-        table.add_row(c, f"{r['step_s']:.4f}", f"{r['peak_gib']:.2f}", f"{r['step_s'] / base['step_s']:.3f}",
-                      f"{r['peak_gib'] / base['peak_gib']:.3f}")
+    table.add_column("overrides", justify="left")
+    for tree in trees:
+        suffix = f" ({tree})" if len(trees) > 1 else ""
+        for col in ("step (s)", "peak (GiB)", "time ratio", "memory ratio"):
+            table.add_column(col + suffix, justify="right")
+    for c in args.compare:
+        row = [c]
+        for tree in trees:
+            r, base = best[tree][c], best[tree][args.compare[0]]
+            row += [f"{r['step_s']:.4f}", f"{r['peak_gib']:.2f}", f"{r['step_s'] / base['step_s']:.3f}",
+                    f"{r['peak_gib'] / base['peak_gib']:.3f}"]
+        table.add_row(*row)
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "child"},
+                                               "checkouts": {t: str(p) for t, p in trees.items()},
                                                "best": best, "runs": runs}, indent=2) + "\n")
 
 
@@ -375,6 +394,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--compare", nargs="+", default=None, help="override sets to compare (see above)")
     parser.add_argument("--overrides", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--against", default=None, metavar="CHECKOUT",
+                        help="with --compare: also measure the segcon of this checkout (before / after)")
     parser.add_argument("--inference", action="store_true", help="time whole / slide / ms_flip inference (see above)")
     parser.add_argument("--modes", nargs="+", default=["whole", "slide", "ms_flip"],
                         choices=["whole", "slide", "ms_flip", "ms_slide"], help="ms_slide: ms_flip with slide views")
@@ -399,7 +420,10 @@ def main() -> None:
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--json") and a != args.json]
     if args.compare:
-        compare(args, _argv_without(argv, "--compare", len(args.compare)))
+        argv = _argv_without(argv, "--compare", len(args.compare))
+        if args.against is not None:
+            argv = _argv_without(argv, "--against", 1)
+        compare(args, argv)
         return
     if args.inference:
         inference(args, [a for a in argv if a != "--inference"])

@@ -8,7 +8,6 @@ a dataset listed, or a GPU touched.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ def _crop_sizes(steps: Any) -> Iterator[tuple[str, tuple[int, int]]]:
 
 
 def _loss_terms(cfg: DictConfig) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    for group in ("loss", "contrast"):
+    for group in ("loss", "pseudo_loss", "contrast"):
         for name, spec in (cfg.get(group) or {}).items():
             if isinstance(spec, Mapping):
                 yield f"{group}.{name}", spec
@@ -72,16 +71,45 @@ def fill_data_defaults(cfg: DictConfig) -> None:
             data.palette = default_palette(data.num_classes)
 
 
-def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
+def validate_cfg(cfg: DictConfig, check_data: bool = True, training: bool = True) -> None:
     """Raise one ConfigError (or DataError) naming the key or path when the config cannot work.
 
     Checks: the class count agrees across data/model/loss/class names/palette; ignore_index is
-    outside [0, K) and the same in every loss; crops are multiples of the encoder's output
-    stride (training and weak-view crops); eval_ckpt is best|last; data.eval is a valid inference
-    setting; the teacher-student confidence settings are in range; and (check_data) the data
-    root has the expected layout for every configured split and data.split exists.
+    outside [0, K) and the same in every loss; eval_ckpt is best|last; data.eval is a valid
+    inference setting; the model family's own checks (`SegModel.check_config`: names, heads,
+    buildable) and, for training, the crops are multiples of its input divisor; the method's own
+    checks (`check_config` of the method class); and (check_data) the data root has the expected
+    layout for every configured split and data.split exists. `training=False` (evaluation,
+    prediction, export of a trained run) leaves out what only training uses: the method, the
+    losses and the crops.
     """
-    data = cfg.data
+    check_data_config(cfg.data)
+    k = cfg.data.num_classes
+    model_k = cfg.model.get("num_classes")
+    if model_k != k:
+        raise ConfigError(
+            f"model.num_classes={model_k} but data.num_classes={k}: the classifier must have one "
+            "output per class. Remove the model.num_classes override (it follows the data) or fix "
+            "data.num_classes."
+        )
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model, dict)
+    divisor = _class_of(model, "model", "segcon.models.base.SegModel").check_config(model)
+    if cfg.get("eval_ckpt", "best") not in EVAL_CKPTS:
+        raise ConfigError(f"eval_ckpt must be one of {EVAL_CKPTS}, got {cfg.eval_ckpt!r}")
+    if training:
+        _check_losses(cfg)
+        _check_crops(cfg.data, divisor, str(model["_target_"]), model)
+        method = OmegaConf.to_container(cfg.method, resolve=True)
+        assert isinstance(method, dict)
+        _class_of(method, "method", "a LightningModule with check_config").check_config(method)
+    if check_data:
+        _check_layout(cfg.data)
+
+
+def check_data_config(data: DictConfig) -> None:
+    """The data group's own settings: class count, ignore index, fixed label mappings, class
+    names and palette, batch sizes, evaluation settings."""
     k = data.get("num_classes")
     if not isinstance(k, int) or k < 1:
         raise ConfigError(f"data.num_classes must be a positive integer, got {k!r}")
@@ -93,25 +121,37 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
             f"data.ignore_index={ignore} lies inside the class range [0, {k}) of data.num_classes: "
             "it would silently drop a real class. Use a value outside it (255 is the convention)."
         )
-
     fixed = getattr(get_class(data.dataset._target_), "fixed_num_classes", None)
     if fixed is not None and fixed != k:
         raise ConfigError(
             f"data.num_classes={k}, but the {data.dataset._target_} label mapping produces "
             f"{fixed} classes. Remove the data.num_classes override."
         )
-    model_k = cfg.model.get("num_classes")
-    if model_k != k:
-        raise ConfigError(
-            f"model.num_classes={model_k} but data.num_classes={k}: the classifier must have one "
-            "output per class. Remove the model.num_classes override (it follows the data) or fix "
-            "data.num_classes."
-        )
     for key in ("class_names", "palette"):
         value = data.get(key)
         if value is not None and len(value) != k:
             raise ConfigError(f"data.{key} has {len(value)} entries but data.num_classes={k}")
+    for key in ("batch_size", "val_batch_size"):
+        if int(data.get(key, 1)) < 1:
+            raise ConfigError(f"data.{key} must be >= 1")
+    from segcon.evaluation.inference import InferenceSettings
 
+    InferenceSettings.from_config(OmegaConf.to_container(data.eval, resolve=True) if data.get("eval") else None)
+
+
+def _class_of(node: Mapping[str, Any], key: str, what: str) -> Any:
+    """The class a config node's `_target_` names, or a ConfigError naming `<key>._target_`."""
+    target = node.get("_target_")
+    if not target:
+        raise ConfigError(f"{key} has no _target_ ({what})")
+    try:
+        return get_class(str(target))
+    except Exception as err:  # Hydra wraps import errors of every kind
+        raise ConfigError(f"{key}._target_={target} cannot be imported: {err}") from None
+
+
+def _check_losses(cfg: DictConfig) -> None:
+    k, ignore = cfg.data.num_classes, cfg.data.ignore_index
     for key, spec in _loss_terms(cfg):
         cw = spec.get("class_weights")
         if cw is not None and len(cw) != k:
@@ -122,61 +162,30 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True) -> None:
                 "one ignore value must hold for losses, samplers and metrics. Remove the override."
             )
 
-    from segcon.models.segnet import SegNet, required_input_divisor
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model, dict)
-    own = set(inspect.signature(SegNet.__init__).parameters) | {"_target_"}
-    arch_kwargs = {key: v for key, v in model.items() if key not in own}
-    try:
-        stride = required_input_divisor(model["arch"], model["encoder_name"], **arch_kwargs)
-    except KeyError as err:
-        raise ConfigError(f"model.encoder_name={model['encoder_name']!r} is not an smp encoder: {err}") from None
-    except ValueError as err:  # smp's unknown-arch message lists the valid ones
-        raise ConfigError(f"model.arch={model['arch']!r}: {err}") from None
+def _check_crops(data: DictConfig, divisor: int, target: str, model: Mapping[str, Any]) -> None:
+    """Training and weak-view crops must be multiples of the model's input divisor."""
     crops = [("data.crop_size", tuple(data.crop_size))] if data.get("crop_size") is not None else []
     crops += [(f"data.train_transform {n}", s) for n, s in _crop_sizes(data.get("train_transform"))]
     crops += [(f"data.weak_transform {n}", s) for n, s in _crop_sizes(data.get("weak_transform"))]
+    describe = get_class(target).describe(model)
     for key, (h, w) in crops:
-        if h % stride or w % stride:
-            fix = (-(-h // stride) * stride, -(-w // stride) * stride)
+        if h % divisor or w % divisor:
+            fix = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
             raise ConfigError(
-                f"{key}={h}x{w} is not a multiple of the encoder's output stride {stride} "
-                f"({model['arch']} / {model['encoder_name']}). Use e.g. {fix[0]}x{fix[1]}."
+                f"{key}={h}x{w} is not a multiple of the encoder's output stride {divisor} "
+                f"({describe}). Use e.g. {fix[0]}x{fix[1]}."
             )
 
-    if cfg.get("eval_ckpt", "best") not in EVAL_CKPTS:
-        raise ConfigError(f"eval_ckpt must be one of {EVAL_CKPTS}, got {cfg.eval_ckpt!r}")
-    for key in ("batch_size", "val_batch_size"):
-        if int(data.get(key, 1)) < 1:
-            raise ConfigError(f"data.{key} must be >= 1")
-    from segcon.evaluation.inference import InferenceSettings
 
-    InferenceSettings.from_config(OmegaConf.to_container(data.eval, resolve=True) if data.get("eval") else None)
-
-    confidence = (cfg.get("method") or {}).get("confidence") or {}
-    if not 0.0 <= float(confidence.get("threshold", 0.0)) <= 1.0:
-        raise ConfigError(f"method.confidence.threshold={confidence['threshold']} must lie in [0, 1] (a probability)")
-    if not 0.0 <= float(confidence.get("drop_percent", 0.0)) <= 100.0:
-        raise ConfigError(f"method.confidence.drop_percent={confidence['drop_percent']} must lie in [0, 100]")
-    for key, where in (("ema_momentum", " (default: data.teacher_ema_momentum)"), ("alignment_momentum", "")):
-        momentum = (cfg.get("method") or {}).get(key, 0.0)
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ConfigError(f"method.{key}={momentum}{where} must lie in [0, 1) (an EMA momentum)")
-    for key, published, positive in (("strong_weight", 0.25, False), ("fp_weight", 0.5, False), ("loss_scale", 0.5, True)):
-        value = (cfg.get("method") or {}).get(key)  # UniMatch's loss weights
-        if value is not None and (float(value) <= 0 if positive else float(value) < 0):
-            raise ConfigError(f"method.{key} must be {'> 0' if positive else '>= 0'}, got {value} "
-                              f"(UniMatch's published value: {published})")
-
-    if check_data:
-        split = data.get("split")
-        if split is not None and not Path(str(split)).expanduser().exists():
-            raise DataError(
-                f"data.split={split} does not exist: give a directory written by `segcon-data split` "
-                "(labeled.txt [+ unlabeled.txt]) or a labeled list file"
-            )
-        dataset_cls = get_class(data.dataset._target_)
-        for disk_split in (data.get("splits") or {}).values():
-            if disk_split is not None:
-                dataset_cls.check_layout(Path(str(data.root)).expanduser(), str(disk_split))
+def _check_layout(data: DictConfig) -> None:
+    split = data.get("split")
+    if split is not None and not Path(str(split)).expanduser().exists():
+        raise DataError(
+            f"data.split={split} does not exist: give a directory written by `segcon-data split` "
+            "(labeled.txt [+ unlabeled.txt]) or a labeled list file"
+        )
+    dataset_cls = get_class(data.dataset._target_)
+    for disk_split in (data.get("splits") or {}).values():
+        if disk_split is not None:
+            dataset_cls.check_layout(Path(str(data.root)).expanduser(), str(disk_split))

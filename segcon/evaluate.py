@@ -15,7 +15,6 @@ and figures to the logger (default W&B, offline).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,13 +22,15 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segcon.build import build_datamodule, build_evaluator, instantiate_all
 from segcon.config import fill_data_defaults, prepare_data, validate_cfg
 from segcon.methods.callbacks import FinalReport
-from segcon.restore import compose_entry, rebuild_config, required
-from segcon.train import build_datamodule, build_module, finish_wandb, instantiate_all
+from segcon.methods.supervised import best_key
+from segcon.restore import build_inference_net, compose_entry, rebuild_config, required
 from segcon.utils.checkpoint import load_run_checkpoint
 from segcon.utils.cli import run_command
 from segcon.utils.errors import ConfigError
+from segcon.utils.loggers import finish_wandb
 from segcon.utils.rich_config import print_config_tree
 
 USAGE = __doc__.split("\n\n")[1]
@@ -61,13 +62,12 @@ def evaluate(entry: DictConfig, run_overrides: Sequence[str] = ()) -> dict[str, 
     OmegaConf.resolve(cfg)
     prepare_data(cfg)
     fill_data_defaults(cfg)
-    validate_cfg(cfg)
+    validate_cfg(cfg, training=False)
     print_config_tree(cfg, out_dir)
 
-    datamodule = build_datamodule(cfg)
-    module = build_module(cfg)
-    ckpt.load_into(module.net.model, branch)
-    module.best_miou = float(ckpt.segcon.get("best_miou", math.nan))
+    datamodule = build_datamodule(cfg, unlabeled=False)
+    module = build_evaluator(cfg, build_inference_net(cfg, ckpt, branch))
+    module.bests[""] = float(ckpt.segcon.get(best_key("" if branch == "student" else "teacher/"), float("nan")))
     report = FinalReport(out_dir, branch, start, checkpoint=ckpt.path)
     trainer = instantiate(cfg.trainer, callbacks=[report], logger=instantiate_all(cfg.get("logger")) or False)
     run = trainer.validate if split == "val" else trainer.test

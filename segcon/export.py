@@ -4,10 +4,10 @@
                   [branch=student|teacher] [opset=<int>] [check_sizes=[[256,256],[192,320]]]
                   [tolerance=1e-4]
 
-Only the inference graph is written: the bare smp model of the chosen branch, without
-projection heads, weight branches or the other network of a teacher–student run. Its input
+Only the inference graph is written: the inference network (`SegModel.model`) of the chosen
+branch, without projection heads, weight branches or the other network of a teacher–student run. Its input
 `image` is float32 [N, 3, H, W], RGB scaled to 0..1 and normalised with the run's data.mean and
-data.std, H and W multiples of the model's output stride; its output `logits` is
+data.std, H and W multiples of the model's input divisor; its output `logits` is
 [N, K, H, W]. ONNX (torch.export-based exporter) has dynamic N, H and W. The run's config,
 classes, palette and normalisation travel in the file (ONNX metadata and safetensors metadata
 "segcon", TorchScript extra file "segcon.json"); segcon-predict and segcon-eval read the
@@ -159,9 +159,9 @@ def export(entry: DictConfig, console: Console | None = None) -> list[Parity]:
     ckpt = load_run_checkpoint(required(entry, "ckpt", "logs/train/runs/<date>_<time>"))
     out = Path(str(required(entry, "out", "model.onnx"))).expanduser()
     cfg = rebuild_config(ckpt, entry, ())
-    validate_cfg(cfg, check_data=False)
+    validate_cfg(cfg, check_data=False, training=False)
     net = build_inference_net(cfg, ckpt, entry.branch)
-    model, stride = net.model.eval(), net.output_stride
+    model, stride = net.model.eval(), net.input_divisor
     sizes = [tuple(int(v) for v in s) for s in entry.check_sizes]
     if len(sizes) < 1 or any(len(s) != 2 or min(s) < 1 for s in sizes):
         raise ConfigError(f"check_sizes must be a list of [height, width] pairs, got {entry.check_sizes}")
@@ -171,7 +171,8 @@ def export(entry: DictConfig, console: Console | None = None) -> list[Parity]:
     card = model_card(cfg, ckpt, entry.branch, stride)
     out.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(*shapes[0])
-    console.print(f"exporting the {entry.branch} {cfg.model.arch}/{cfg.model.encoder_name} of {ckpt.path} as {fmt} ...")
+    name = type(net).describe(OmegaConf.to_container(cfg.model, resolve=True))
+    console.print(f"exporting the {entry.branch} {name} of {ckpt.path} as {fmt} ...")
     if fmt == "onnx":
         run = export_onnx(model, example, out, stride, card, entry.get("opset"))
     elif fmt == "torchscript":

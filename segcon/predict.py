@@ -34,7 +34,7 @@ from segcon.data.base import IMAGE_SUFFIXES, read_image
 from segcon.data.transforms import SegTransform
 from segcon.evaluation.inference import InferenceSettings, infer
 from segcon.evaluation.visualize import overlay
-from segcon.models.segnet import SegNet
+from segcon.models.base import SegModel
 from segcon.restore import build_inference_net, compose_entry, rebuild_config, required
 from segcon.utils.checkpoint import load_run_checkpoint
 from segcon.utils.cli import run_command
@@ -86,7 +86,7 @@ class Predictor:
     """Image `[H, W, 3] uint8` RGB -> class indices `[H, W]`, with a run's evaluation transform
     and inference settings; predictions are resized back to the image if the transform resized."""
 
-    def __init__(self, net: SegNet, cfg: DictConfig, device: torch.device) -> None:
+    def __init__(self, net: SegModel, cfg: DictConfig, device: torch.device) -> None:
         data = cfg.data
         self.net = net.to(device)
         self.device = device
@@ -96,7 +96,7 @@ class Predictor:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         x, _ = self.transform(image)
-        scores = infer(self.net, x[None].to(self.device), self.settings, self.net.output_stride)
+        scores = infer(self.net, x[None].to(self.device), self.settings, self.net.input_divisor)
         if scores.shape[-2:] != image.shape[:2]:
             scores = F.interpolate(scores, size=image.shape[:2], mode="bilinear", align_corners=False)
         return scores.argmax(1)[0].cpu().numpy()
@@ -109,7 +109,7 @@ def predict(entry: DictConfig, run_overrides: Sequence[str] = (), console: Conso
     source = Path(str(required(entry, "input", "photos/"))).expanduser()
     output = Path(str(required(entry, "output", "predictions/"))).expanduser()
     cfg = rebuild_config(ckpt, entry, run_overrides)
-    validate_cfg(cfg, check_data=False)
+    validate_cfg(cfg, check_data=False, training=False)
     images, others = list_inputs(source)
     if not images:
         raise ConfigError(f"input={source}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")

@@ -3,9 +3,11 @@ config, rebuilding the run config stored in a checkpoint with command-line overr
 the inference network with the checkpoint's weights, and turning user errors into one line.
 
 Command-line overrides are routed by their first key: keys of the command's entry config
-(`conf/<command>.yaml`: ckpt, split, eval, trainer, logger, ...) compose that config with Hydra;
-every other key (`data.root=...`, `data.val_batch_size=4`, `model.arch=...`) changes the run
-config stored in the checkpoint, which must already have that key (`+key=value` adds one).
+(`conf/<command>.yaml`: ckpt, split, eval, trainer, logger, ...) and Hydra's own settings
+(`hydra.*`, `hydra/<group>=...`) compose that config with Hydra; every other key
+(`data.root=...`, `data.val_batch_size=4`, `model.arch=...`) changes the run config stored in the
+checkpoint, which must already have that key (`+key=value` adds one). `hydra.run.dir=<dir>` is
+where a command writes when it has no own output setting for it (segcon-eval's `out_dir`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from segcon.build import build_model
 from segcon.config import config_dir
-from segcon.models.segnet import SegNet
+from segcon.models.base import SegModel
 from segcon.utils.checkpoint import RunCheckpoint
 from segcon.utils.errors import ConfigError
 
@@ -31,14 +34,25 @@ def compose_entry(config_name: str, argv: Sequence[str]) -> tuple[DictConfig, li
     try:
         parsed = OverridesParser.create().parse_overrides(list(argv))
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name=config_name):
-            own_keys = set(compose(config_name))
-            own = [o.input_line for o in parsed if o.get_key_element().lstrip("+~").split(".")[0] in own_keys]
-            entry = compose(config_name, overrides=own)
+            own_keys = set(compose(config_name)) | {"hydra"}
+            own = [o.input_line for o in parsed if _root_key(o.get_key_element()) in own_keys]
+            entry = compose(config_name, overrides=own, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
         # One line: Hydra's message without its config search path (options stay listed).
         text = " ".join(line.strip() for line in str(err).split("Config search path")[0].splitlines() if line.strip())
         raise ConfigError(f"bad command line for segcon-{config_name}: {text}") from None
+    run_dir = next((o.value() for o in parsed if o.get_key_element().lstrip("+") == "hydra.run.dir"), None)
+    with open_dict(entry):
+        del entry["hydra"]
+        if run_dir is not None and "out_dir" in entry and entry.out_dir is None:
+            entry.out_dir = str(run_dir)
     return entry, [o.input_line for o in parsed if o.input_line not in own]
+
+
+def _root_key(key: str) -> str:
+    """The top-level config key an override's key element addresses (`hydra/job_logging` and
+    `hydra.run.dir` -> `hydra`)."""
+    return key.lstrip("+~").split(".")[0].split("/")[0]
 
 
 def required(entry: DictConfig, key: str, example: str) -> Any:
@@ -101,15 +115,28 @@ def rebuild_config(
         for key, value in (entry.get("eval") or {}).items():
             if value is not None:
                 cfg.data.eval[key] = value
-        cfg.model.weights_path = None
-        cfg.model.encoder_weights = None
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        cfg.model = _model_class(cfg.model._target_).offline_config(model)
     return cfg
 
 
-def build_inference_net(cfg: DictConfig, ckpt: RunCheckpoint, branch: str) -> SegNet:
-    """The SegNet of `cfg.model` in eval mode, its inference model holding the checkpoint's
+def _model_class(target: str) -> type[SegModel]:
+    try:
+        cls = get_class(target)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"model._target_={target} cannot be imported: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, SegModel)):
+        raise ConfigError(f"model._target_={target} is not a segcon.models.base.SegModel (the model contract)")
+    return cls
+
+
+def build_inference_net(cfg: DictConfig, ckpt: RunCheckpoint, branch: str) -> SegModel:
+    """The network of `cfg.model` in eval mode, its inference network holding the checkpoint's
     `branch` weights (train-only heads are built but keep their initial weights: eval mode and
     export never use them)."""
-    net: SegNet = instantiate(cfg.model)
-    ckpt.load_into(net.model, branch)
+    net = build_model(cfg)
+    trained = ckpt.config.get("model", {})
+    trained_as = (f"{_model_class(trained.get('_target_', cfg.model._target_)).describe(trained)} with "
+                  f"{ckpt.config.get('data', {}).get('num_classes')} classes")
+    ckpt.load_into(net.model, branch, trained_as)
     return net.eval()

@@ -8,92 +8,26 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
-from segcon.data.datamodule import SegDataModule
 from segcon.methods.callbacks import FinalReport, ModelCheckpoint
 from segcon.methods.optim import lr_for_batch
-from segcon.objectives.objective import build_objective
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_segcon_state
 from segcon.utils.errors import find_user_error
+from segcon.utils.loggers import finish_wandb
 from segcon.utils.rich_config import print_config_tree
 
 log = logging.getLogger(__name__)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-
-def build_datamodule(cfg: DictConfig) -> SegDataModule:
-    """The SegDataModule of `cfg.data` (seeded with `cfg.seed`)."""
-    d = cfg.data
-    return SegDataModule(
-        dataset=_plain(d.dataset),
-        root=str(Path(str(d.root)).expanduser()),
-        splits=_plain(d.splits),
-        num_classes=d.num_classes,
-        ignore_index=d.ignore_index,
-        mean=list(d.mean),
-        std=list(d.std),
-        train_transform=_plain(d.get("train_transform")) or [],
-        val_transform=_plain(d.get("val_transform")) or [],
-        batch_size=d.batch_size,
-        val_batch_size=d.val_batch_size,
-        num_workers=d.num_workers,
-        subset=_plain(d.get("subset")),
-        seed=cfg.seed,
-        split=d.get("split"),
-        labeled_fraction=d.get("labeled_fraction"),
-        labeled_count=d.get("labeled_count"),
-        split_seed=d.get("split_seed", 0),
-        labeled_pool=d.get("labeled_pool"),
-        unlabeled=bool(getattr(get_class(cfg.method._target_), "uses_unlabeled", False)),
-        weak_transform=_plain(d.get("weak_transform")) or [],
-        strong_transform=_plain(d.get("strong_transform")) or [],
-        num_strong=d.get("num_strong", 1),
-        unlabeled_batch_size=d.get("unlabeled_batch_size"),
-    )
-
-
-def build_module(cfg: DictConfig) -> L.LightningModule:
-    """The method's LightningModule with its network and objective."""
-    net = instantiate(cfg.model)
-    objective = build_objective(_plain(cfg.loss), _plain(cfg.get("contrast")))
-    method = _plain(cfg.method)
-    # Called directly, not through instantiate: run_config holds _target_ nodes of its own.
-    method_cls = get_class(method.pop("_target_"))
-    d = cfg.data
-    return method_cls(
-        net=net,
-        objective=objective,
-        optim=_plain(cfg.optim),
-        num_classes=d.num_classes,
-        ignore_index=d.ignore_index,
-        class_names=list(d.class_names),
-        palette=_plain(d.palette),
-        mean=list(d.mean),
-        std=list(d.std),
-        run_config=_plain(cfg),
-        inference=_plain(d.get("eval")),
-        **method,
-    )
-
-
-def instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a group that has a `_target_` (null entries are switched off)."""
-    return [instantiate(spec) for spec in (group or {}).values() if spec is not None and "_target_" in spec]
 
 
 def _resume_wandb(cfg: DictConfig) -> None:
@@ -173,15 +107,6 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
             metrics.update(result)
     return metrics
-
-
-def finish_wandb(exit_code: int) -> None:
-    """Close any W&B run, so that the next job of a multirun starts a fresh one."""
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish(exit_code=exit_code)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from segcon.data.datamodule import SegDataModule
 from segcon.objectives.memory import MemoryUser
 
 
@@ -19,7 +20,7 @@ class DumpMemory(L.Callback):
         self.steps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
 
     def _term(self, pl_module: L.LightningModule) -> MemoryUser:
-        return next(t for t in pl_module.objective.contrast.values() if isinstance(t, MemoryUser))
+        return next(t for _, t in pl_module.objective.terms() if isinstance(t, MemoryUser))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pending = self._term(pl_module).pending_entries()
@@ -48,15 +49,45 @@ class DumpTeacher(L.Callback):
 
 
 def capture_contrast_target(module: L.LightningModule) -> dict[str, Any]:
-    """Replace `module`'s contrastive loss by a zero loss that records the target map (B, H, W)
-    and the SegOutput it is given; the returned dict holds them under "target" and "output"
-    after a training step."""
+    """Replace `module`'s contrastive loss by a zero loss that records the targets, their kept
+    labels (`target`, B x H x W) and the SegOutput it is given; the returned dict holds them
+    under "targets", "target" and "output" after a training step."""
     captured: dict[str, Any] = {}
 
-    def capture(output, target, step, confidence=None):
-        captured["target"] = target
+    def capture(output, targets, step):
+        captured["targets"] = targets
+        captured["target"] = targets.reliable()
         captured["output"] = output
         return output.logits.sum() * 0, {}
 
     module.objective.contrast_loss = capture
     return captured
+
+
+class RecordTeacherAndStudent(L.Callback):
+    """At the start of every training batch (and at the end of training), record the global
+    step and copies of the teacher's and the student's inference networks; saved to
+    `<run dir>/networks.pt`."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        copy = lambda net: {k: v.detach().clone() for k, v in net.model.state_dict().items()}  # noqa: E731
+        self.records.append({"step": trainer.global_step, "teacher": copy(pl_module.teacher),
+                             "student": copy(pl_module.net)})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._record(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._record(trainer, pl_module)
+        torch.save(self.records, Path(trainer.default_root_dir) / "networks.pt")
+
+
+class ExtraKeyDataModule(SegDataModule):
+    """A user's own datamodule (named by `data.datamodule._target_`) that takes one more data key."""
+
+    def __init__(self, *args: Any, shards: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shards = shards

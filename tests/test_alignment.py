@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from segcon.build import build_module
 from segcon.methods.alignment import DistributionAlignment
-from segcon.train import build_module
 from tests.helpers import capture_contrast_target
 
 IGNORE = 255

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segcon.models.heads import PixelEmbedding
-from segcon.models.segnet import SegNet, SegOutput
+from segcon.models.output import PixelEmbedding, SegOutput
+from segcon.models.segnet import SegNet
+from segcon.objectives.base import Targets
 from segcon.objectives.cac import (
     ConfidenceAwareContrastLoss,
     WeightBranchLoss,
@@ -103,7 +104,7 @@ def test_weight_branch_never_sends_gradient_to_the_network(depth: str) -> None:
     x, target = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
     out = net(x)
     assert out.aux["weight_logits"].shape == out.logits.shape
-    WeightBranchLoss({"ce": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss"}})(out, target).backward()
+    WeightBranchLoss({"ce": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss"}})(out, Targets(target)).backward()
     assert _grads(net.heads["weight_branch"]) > 0
     assert _grads(net.model) == 0.0 and _grads(net.heads["projection"]) == 0.0
 
@@ -112,7 +113,7 @@ def test_weight_branch_never_sends_gradient_to_the_network(depth: str) -> None:
 def test_cac_gradient_reaches_projection_backbone_and_weight_branch_unless_detached(detach: bool) -> None:
     net = _net("head")
     x, target = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
-    loss = ConfidenceAwareContrastLoss(MarginalSampler(128, 10), detach_pair_weights=detach)(net(x), target)
+    loss = ConfidenceAwareContrastLoss(MarginalSampler(128, 10), detach_pair_weights=detach)(net(x), Targets(target))
     loss.backward()
     assert loss.item() > 0
     assert _grads(net.heads["projection"]) > 0 and _grads(net.model.encoder) > 0
@@ -138,9 +139,10 @@ def test_cac_term_equals_reference_on_its_samples_with_ignore_pixels() -> None:
     weight_logits = torch.randn(b, k, 2 * h, 2 * w, generator=g, dtype=torch.float64)
     target = torch.randint(0, k - 1, (b, 2 * h, 2 * w), generator=g)
     target[:, :5] = IGNORE
-    out = SegOutput(logits=logits, embedding=PixelEmbedding.from_dense(emb), aux={"weight_logits": weight_logits})
+    out = SegOutput(logits=logits, embeddings={"projection": PixelEmbedding.from_dense(emb)},
+                    aux={"weight_logits": weight_logits})
     term = ConfidenceAwareContrastLoss(MarginalSampler(max_samples=60, max_views=6))
-    got = float(term(out, target))
+    got = float(term(out, Targets(target, IGNORE)))
     # the same anchors, recomputed from scratch: marginal choice is deterministic
     small = labels_at(target, (h, w)).reshape(b, -1)
     probs = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False).softmax(1).reshape(b, k, -1)
@@ -155,7 +157,7 @@ def test_cac_term_equals_reference_on_its_samples_with_ignore_pixels() -> None:
 def test_degenerate_batch_is_a_connected_zero() -> None:
     net = _net("head")
     out = net(torch.randn(2, 3, 64, 64))
-    loss = ConfidenceAwareContrastLoss(MarginalSampler(128, 10))(out, torch.full((2, 64, 64), IGNORE))
+    loss = ConfidenceAwareContrastLoss(MarginalSampler(128, 10))(out, Targets(torch.full((2, 64, 64), IGNORE)))
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None for p in net.heads.parameters())
@@ -168,7 +170,7 @@ def test_weight_branch_loss_uses_the_main_logits_to_mine_ohem_pixels() -> None:
     target = torch.randint(0, 3, (2, 8, 8), generator=g)
     out = SegOutput(logits=main, aux={"weight_logits": weight})
     spec = {"_target_": "segcon.objectives.supervised.OhemCrossEntropyLoss", "weight": 2.0, "thresh": 0.5, "min_kept": 10}
-    got = WeightBranchLoss({"ohem": spec})(out, target)
+    got = WeightBranchLoss({"ohem": spec})(out, Targets(target))
     # by hand: keep the pixels whose main-head probability of the truth is below max(0.5, the 21st smallest)
     p_main = main.softmax(1).gather(1, target[:, None])[:, 0]
     keep = p_main < p_main.flatten().kthvalue(21).values.clamp_min(0.5)
@@ -176,7 +178,7 @@ def test_weight_branch_loss_uses_the_main_logits_to_mine_ohem_pixels() -> None:
     assert float(got) == pytest.approx(2.0 * float(ce[keep].mean()), rel=1e-6)
     own = OhemCrossEntropyLoss(0.5, 10)(weight, target)  # mined on its own logits: another set
     assert float(got) != pytest.approx(2.0 * float(own), rel=1e-3)
-    plain = WeightBranchLoss({"ce": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss"}})(out, target)
+    plain = WeightBranchLoss({"ce": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss"}})(out, Targets(target))
     assert float(plain) == pytest.approx(float(CrossEntropyLoss()(weight, target)), rel=1e-6)
 
 

@@ -76,9 +76,35 @@ def test_every_experiment_keeps_its_method_keys_valid_also_for_the_supervised_ba
 
 
 def test_a_preset_sets_the_teacher_ema_and_the_command_line_still_wins(tmp_path: Path) -> None:
-    from segcon.train import build_module
+    from segcon.build import build_module
 
     base = ["experiment=ssl_synthetic", "method=mean_teacher", f"data.root={tmp_path}"]
     assert compose_train(["method=mean_teacher", f"data.root={tmp_path}"], output_dir=tmp_path).method.ema_momentum == 0.99
     assert build_module(compose_train(base, output_dir=tmp_path)).ema_max == 0.9
     assert build_module(compose_train([*base, "method.ema_momentum=0.5"], output_dir=tmp_path)).ema_max == 0.5
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_instantiates_its_model_objective_and_module(experiment: str, tmp_path: Path) -> None:
+    """Composing is not enough: the preset's network, loss terms and method must build (on the
+    meta device: no memory, no weights; MiT encoders cannot be built there)."""
+    import torch
+
+    from segcon.build import build_module
+
+    cfg = compose_train([f"experiment={experiment}", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
+    OmegaConf.resolve(cfg)
+    fill_data_defaults(cfg)
+    validate_cfg(cfg, check_data=False)
+    with torch.device("cpu" if "mit_b" in cfg.model.get("encoder_name", "") else "meta"):
+        module = build_module(cfg)
+    assert module.net.num_classes == cfg.data.num_classes
+    on = {group: {k for k, v in (cfg.get(group) or {}).items() if v is not None} for group in ("loss", "contrast")}
+    assert set(module.objective.supervised) == on["loss"] and set(module.objective.contrast) == on["contrast"]
+    if getattr(module, "uses_unlabeled", False):
+        assert module.objective.pseudo and module.teacher is not None
+
+
+def test_ssl_cityscapes_ohem_keeps_unimatchs_200000_pixels_per_call(tmp_path: Path) -> None:
+    cfg = compose_train(["experiment=ssl_cityscapes", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
+    assert cfg.loss.ohem.min_kept * cfg.data.batch_size == 200_000  # min_kept counts per image

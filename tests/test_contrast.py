@@ -8,8 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segcon.models.heads import PixelEmbedding, ProjectionHead
-from segcon.models.segnet import SegNet, SegOutput
+from segcon.models.heads import ProjectionHead
+from segcon.models.output import PixelEmbedding, SegOutput
+from segcon.models.segnet import SegNet
+from segcon.objectives.base import Targets
 from segcon.objectives.contrast import (
     PixelContrastLoss,
     PixelMemoryContrastLoss,
@@ -68,7 +70,7 @@ def _output(seed: int, b: int = 2, d: int = 8, k: int = 4, h: int = 8, w: int = 
     logits = torch.randn(b, k, 2 * h, 2 * w, generator=g, dtype=torch.float64)
     target = torch.randint(0, k - 1, (b, 2 * h, 2 * w), generator=g)  # class k-1 absent
     target[:, :4] = IGNORE
-    return SegOutput(logits=logits, embedding=PixelEmbedding.from_dense(emb)), target
+    return SegOutput(logits=logits, embeddings={"projection": PixelEmbedding.from_dense(emb)}), Targets(target, IGNORE)
 
 
 def test_pixel_contrast_term_equals_reference_on_its_samples() -> None:
@@ -78,11 +80,12 @@ def test_pixel_contrast_term_equals_reference_on_its_samples() -> None:
     z, y, index = loss_fn.sample(out, target)
     torch.manual_seed(5)
     loss = loss_fn(out, target)
-    small = labels_at(target, (8, 8)).reshape(-1)
+    small = labels_at(target.labels, (8, 8)).reshape(-1)
     assert (small[index] != IGNORE).all() and torch.equal(small[index], y)
     assert loss.item() == pytest.approx(reference_loss(z.detach(), y, z.detach(), y, 0.1, 0.07, "per_positive"), abs=1e-6)
     loss.backward()
-    assert out.embedding.hidden.grad is not None and out.embedding.hidden.grad.abs().sum() > 0
+    hidden = out.embeddings["projection"].hidden
+    assert hidden.grad is not None and hidden.grad.abs().sum() > 0
 
 
 def test_gradient_reaches_projection_head_and_backbone() -> None:
@@ -90,7 +93,7 @@ def test_gradient_reaches_projection_head_and_backbone() -> None:
     net = SegNet("fpn", "resnet18", num_classes=3, projection={"source": "decoder", "dim": 16})
     x = torch.randn(2, 3, 64, 64)
     target = torch.randint(0, 3, (2, 64, 64))
-    loss = PixelContrastLoss(RandomSampler(max_samples=128, max_views=10))(net(x), target)
+    loss = PixelContrastLoss(RandomSampler(max_samples=128, max_views=10))(net(x), Targets(target))
     loss.backward()
     assert net.heads["projection"].stem[0].weight.grad.abs().sum() > 0
     assert net.heads["projection"].out.weight.grad.abs().sum() > 0
@@ -101,12 +104,13 @@ def test_gradient_reaches_projection_head_and_backbone() -> None:
 @pytest.mark.parametrize("make_target", [lambda: torch.full((2, 16, 16), IGNORE), lambda: torch.zeros(2, 16, 16, dtype=torch.long)])
 def test_degenerate_batches_give_a_connected_finite_zero(make_target) -> None:
     out, _ = _output(1)
+    hidden = out.embeddings["projection"].hidden
     for loss_fn in (PixelContrastLoss(HardEasySampler(64, 5)), PixelMemoryContrastLoss(HardEasySampler(64, 5), num_classes=4, dim=8, memory_size=4)):
-        out.embedding.hidden.grad = None
-        loss = loss_fn(out, make_target())
+        hidden.grad = None
+        loss = loss_fn(out, Targets(make_target()))
         assert loss.item() == 0.0  # all ignore: no anchor; one class: no negative
         loss.backward()
-        assert torch.isfinite(out.embedding.hidden.grad).all()
+        assert torch.isfinite(hidden.grad).all()
 
 
 def _constructed(n_per_class: dict[int, tuple[int, int]], ignore: int = 10):
@@ -129,7 +133,8 @@ def test_hard_easy_exact_counts_and_fallbacks() -> None:
         assert int(((lab == c) & (pr != c)).sum()) == want_hard
         assert int(((lab == c) & (pr == c)).sum()) == want_easy
     assert (lab != IGNORE).all() and idx.unique().numel() == idx.numel()
-    assert split_counts(3, 3, 5) == (2, 3) and split_counts(1, 9, 5) == (1, 4) and split_counts(9, 1, 5) == (4, 1)
+    n_hard, n_easy = split_counts(torch.tensor([3, 1, 9]), torch.tensor([3, 9, 1]), 5)
+    assert n_hard.tolist() == [2, 1, 4] and n_easy.tolist() == [3, 4, 1]
 
 
 def test_samplers_skip_small_classes_budget_and_determinism() -> None:
@@ -194,28 +199,56 @@ def test_memory_term_state_round_trip_gives_identical_bank_and_next_loss() -> No
     assert (segment_labels != 3).all()  # class 3 never appears in these targets: no fake entries
 
 
-@pytest.mark.parametrize("kind", ["convmlp", "linear", "residual"])
-def test_projection_finished_at_gathered_pixels_equals_the_full_map(kind: str) -> None:
+@pytest.mark.parametrize(("kind", "dim"), [("convmlp", 5), ("linear", 5), ("residual", 5), ("residual", 32)],
+                         ids=["convmlp", "linear", "residual", "residual-widening"])
+def test_projection_finished_at_gathered_pixels_equals_the_full_map(kind: str, dim: int) -> None:
     """The lazy embedding equals the head written as plain full-map convolutions, BatchNorm
-    statistics included (they come from every pixel, not only the gathered ones)."""
+    statistics included (they come from every pixel, not only the gathered ones) — also when
+    the whole stem runs on gathered pixels (a widening residual stem, 6 -> 32 channels): same
+    values, same gradients (through the batch statistics too), same running statistics."""
     torch.manual_seed(0)
-    head = ProjectionHead(6, dim=5, kind=kind).double().train()
-    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    head = ProjectionHead(6, dim=dim, kind=kind).double().train()
+    if kind != "linear":  # the same parameters, a separate running state
+        ref_bn = torch.nn.BatchNorm2d(head.stem[1].num_features).double()
+        ref_bn.load_state_dict(head.stem[1].state_dict())
+        ref_bn.weight, ref_bn.bias = head.stem[1].weight, head.stem[1].bias
+    x = (torch.randn(2, 6, 4, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
     emb = head(x)
     # reference: every layer over the whole map, the last one as a 1x1 convolution
     h = x
     if kind != "linear":
-        conv, bn = head.stem[0], head.stem[1]
-        h = F.conv2d(x, conv.weight, conv.bias)
-        mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
-        h = ((h - mean) / torch.sqrt(var + bn.eps) * bn.weight[:, None, None] + bn.bias[:, None, None]).relu()
+        conv = head.stem[0]
+        h = ref_bn(F.conv2d(x, conv.weight, conv.bias)).relu()
     out = F.conv2d(h, head.out.weight[:, :, None, None], head.out.bias)
     ref = F.normalize(h + out if kind == "residual" else out, dim=1)
     assert torch.allclose(emb.dense(), ref, atol=1e-12)
     index = torch.tensor([0, 7, 19, 20, 39])  # flat indices into 2 x 4 x 5, both images
     b, n = index // 20, index % 20
-    assert torch.allclose(emb.at(index), ref.flatten(2)[b, :, n], atol=1e-12)
+    got, want = emb.at(index), ref.flatten(2)[b, :, n]
+    assert torch.allclose(got, want, atol=1e-12)
     assert emb.size == (4, 5)
+    grads = torch.autograd.grad((got * torch.arange(dim)).sum(), [x, *head.parameters()])
+    ref_grads = torch.autograd.grad((want * torch.arange(dim)).sum(), [x, *head.parameters()])
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-12)
+    if kind != "linear":
+        for buf in ("running_mean", "running_var"):  # updated once by the reference, once by the head
+            torch.testing.assert_close(getattr(head.stem[1], buf), getattr(ref_bn, buf), atol=1e-12, rtol=0)
+
+
+def test_folded_stem_statistics_do_not_overflow_float16() -> None:
+    """Under float16 autocast the folded stem's batch statistics (sums of squares over every
+    pixel: 65,536 here, far above float16's 65,504) are taken in float32."""
+    torch.manual_seed(0)
+    head = ProjectionHead(4, dim=16, kind="residual").train()
+    x = torch.randn(4, 4, 128, 128) * 3
+    index = torch.arange(0, 4 * 128 * 128, 997)
+    with torch.no_grad():
+        reference = head(x).at(index)
+        with torch.autocast("cpu", dtype=torch.float16):
+            half = head(x.half()).at(index)
+    assert torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), reference, atol=2e-2, rtol=0)
 
 
 def test_empty_embedding_zero_reaches_every_head_parameter() -> None:
@@ -246,3 +279,66 @@ def test_half_precision_embeddings_are_contrasted_in_float32() -> None:
     half, _ = pair_contrast(z.bfloat16(), y, z.bfloat16(), y, 0.07, 0.07)
     assert half.dtype == torch.float32
     assert torch.allclose(half, full, atol=0.05)  # only the bf16 rounding of the inputs remains
+
+
+def test_memory_bank_entries_and_keys_against_an_independent_computation() -> None:
+    """The entries one step adds: per image and class, the L2-normalised mean of its pixel
+    embeddings (labels nearest-resized to the embedding) and up to `freq` of its pixel
+    embeddings; the next step contrasts its anchors with the batch, the pixel memory *and* the
+    segment memory (a float64 loop reference over exactly those keys)."""
+    k, freq = 4, 3
+    term = PixelMemoryContrastLoss(RandomSampler(64, 5), num_classes=k, dim=8, memory_size=50, pixel_update_freq=freq,
+                                   temperature=0.1, base_temperature=0.07)
+    out, targets = _output(3, k=k)
+    term(out, targets)
+    pending = term.pending_entries()
+    emb = F.normalize(out.embeddings["projection"].hidden.detach(), dim=1)  # [B, D, 8, 8]
+    small = labels_at(targets.labels, (8, 8))
+    seg, seg_labels = pending["segment"]
+    pix, pix_labels = pending["pixel"]
+    for b in range(emb.shape[0]):
+        for c in range(k):
+            where = small[b] == c
+            slot = b * k + c
+            if not where.any():
+                assert seg_labels[slot] == -1 and (pix_labels[slot * freq:(slot + 1) * freq] == -1).all()
+                continue
+            members = emb[b][:, where].T  # [n, D]
+            mean = members.mean(0)
+            torch.testing.assert_close(seg[slot], mean / mean.norm())
+            assert seg_labels[slot] == c
+            chosen = pix[slot * freq:(slot + 1) * freq][pix_labels[slot * freq:(slot + 1) * freq] == c]
+            assert len(chosen) == min(freq, len(members))
+            for row in chosen:  # each is one of the class's own pixel embeddings, none twice
+                assert (members - row).abs().max(1).values.min() < 1e-6
+            assert len({tuple(r.tolist()) for r in chosen}) == len(chosen)
+    for name, (f, lab) in pending.items():
+        term.enqueue(name, f, lab)
+
+    out2, targets2 = _output(4, k=k)
+    torch.manual_seed(9)
+    z, y, _ = term.sample(out2, targets2)
+    torch.manual_seed(9)
+    loss = term(out2, targets2)
+    keys = [z.detach()] + [term.memories[m].entries()[0] for m in ("pixel", "segment")]
+    key_labels = [y] + [term.memories[m].entries()[1] for m in ("pixel", "segment")]
+    assert int((seg_labels >= 0).sum()) == len(term.memories["segment"].entries()[1]) > 0
+    expected = reference_loss(z.detach(), y, torch.cat(keys), torch.cat(key_labels), 0.1, 0.07, "per_positive")
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_contrast_labels_are_nearest_resized_never_blended() -> None:
+    """Labels reach the embedding's resolution by nearest neighbour: a sampled anchor's label is
+    the label at its pixel's position in the full map (row 2i, column 2i here), never a value
+    made by blending neighbours (bilinear between classes 0 and 4 would make 1, 2 or 3)."""
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(1, 8, 8, 8, generator=g), dim=1)
+    logits = torch.randn(1, 5, 16, 16, generator=g)
+    target = torch.zeros(1, 16, 16, dtype=torch.long)
+    target[:, :, 1::2] = 4  # every other column: a blend would land between 0 and 4
+    target[:, 5:9] = 2
+    out = SegOutput(logits=logits, embeddings={"projection": PixelEmbedding.from_dense(emb)})
+    _, y, index = PixelContrastLoss(RandomSampler(max_samples=200, max_views=2)).sample(out, Targets(target))
+    rows, cols = index // 8, index % 8
+    assert len(index) > 0 and torch.equal(y, target[0, 2 * rows, 2 * cols])
+    assert set(y.tolist()) <= {0, 2}  # the even columns hold 0, the rows 5-8 band 2

@@ -64,3 +64,19 @@ def test_loader_workers_do_not_repeat_each_others_augmentation(tmp_path: Path) -
     dm.setup("fit")
     first, second = [b["image"] for b in dm.train_dataloader()]  # one item per worker
     assert not torch.equal(first, second)
+
+
+def test_the_datamodule_is_the_class_data_datamodule_names(tmp_path: Path) -> None:
+    """data.datamodule._target_ picks the class; every data key its constructor takes reaches it
+    by name (a key of its own too), with the run's seed and the method's need for unlabeled images."""
+    from segcon.build import build_datamodule
+    from tests.conftest import compose_train
+    from tests.helpers import ExtraKeyDataModule
+
+    overrides = [f"data.root={tmp_path}", "data.datamodule._target_=tests.helpers.ExtraKeyDataModule",
+                 "+data.shards=3", "data.batch_size=5", "seed=17"]
+    dm = build_datamodule(compose_train(overrides, output_dir=tmp_path / "run"))
+    assert isinstance(dm, ExtraKeyDataModule)
+    assert (dm.shards, dm.batch_size, dm.seed, dm.unlabeled) == (3, 5, 17, False)
+    ssl = compose_train([*overrides, "method=fixmatch", "data.labeled_count=4"], output_dir=tmp_path / "run")
+    assert build_datamodule(ssl).unlabeled and not build_datamodule(ssl, unlabeled=False).unlabeled

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -70,7 +72,8 @@ def _hand_made_checkpoint(trained_run: Path, path: Path, **config_changes: dict)
 
 def test_teacher_branch_is_selected_and_train_only_keys_ignored(trained_run: Path, tmp_path: Path) -> None:
     ckpt_file = tmp_path / "ts.ckpt"
-    _hand_made_checkpoint(trained_run, ckpt_file)
+    # written by an earlier segcon, whose methods lived elsewhere: evaluation never builds the method
+    _hand_made_checkpoint(trained_run, ckpt_file, method={"_target_": "segcon.methods.teacher_student.MeanTeacher"})
     assert set(load_run_checkpoint(ckpt_file).weights) == {"student", "teacher"}
     _eval(f"ckpt={ckpt_file}", f"out_dir={tmp_path / 's'}")
     assert _metrics(tmp_path / "s")["val/mIoU"] == _metrics(trained_run)["val/mIoU"]
@@ -138,3 +141,31 @@ def test_run_dir_without_checkpoint_and_unknown_keys_are_user_errors(tmp_path: P
     assert "selects a config group" in capsys.readouterr().err
     assert main([f"ckpt={trained_run}", "split=test"]) == 2
     assert "no labelled test split" in capsys.readouterr().err
+
+
+def test_hydras_own_overrides_are_accepted_by_eval_predict_and_export(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`hydra.*` overrides compose with the command's own config: hydra.run.dir is where
+    segcon-eval writes (when out_dir is not given); Hydra checks the keys; predict and export
+    take them too."""
+    from segcon import export, predict
+
+    assert main([f"ckpt={trained_run}", "logger=csv", f"hydra.run.dir={tmp_path / 'hr'}", "hydra.job.name=x"]) == 0
+    assert _metrics(tmp_path / "hr")["val/mIoU"] == _metrics(trained_run)["val/mIoU"]
+    images = next((trained_run / "overlays").parent.glob("overlays"))
+    assert predict.main([f"ckpt={trained_run}", f"input={images}", f"output={tmp_path / 'p'}",
+                         f"hydra.run.dir={tmp_path / 'x'}"]) == 0
+    assert export.main([f"ckpt={trained_run}", "format=safetensors", f"out={tmp_path / 'm.safetensors'}",
+                        "hydra.verbose=true"]) == 0
+    capsys.readouterr()
+    assert main([f"ckpt={trained_run}", "hydra.run.dirr=/x"]) == 2
+    assert "bad command line for segcon-eval" in capsys.readouterr().err
+
+
+def test_evaluation_does_not_import_training() -> None:
+    """segcon-eval builds what evaluation needs (segcon.build) without loading segcon-train's
+    entry point, and rebuilds any checkpoint's network without its training method."""
+    code = "import sys, segcon.evaluate; assert 'segcon.train' not in sys.modules, 'segcon.train imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

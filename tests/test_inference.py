@@ -97,8 +97,8 @@ def test_window_starts_cover_the_axis_and_end_at_its_edge() -> None:
 
 def test_slide_over_one_window_equals_whole() -> None:
     net, x = Strided(), _images(2, 32, 48)
-    whole = infer(net, x, _settings(mode="whole"), output_stride=4)
-    slide = infer(net, x, _settings(mode="slide", crop=[32, 48], stride=[16, 24]), output_stride=4)
+    whole = infer(net, x, _settings(mode="whole"), input_divisor=4)
+    slide = infer(net, x, _settings(mode="slide", crop=[32, 48], stride=[16, 24]), input_divisor=4)
     assert slide.shape == whole.shape == (2, K, 32, 48)
     torch.testing.assert_close(slide, whole, atol=1e-5, rtol=0)
     assert torch.equal(slide.argmax(1), whole.argmax(1))
@@ -109,8 +109,8 @@ def test_slide_with_stride_equal_to_crop_on_a_translation_equivariant_model_equa
     """Exact tiling, a last window moved back over its neighbour, and an image padded up to one
     window: for a pointwise network every case must give the whole-image answer."""
     net, x = Pointwise(), _images(2, h, w)
-    whole = infer(net, x, _settings(mode="whole"), output_stride=1)
-    slide = infer(net, x, _settings(mode="slide", crop=16, stride=16, chunk=3), output_stride=1)
+    whole = infer(net, x, _settings(mode="whole"), input_divisor=1)
+    slide = infer(net, x, _settings(mode="slide", crop=16, stride=16, chunk=3), input_divisor=1)
     assert slide.shape == (2, K, h, w)
     torch.testing.assert_close(slide, whole, atol=1e-5, rtol=0)
 
@@ -118,8 +118,8 @@ def test_slide_with_stride_equal_to_crop_on_a_translation_equivariant_model_equa
 def test_slide_is_not_whole_for_a_network_that_sees_context() -> None:
     """The previous test has teeth: with 3x3 context, windows differ from the whole image."""
     net, x = Strided(), _images(1, 48, 64)
-    whole = infer(net, x, _settings(mode="whole"), output_stride=4)
-    slide = infer(net, x, _settings(mode="slide", crop=16, stride=16), output_stride=4)
+    whole = infer(net, x, _settings(mode="whole"), input_divisor=4)
+    slide = infer(net, x, _settings(mode="slide", crop=16, stride=16), input_divisor=4)
     assert (slide - whole).abs().max() > 1e-3
 
 
@@ -135,12 +135,45 @@ def test_flip_tta_on_a_flip_symmetric_model_equals_whole() -> None:
     assert (infer(sym, x, flip, 1) - infer(sym, x, whole, 1)).abs().max() > 1e-3
 
 
+def test_slide_and_flip_average_probabilities_not_logits() -> None:
+    """Two overlapping windows, and an image with its mirror: the result is the log of the mean
+    of the views' softmax, recomputed here view by view (averaging logits gives another value:
+    the networks' logits are large and differ between views)."""
+    net, x = Strided(), _images(1, 16, 24)
+
+    def up(t: Tensor, size: tuple[int, int]) -> Tensor:  # what inference does with 1/4-scale logits
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+    with torch.no_grad():  # windows 16x16 at x = 0 and x = 8; the network sees context, so they differ
+        left, right = up(net(x[..., :16]), (16, 16)), up(net(x[..., 8:]), (16, 16))
+
+    def stitch(a: Tensor, b: Tensor) -> Tensor:  # the two windows' maps, averaged where they overlap
+        out = torch.zeros(1, K, 16, 24)
+        out[..., :16] += a
+        out[..., 8:] += b
+        out[..., 8:16] /= 2
+        return out
+
+    got = infer(net, x, _settings(mode="slide", crop=16, stride=8), input_divisor=4)
+    torch.testing.assert_close(got, stitch(left.softmax(1), right.softmax(1)).log(), atol=1e-5, rtol=0)
+    assert (got - stitch(left, right).log_softmax(1)).abs().max() > 1e-2  # averaging logits differs
+
+    x = _images(1, 24, 40)
+    with torch.no_grad():
+        plain, mirrored = up(net(x), (24, 40)), up(net(x.flip(-1)), (24, 40)).flip(-1)
+        expected = ((plain.softmax(1) + mirrored.softmax(1)) / 2).log()
+        naive = ((plain + mirrored) / 2).log_softmax(1)
+    got = infer(net, x, _settings(mode="ms_flip", scales=[1.0], flip=True), input_divisor=4)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert (got - naive).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("ms_slide", [False, True])
 def test_ms_flip_on_a_constant_model_returns_that_constant(ms_slide: bool) -> None:
     logits = torch.tensor([0.5, -1.0, 2.0, 0.0])
     x = _images(2, 37, 53)  # odd sizes: padding, scaling and resizing back all take part
     settings = _settings(mode="ms_flip", scales=[0.5, 0.75, 1.0, 1.3], flip=True, ms_slide=ms_slide, crop=16)
-    probs = infer(Constant(logits), x, settings, output_stride=4).exp()
+    probs = infer(Constant(logits), x, settings, input_divisor=4).exp()
     assert probs.shape == (2, K, 37, 53)
     expected = logits.softmax(0).view(1, K, 1, 1).expand_as(probs)
     torch.testing.assert_close(probs, expected, atol=1e-6, rtol=0)
@@ -154,7 +187,7 @@ def test_windows_are_batched_in_chunks_and_counted_as_announced(mode: str) -> No
     for chunk in (1, 5):
         net = Counting(Strided())
         s = _settings(**settings, chunk=chunk)
-        results[chunk] = infer(net, _images(b, h, w), s, output_stride=4)
+        results[chunk] = infer(net, _images(b, h, w), s, input_divisor=4)
         assert sum(net.calls) == b * s.passes(h, w)
         assert max(net.calls) <= chunk
     # slide: 3 x 3 windows; ms_flip: 2 x 2 windows at scale 0.5 (20x28) and 3 x 3 at scale 1, each twice
@@ -200,15 +233,15 @@ def test_bad_settings_name_the_key(node: dict, message: str) -> None:
 
 def test_validation_settings_reach_the_module(tiny_cfg) -> None:
     """build_module hands data.eval to the module, and validate_cfg checks it."""
+    from segcon.build import build_module
     from segcon.config import validate_cfg
-    from segcon.train import build_module
 
     cfg = tiny_cfg("data.eval.mode=slide", "data.eval.stride=[32,32]")
     module = build_module(cfg)
     assert (module.inference.mode, module.inference.crop, module.inference.stride) == ("slide", (64, 64), (32, 32))
     module.eval()
     x = _images(1, 64, 96)
-    expected = infer(module.net, x, module.inference, module.net.output_stride)
+    expected = infer(module.net, x, module.inference, module.net.input_divisor)
     torch.testing.assert_close(module.predict_logits(x), expected)
     assert F.softmax(expected, 1).sum(1).sub(1).abs().max() < 1e-5
     with pytest.raises(ConfigError, match=r"data\.eval\.stride"):

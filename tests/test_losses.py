@@ -62,6 +62,36 @@ def test_ohem_keeps_hard_pixels_and_min_kept() -> None:
         assert loss.item() == pytest.approx(sum(kept) / len(kept), rel=1e-9)
 
 
+def test_ohem_keeps_at_least_min_kept_pixels_per_image_of_the_batch() -> None:
+    """With B images, the kept set is the pixels below max(thresh, the (min_kept * B)-th smallest
+    probability of the whole batch): min_kept counts per image (UniMatch's Cityscapes recipe keeps
+    200,000 pixels per call of 2 images, which is min_kept 100,000 here)."""
+    logits, target = _inputs(5, b=3, h=8, w=8)
+    probs = sorted((float(logp[t].exp()), -float(logp[t])) for logp, t in _pixels(logits.detach(), target))
+    min_kept = 7
+    threshold = max(0.05, probs[min(min_kept * 3, len(probs) - 1)][0])
+    kept = [nll for p, nll in probs if p < threshold]
+    assert len(kept) >= 3 * min_kept > min_kept
+    loss = OhemCrossEntropyLoss(thresh=0.05, min_kept=min_kept, ignore_index=IGNORE)(logits, target)
+    assert loss.item() == pytest.approx(sum(kept) / len(kept), rel=1e-9)
+
+
+def test_per_pixel_weights_scale_the_numerator_only() -> None:
+    """`weight` multiplies each pixel's loss; the normaliser stays the valid pixels (so a pixel
+    with weight 0 still counts in the mean), for CE and focal; Dice masks its sums."""
+    logits, target = _inputs(6, b=2, h=4, w=4)
+    weight = torch.rand(target.shape, generator=torch.Generator().manual_seed(1))
+    valid = target != IGNORE
+    ce = F.cross_entropy(logits, target.masked_fill(~valid, 0), reduction="none")
+    assert CrossEntropyLoss(IGNORE)(logits, target, weight).item() == pytest.approx(
+        float((ce * weight * valid).sum() / valid.sum()), rel=1e-9)
+    focal = FocalLoss(gamma=0.0, ignore_index=IGNORE)(logits, target, weight)  # gamma 0: CE
+    assert focal.item() == pytest.approx(float((ce * weight * valid).sum() / valid.sum()), rel=1e-9)
+    ones = torch.ones_like(weight)
+    for loss in (CrossEntropyLoss(IGNORE), DiceLoss(IGNORE), FocalLoss(ignore_index=IGNORE)):
+        assert loss(logits, target, ones).item() == pytest.approx(loss(logits, target).item(), rel=1e-9)
+
+
 def test_dice_matches_manual_formula() -> None:
     logits, target = _inputs(4, k=3)
     k = 3

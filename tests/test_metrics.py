@@ -55,9 +55,27 @@ def test_confusion_matrix_and_miou_match_numpy(seed: int) -> None:
     np.testing.assert_allclose(s.iou.numpy(), ref_iou, rtol=1e-6, equal_nan=True)
     assert math.isnan(float(s.iou[k - 1]))  # absent from ground truth and prediction: not averaged
     assert s.miou == pytest.approx(ref_miou, rel=1e-9)
+    # per-class accuracy (the table's and CSV's "acc" column): recall TP / ground-truth pixels
+    gt = ref.sum(1)
+    ref_acc = np.where(gt > 0, np.diag(ref) / np.maximum(gt, 1), np.nan)
+    np.testing.assert_allclose(s.acc.numpy(), ref_acc, rtol=1e-6, equal_nan=True)
     valid = sum((t != ignore).sum() for t in targets)
     correct = sum(((p == t) & (t != ignore)).sum() for p, t in zip(preds, targets, strict=True))
     assert s.pixel_acc == pytest.approx(correct / valid)
+
+
+def test_a_class_predicted_but_absent_from_the_ground_truth_counts_with_iou_0() -> None:
+    """mIoU averages the classes present in the ground truth *or* the prediction: a class only
+    predicted (false positives, no ground truth) has IoU 0 and counts; a class in neither does
+    not. Its accuracy (recall) is undefined, the others' is TP / ground-truth pixels."""
+    t = torch.tensor([[0, 0, 0, 0, 1, 1]])
+    p = torch.tensor([[0, 0, 0, 3, 1, 0]])  # class 3: predicted once, never in the ground truth; class 2: neither
+    s = scores(confusion_matrix(p, t, 4, 255))
+    # class 0: TP 3, FP 1, FN 1 -> 3/5; class 1: TP 1, FN 1 -> 1/2; class 3: FP 1 -> 0
+    assert s.miou == pytest.approx((3 / 5 + 1 / 2 + 0) / 3)
+    assert s.iou[3] == 0 and math.isnan(float(s.iou[2]))
+    assert s.acc[0] == pytest.approx(3 / 4) and s.acc[1] == pytest.approx(1 / 2)
+    assert math.isnan(float(s.acc[2])) and math.isnan(float(s.acc[3]))
 
 
 def test_dataset_level_not_per_image_average() -> None:

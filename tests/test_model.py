@@ -1,4 +1,5 @@
-"""SegNet's output contract, parameter groups, and loading local weights."""
+"""SegNet (the smp family): its perturbed decoding, heads, configuration checks, and loading local
+weights. The contract every family shares is tested in test_model_contract.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from segcon.models.segnet import SegNet, SegOutput, required_input_divisor
+from segcon.models.output import SegOutput
+from segcon.models.segnet import SegNet
 from segcon.utils.errors import ConfigError
 
 
@@ -25,7 +27,7 @@ def test_train_mode_returns_segoutput_eval_returns_logits(net: SegNet) -> None:
     assert isinstance(out, SegOutput)
     assert out.logits.shape == (2, 4, 64, 96)
     assert [f.shape[-1] for f in out.features] == [96, 48, 24, 12, 6, 3]
-    assert out.decoder is not None and out.embedding is None
+    assert out.decoder is not None and out.embeddings == {}
     net.eval()
     with torch.no_grad():
         logits = net(x)
@@ -49,7 +51,7 @@ def test_perturbed_branch_decodes_clean_and_dropped_stages_in_one_batch() -> Non
     torch.testing.assert_close(out.logits.detach(), logits[:2])
     torch.testing.assert_close(out.aux["perturbed_logits"].detach(), logits[2:])
     assert not torch.allclose(logits[:2], logits[2:], atol=1e-3)  # the dropout did perturb
-    torch.testing.assert_close(out.embedding.hidden.detach(), hidden)  # heads read the clean half
+    torch.testing.assert_close(out.embeddings["projection"].hidden.detach(), hidden)  # heads read the clean half
     assert out.decoder.shape[0] == 2
     net.eval()  # no dropout in eval mode: both halves are the plain prediction
     with torch.no_grad():
@@ -67,25 +69,70 @@ def test_segoutput_take_and_cat_round_trip() -> None:
     assert torch.equal(whole.logits, out.logits) and torch.equal(whole.decoder, out.decoder)
     assert all(torch.equal(a, b) for a, b in zip(whole.features, out.features, strict=True))
     assert torch.equal(whole.aux["weight_logits"], out.aux["weight_logits"])
-    index = torch.tensor([0, 5, out.embedding.hidden[0, 0].numel() * 2 + 7])  # pixels of images 0 and 2
-    torch.testing.assert_close(whole.embedding.at(index), out.embedding.at(index))
+    emb = out.embeddings["projection"]
+    index = torch.tensor([0, 5, emb.hidden[0, 0].numel() * 2 + 7])  # pixels of images 0 and 2
+    torch.testing.assert_close(whole.embeddings["projection"].at(index), emb.at(index))
     part = out.take(slice(2, 3))
-    torch.testing.assert_close(part.embedding.at(torch.tensor([7])), out.embedding.at(index[2:]))
+    torch.testing.assert_close(part.embeddings["projection"].at(torch.tensor([7])), emb.at(index[2:]))
     with pytest.raises(ValueError, match="different fields"):
         SegOutput.cat([out, SegOutput(logits=out.logits)])
 
 
-def test_parameter_groups_partition_all_parameters(net: SegNet) -> None:
-    enc = {id(p) for p in net.encoder_parameters()}
-    head = {id(p) for p in net.head_parameters()}
-    assert not enc & head
-    assert enc | head == {id(p) for p in net.parameters()}
-    assert enc == {id(p) for p in net.model.encoder.parameters()}
+def test_encoder_group_is_the_smp_encoder(net: SegNet) -> None:
+    assert {id(p) for p in net.parameter_groups()["encoder"]} == {id(p) for p in net.model.encoder.parameters()}
 
 
 @pytest.mark.parametrize(("arch", "encoder", "stride"), [("fpn", "resnet18", 32), ("deeplabv3plus", "resnet18", 16), ("unet", "resnet18", 1), ("segformer", "mit_b0", 32)])
-def test_required_input_divisor(arch: str, encoder: str, stride: int) -> None:
-    assert required_input_divisor(arch, encoder) == stride
+def test_input_divisor_from_the_config_alone(arch: str, encoder: str, stride: int) -> None:
+    assert SegNet.check_config({"arch": arch, "encoder_name": encoder, "num_classes": 3}) == stride
+    assert SegNet(arch, encoder, num_classes=3).input_divisor == stride
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"arch": "foo"}, r"model.arch='foo' is not an smp architecture; valid: deeplabv3, deeplabv3plus, dpt, fpn"),
+    ({"encoder_name": "resnet19"}, r"model.encoder_name='resnet19' is not an smp encoder; closest: resnet18"),
+    ({"encoder_name": "tu-convnext_tiniest"}, r"timm has no model 'convnext_tiniest'; closest: tu-convnext_tiny"),
+    ({"projection": {"source": "neck"}}, r"model.projection.source must be one of \('decoder', 'encoder'\)"),
+    ({"projections": {"s3": {"dims": 8}}}, r"model.projections.s3 has unknown key\(s\) \['dims'\]"),
+    ({"weight_branch": {"depth": "all"}}, r"model.weight_branch.depth must be one of"),
+    ({"decoder_channels": "wide"}, r"model: smp cannot build unet / resnet18 with these settings"),
+])
+def test_bad_settings_name_the_key(config: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SegNet.check_config({"arch": "unet", "encoder_name": "resnet18", "num_classes": 3, **config})
+
+
+def test_named_projections_one_per_stage_and_heads_on_request() -> None:
+    torch.manual_seed(0)
+    net = SegNet("fpn", "resnet18", num_classes=3, projection={"dim": 8},
+                 projections={"s3": {"source": "encoder", "stages": [3], "dim": 4}, "off": None}).train()
+    out = net(torch.randn(2, 3, 64, 64))
+    assert sorted(out.embeddings) == ["projection", "s3"]
+    assert out.embeddings["s3"].size == (8, 8) and out.embeddings["projection"].size == (16, 16)  # 1/8 and 1/4
+    assert out.embeddings["s3"].at(torch.tensor([0, 100])).shape == (2, 4)
+    assert net.forward_features(torch.randn(2, 3, 64, 64), heads=()).embeddings == {}
+    assert sorted(net.forward_features(torch.randn(2, 3, 64, 64), heads=["s3"]).embeddings) == ["s3"]
+    with pytest.raises(ConfigError, match="the name 'projection' is taken"):
+        SegNet("fpn", "resnet18", num_classes=3, projections={"projection": {"dim": 4}})
+
+
+def test_decoder_logits_are_the_classifier_before_its_upsampling() -> None:
+    """FPN's head upsamples x4 (align_corners=True): `decoder_logits` are its 1/4-scale scores, and
+    `logits_at` returns them unchanged at that size instead of resizing the upsampled logits back
+    (which shifts them: their argmax differs)."""
+    torch.manual_seed(0)
+    net = SegNet("fpn", "resnet18", num_classes=4).train()
+    x = torch.randn(2, 3, 64, 64)
+    out = net(x)
+    head = net.model.segmentation_head
+    assert out.decoder_logits is not None and out.decoder_logits.shape == (2, 4, 16, 16)
+    torch.testing.assert_close(out.decoder_logits, head[0](out.decoder))
+    torch.testing.assert_close(out.logits, head(out.decoder))
+    assert out.logits_at((16, 16)) is out.decoder_logits and out.logits_at((64, 64)) is out.logits
+    resized_back = torch.nn.functional.interpolate(out.logits, size=(16, 16), mode="bilinear", align_corners=False)
+    assert not torch.allclose(resized_back, out.decoder_logits, atol=1e-3)
+    unet = SegNet("unet", "resnet18", num_classes=4).train()  # no upsampling in the head: no second copy
+    assert unet(x).decoder_logits is None
 
 
 def test_full_weights_round_trip_from_lightning_style_checkpoint(net: SegNet, tmp_path: Path) -> None:

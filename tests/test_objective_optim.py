@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from segcon.methods.optim import build_optimizer, poly_factor
-from segcon.models.segnet import SegOutput
-from segcon.objectives.objective import Objective, TermSchedule, build_objective
+from segcon.models.output import SegOutput
+from segcon.objectives.base import Targets, Term
+from segcon.objectives.objective import Objective, TermGroup, TermSchedule, build_objective
 from segcon.objectives.supervised import CrossEntropyLoss, DiceLoss
 from segcon.utils.errors import ConfigError
+
+IGNORE = 255
 
 
 def test_schedule_warmup_then_ramp() -> None:
@@ -19,11 +23,18 @@ def test_schedule_warmup_then_ramp() -> None:
     assert TermSchedule(0.1, warmup_steps=2)(1) == 0 and TermSchedule(0.1, warmup_steps=2)(2) == 0.1
 
 
-class _Contrast(nn.Module):
-    """A toy contrastive term reading the SegOutput: mean of the decoder feature, in two parts."""
+class _Contrast(Term):
+    """A toy term reading the SegOutput: mean of the decoder feature, in two parts."""
 
-    def forward(self, out: SegOutput, target: torch.Tensor, confidence: torch.Tensor | None) -> dict:
+    reads = frozenset({"decoder"})
+    calls = 0
+
+    def forward(self, out: SegOutput, targets: Targets) -> dict:
+        type(self).calls += 1
         return {"a": out.decoder.mean(), "b": 2 * out.decoder.mean()}
+
+    def zero(self, out: SegOutput) -> torch.Tensor:
+        return out.decoder.sum() * 0.0
 
 
 def test_total_is_weighted_sum_and_every_term_is_logged() -> None:
@@ -33,31 +44,56 @@ def test_total_is_weighted_sum_and_every_term_is_logged() -> None:
     target = torch.randint(0, 3, (2, 4, 4))
     out = SegOutput(logits=logits, decoder=decoder)
     obj = Objective(
-        {"ce": CrossEntropyLoss(), "dice": DiceLoss()},
-        {"con": _Contrast()},
-        {"dice": TermSchedule(0.5), "con": TermSchedule(0.1, warmup_steps=10)},
+        TermGroup({"ce": CrossEntropyLoss(), "dice": DiceLoss()}, {"dice": TermSchedule(0.5)}),
+        TermGroup({"con": _Contrast()}, {"con": TermSchedule(0.1, warmup_steps=10)}),
     )
     ce, dice, con = CrossEntropyLoss()(logits, target), DiceLoss()(logits, target), 3 * decoder.mean()
-    total, logs = obj(out, target, step=3)
+    _Contrast.calls = 0
+    total, logs = obj(out, Targets(target), step=3)
     torch.testing.assert_close(total, ce + 0.5 * dice)  # contrast still in warm-up
-    assert set(logs) == {"loss", "loss_ce", "loss_dice", "loss_con", "loss_con/a", "loss_con/b", "weight_con"}
+    # in warm-up the term is not computed (no loss_con), only its weight is logged
+    assert set(logs) == {"loss", "loss_ce", "loss_dice", "weight_con"} and _Contrast.calls == 0
     assert float(logs["weight_con"]) == 0.0
     total.backward()
-    assert decoder.grad is not None  # a term in warm-up stays in the graph (weight 0)
-    total, logs = obj(out, target, step=10)
+    assert decoder.grad is not None and (decoder.grad == 0).all()  # its connected zero keeps it in the graph
+    total, logs = obj(out, Targets(target), step=10)
     torch.testing.assert_close(total, ce + 0.5 * dice + 0.1 * con)
+    assert set(logs) == {"loss", "loss_ce", "loss_dice", "loss_con", "loss_con/a", "loss_con/b", "weight_con"}
     torch.testing.assert_close(logs["loss_con"], con.detach())
+    assert obj.contrast_reads() == {"decoder"}
+
+
+def test_pseudo_label_loss_is_weighted_by_the_kept_pixels_and_divided_by_all_valid_ones() -> None:
+    """UniMatch's unsupervised loss: CE summed over the kept pseudo-labels, divided by every valid
+    pixel (crop padding excluded); several terms are logged under unsup_<name>."""
+    logits = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[0.0, 3.0], [1.0, 0.0]]]])  # [1, 2, 2, 2]
+    label = torch.tensor([[[0, 1], [1, IGNORE]]])  # (1, 1) is crop padding
+    keep = torch.tensor([[[True, False], [True, False]]])
+    ce = F.cross_entropy(logits, label.clamp(max=1), reduction="none")[0]
+    targets = Targets(label, IGNORE, keep=keep)
+    obj = Objective({"ce": CrossEntropyLoss()}, pseudo=TermGroup({"ce": CrossEntropyLoss()}, {"ce": TermSchedule(2.0, 1)}))
+    total, logs = obj.pseudo_loss(SegOutput(logits=logits), targets, step=1, view="_s1")
+    assert float(logs["loss_unsup_s1"]) == pytest.approx(float(ce[0, 0] + ce[1, 0]) / 3)
+    assert float(total) == pytest.approx(2.0 * float(ce[0, 0] + ce[1, 0]) / 3) and float(logs["weight_unsup"]) == 2.0
+    total, logs = obj.pseudo_loss(SegOutput(logits=logits), targets, step=0)  # warm-up: nothing computed
+    assert float(total) == 0.0 and set(logs) == {"weight_unsup"}
+    two = Objective({"ce": CrossEntropyLoss()}, pseudo={"ce": CrossEntropyLoss(), "dice": DiceLoss()})
+    _, logs = two.pseudo_loss(SegOutput(logits=logits), targets, step=0)
+    assert {"loss_unsup_ce", "loss_unsup_dice", "weight_unsup_ce"} <= set(logs)
 
 
 def test_build_objective_from_config_groups() -> None:
     loss = {"ce": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss", "weight": 1.0, "ignore_index": 255},
             "dice": {"_target_": "segcon.objectives.supervised.DiceLoss", "weight": 0.5, "warmup_steps": 7}}
-    obj = build_objective(loss, {})
-    assert set(obj.supervised) == {"ce", "dice"} and obj.schedules["dice"] == TermSchedule(0.5, 7, 0)
+    obj = build_objective(loss, {}, loss)  # the pseudo-label group may reuse the loss group's names
+    assert set(obj.supervised) == {"ce", "dice"} and obj.supervised.schedules["dice"] == TermSchedule(0.5, 7, 0)
+    assert set(obj.pseudo) == {"ce", "dice"}
     with pytest.raises(ConfigError, match="no term"):
         build_objective({}, {})
     with pytest.raises(ConfigError, match="share the name"):
         build_objective(loss, {"ce": loss["ce"]})
+    with pytest.raises(ConfigError, match="neither a PixelLoss nor a Term"):
+        build_objective({"l1": {"_target_": "torch.nn.L1Loss"}})
 
 
 def test_poly_factor_values() -> None:

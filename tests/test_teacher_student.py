@@ -13,9 +13,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from segcon.build import build_module
 from segcon.data.splits import make_split
-from segcon.methods.teacher_student import TeacherStudentModule, masked_ce
-from segcon.train import build_module, train
+from segcon.methods.pseudo_labels import PseudoLabels, pseudo_label_stats
+from segcon.train import train
 from tests.helpers import capture_contrast_target
 from tests.test_evaluate import _eval
 from tests.test_train import _cli, _tiny_cli_args
@@ -32,22 +33,18 @@ def _values(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key)]
 
 
-def test_masked_ce_divides_by_valid_pixels() -> None:
-    logits = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[0.0, 3.0], [1.0, 0.0]]]])  # [1, 2, 2, 2]
-    label = torch.tensor([[[0, 1], [1, 0]]])
-    keep = torch.tensor([[[True, False], [True, False]]])
-    valid = torch.tensor([[[True, True], [True, False]]])
-    ce = torch.nn.functional.cross_entropy(logits, label, reduction="none")[0]
-    assert float(masked_ce(logits, label, keep, valid)) == pytest.approx(float(ce[0, 0] + ce[1, 0]) / 3)
-
-
 def test_pseudo_label_stats_count_by_hand_and_skip_ratios_of_nothing() -> None:
     label = torch.tensor([[[0, 1, 2], [1, 1, 0]]])  # [1, 2, 3] pseudo-labels
     gt = torch.tensor([[[0, 2, 2], [1, IGNORE, 1]]])
     valid = torch.tensor([[[True, True, True], [True, True, False]]])
     keep = torch.tensor([[[True, True, False], [True, True, False]]])
-    owner = SimpleNamespace(ignore_index=IGNORE, num_classes=3, class_names=["a", "b", "c"])
-    logs = TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid, "gt": gt})
+    names = ["a", "b", "c"]
+
+    def stats(keep: torch.Tensor, gt: torch.Tensor | None) -> dict:
+        pseudo = PseudoLabels(label.masked_fill(~valid, IGNORE), torch.ones(label.shape), keep, IGNORE)
+        return pseudo_label_stats(pseudo, valid, gt, IGNORE, names)
+
+    logs = stats(keep, gt)
     # confident & valid: 4 of 5 valid pixels; scored confident: (0,0) right, (0,1) wrong, (1,0) right
     assert float(logs["mask_ratio"]) == pytest.approx(4 / 5)
     assert float(logs["pl_acc"]) == pytest.approx(2 / 3)
@@ -59,12 +56,12 @@ def test_pseudo_label_stats_count_by_hand_and_skip_ratios_of_nothing() -> None:
     # scored gt pixels: a at (0,0), b at (1,0), c at (0,1) and (0,2); confident and right: (0,0), (1,0)
     recall = {c: float(logs[f"pl_recall/{c}"]) for c in "abc"}
     assert recall == pytest.approx({"a": 1.0, "b": 1.0, "c": 0.0})
-    none = TeacherStudentModule.pseudo_label_stats(owner, label, torch.zeros_like(keep), {"valid": valid, "gt": gt})
+    none = stats(torch.zeros_like(keep), gt)
     assert "pl_acc" not in none and float(none["mask_ratio"]) == 0.0 and float(none["pl_acc_all"]) == pytest.approx(3 / 4)
     assert not any(k.startswith("pl_share/") for k in none) and float(none["pl_recall/c"]) == 0.0
-    no_c = TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid, "gt": gt.clamp(max=1)})
+    no_c = stats(keep, gt.clamp(max=1))
     assert "pl_recall/c" not in no_c  # no c pixel in the ground truth: no recall of it
-    no_gt = TeacherStudentModule.pseudo_label_stats(owner, label, keep, {"valid": valid})
+    no_gt = stats(keep, None)
     assert set(no_gt) == {"mask_ratio", "pl_share/a", "pl_share/b", "pl_share/c"}
 
 
@@ -158,6 +155,67 @@ def test_contrast_target_is_labels_plus_confident_pseudo_labels(tiny_cfg: Callab
     assert (target[2:] != IGNORE).any() and (target[2:, :, 50:] == IGNORE).all()
 
 
+def test_low_confidence_pseudo_labels_reach_terms_with_their_confidence(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """Terms get every pseudo-label with its confidence and the filter's keep mask, not labels
+    already erased: low-confidence pixels keep their class; only padding is unlabeled."""
+    module = _module(tiny_cfg, "method=fixmatch", "method.cutmix_prob=0", "method.confidence.threshold=0.4",
+                     "contrast=pixel")
+    captured = capture_contrast_target(module)
+    g = torch.Generator().manual_seed(2)
+    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    weak = torch.randn(2, 3, 64, 64, generator=g)
+    valid = torch.ones(2, 64, 64, dtype=torch.bool)
+    valid[:, 60:] = False
+    module.unsupervised_step(labeled, {"image": weak, "strong": weak[:, None].clone(), "valid": valid})
+    with torch.no_grad():
+        conf, label = module.net.forward_features(weak, heads=()).logits.softmax(1).max(1)
+    t = captured["targets"]
+    assert t.labeled.tolist() == [True, True, False, False]
+    assert torch.equal(t.labels[2:], label.masked_fill(~valid, IGNORE)) and torch.equal(t.labels[:2], labeled["mask"])
+    torch.testing.assert_close(t.confidence[2:], conf)
+    assert (t.confidence[:2] == 1).all()
+    assert torch.equal(t.keep[2:], (conf >= 0.4) & valid) and (~t.keep[2:] & valid).any()
+
+
+def test_cutmix_mixes_images_pseudo_labels_and_confidences_with_the_same_boxes(
+    tiny_cfg: Callable[..., DictConfig],
+) -> None:
+    """cutmix_prob 1: every strong view gets a box from the next image of the batch; the student
+    sees the mixed image, and the pseudo-label loss and the contrastive targets the pseudo-labels,
+    keep mask and confidences mixed with the same boxes (recomputed here from the same seed)."""
+    from segcon.methods.mixing import cutmix_masks
+
+    module = _module(tiny_cfg, "method=mean_teacher", "method.cutmix_prob=1", "method.confidence.threshold=0.3",
+                     "contrast=pixel")
+    captured = capture_contrast_target(module)
+    g = torch.Generator().manual_seed(5)
+    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    weak = torch.randn(2, 3, 64, 64, generator=g)
+    strong = weak + 0.5 * torch.randn(2, 3, 64, 64, generator=g)
+    valid = torch.ones(2, 64, 64, dtype=torch.bool)
+    torch.manual_seed(11)
+    _, logs = module.unsupervised_step(labeled, {"image": weak, "strong": strong[:, None], "valid": valid})
+
+    torch.manual_seed(11)  # the mean teacher's step draws nothing else before the boxes
+    boxes = cutmix_masks(2, (64, 64), 1.0)
+    assert all(0 < int(b.sum()) < 64 * 64 for b in boxes)
+
+    def mixed(t: torch.Tensor) -> torch.Tensor:
+        m = boxes if t.dim() == 3 else boxes[:, None]
+        return torch.where(m, t.roll(1, dims=0), t)
+
+    with torch.no_grad():
+        conf, label = module.teacher(weak).softmax(1).max(1)
+        logits = module.net(torch.cat([labeled["image"], mixed(strong)])).logits  # train mode, as the step runs
+    keep = mixed((conf >= 0.3) & valid)
+    t = captured["targets"]
+    assert torch.equal(t.labels[2:], mixed(label)) and torch.equal(t.keep[2:], keep)
+    torch.testing.assert_close(t.confidence[2:], mixed(conf))
+    torch.testing.assert_close(captured["output"].logits[2:].detach(), logits[2:], rtol=1e-4, atol=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits[2:], mixed(label), reduction="none")
+    assert float(logs["loss_unsup"]) == pytest.approx(float((ce * keep).sum() / valid.sum()), rel=1e-4)
+
+
 @pytest.mark.parametrize(("weights", "scale"), [((0.25, 0.5), 0.5), ((0.5, 0.0), 1.0)])
 def test_unimatch_loss_is_the_weighted_sum_of_its_branches(
     weights: tuple[float, float], scale: float, tiny_cfg: Callable[..., DictConfig]
@@ -213,17 +271,22 @@ def test_entropy_filter_drops_the_most_uncertain_share(tiny_cfg: Callable[..., D
     probs = torch.randn(2, 5, 8, 8, generator=g).mul(3).softmax(1)
     valid = torch.ones(2, 8, 8, dtype=torch.bool)
     valid[0, 0] = False
-    keep = module.confident(probs, valid)
+    labeled = {"mask": torch.zeros(1, 8, 8, dtype=torch.long)}
+    pseudo, _ = module.pseudo_labels(probs, labeled, {"valid": valid})
+    keep = pseudo.keep
     entropy = -(probs * probs.log()).sum(1)
     n = int(valid.sum())
     assert int(keep.sum()) == n - int(0.2 * n) and not (keep & ~valid).any()
     assert entropy[keep].max() <= entropy[valid & ~keep].min()  # the dropped ones are the most uncertain
+    assert (pseudo.label[~keep & valid] != IGNORE).all()  # the dropped ones keep their label...
+    assert torch.equal(pseudo.confidence, probs.max(1).values) and (pseudo.label[~valid] == IGNORE).all()
     module._trainer.global_step = 100  # end of training: nothing is dropped any more
-    assert torch.equal(module.confident(probs, valid), valid)
+    assert torch.equal(module.pseudo_labels(probs, labeled, {"valid": valid})[0].keep, valid)
 
 
 def test_cac_joins_a_teacher_student_run(tiny_cfg: Callable[..., DictConfig]) -> None:
-    cfg = tiny_cfg("method=mean_teacher", "contrast=cac", "sampler.max_views=20", "method.confidence.threshold=0.0", *SSL)
+    cfg = tiny_cfg("method=mean_teacher", "contrast=cac", "sampler.max_views=20", "method.confidence.threshold=0.0",
+                   "contrast.cac.warmup_steps=0", *SSL)
     train(cfg)
     rows = _rows(Path(cfg.paths.output_dir))
     for key in ("train/loss_cac", "train/loss_weight_branch", "train/loss_unsup"):
@@ -252,6 +315,38 @@ def test_resume_restores_the_teacher(tiny_cfg: Callable[..., DictConfig], tmp_pa
     assert int(saved["alignment.steps"]) == 3 and int(resumed["state_dict"]["alignment.steps"]) == 5
 
 
+def test_the_ema_as_the_methods_schedule_it_after_a_supervised_warm_up(tiny_cfg: Callable[..., DictConfig]) -> None:
+    """sup_warmup_epochs=1 (3 steps): the teacher stays untouched during the warm-up, is the
+    student's copy when the unsupervised phase starts, equals the student after its first EMA
+    update (m = 0 at t = 0), and is the average with m = min(1 - 1/(t + 1), m_max) after that
+    (t counted from the end of the warm-up, not from step 0)."""
+    cfg = tiny_cfg("method=mean_teacher", "data.labeled_count=4", "method.sup_warmup_epochs=1", "trainer.max_epochs=2",
+                   "trainer.max_steps=6", "method.ema_momentum=0.9",
+                   "+callbacks.record._target_=tests.helpers.RecordTeacherAndStudent")
+    train(cfg)
+    records = torch.load(Path(cfg.paths.output_dir) / "networks.pt", weights_only=True)
+    by_step = {r["step"]: r for r in records}  # the last record of a step wins: after training
+    assert sorted(by_step) == list(range(7))
+
+    def equal(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    def close(a: dict, b: dict) -> bool:
+        return all(torch.allclose(a[k].double(), b[k].double(), atol=1e-6) for k in a if a[k].is_floating_point())
+
+    start = by_step[0]["teacher"]
+    assert equal(by_step[2]["teacher"], start) and not equal(start, by_step[2]["student"])  # warm-up: untouched
+    assert equal(by_step[3]["teacher"], by_step[3]["student"])  # the copy when the unsupervised phase starts
+    assert not equal(by_step[3]["student"], by_step[4]["student"])
+    assert equal(by_step[4]["teacher"], by_step[4]["student"])  # first update after it: m = 0
+    for step, t in ((5, 1), (6, 2)):  # the update at the end of step s - 1 uses t = s - 1 - 3
+        m = min(1 - 1 / (t + 1), 0.9)
+        prev, now = by_step[step - 1]["teacher"], by_step[step]["student"]
+        expected = {k: m * prev[k].double() + (1 - m) * now[k].double() if prev[k].is_floating_point() else now[k]
+                    for k in prev}
+        assert close(by_step[step]["teacher"], expected), step
+
+
 @pytest.mark.ddp
 def test_ddp_sim_teacher_is_identical_on_both_ranks(data_dir: Path, tmp_path: Path) -> None:
     extra = ["trainer=ddp_sim", "method=fixmatch", "method.distribution_alignment=true", "data.labeled_count=4",
@@ -275,6 +370,7 @@ def test_pseudo_labels_come_from_the_teacher_or_the_student(tiny_cfg: Callable[.
             for p in module.teacher.model.segmentation_head.parameters():
                 p.add_(0.1)  # teacher and student now disagree
             want = module.teacher(x).softmax(1) if source == "teacher" else module.net(x).logits.softmax(1)
-        got = module.pseudo_labels(x)
+        got, teacher_output = module.weak_probs(x)
+        assert teacher_output is None  # no term reads it
         assert torch.isfinite(got).all() and torch.allclose(got, want), method
         assert not module.teacher.training and module.net.training

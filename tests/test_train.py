@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import DictConfig
 
+from segcon.build import build_datamodule, build_module
 from segcon.evaluation.metrics import confusion_matrix, scores
-from segcon.train import build_datamodule, build_module, train
+from segcon.train import train
 from tests.conftest import TINY_SYNTHETIC
 
 pytestmark = pytest.mark.slow
@@ -169,6 +172,43 @@ def test_tensorboard_overlays_and_mixed_precision(tiny_cfg: Callable[..., DictCo
     assert "train/loss_ce" in events.Tags()["scalars"]
 
 
+@pytest.mark.parametrize("overrides", [
+    ("contrast=cac", "model.projection.kind=residual", "contrast.cac.warmup_steps=0"),
+    ("contrast=pixel_memory", "contrast.pixel_memory.warmup_steps=0", "method=fixmatch", "data.labeled_count=4"),
+], ids=["cac-residual", "fixmatch-memory"])
+def test_a_16_mixed_run_trains_with_float16_autocast_and_a_grad_scaler(
+    overrides: tuple[str, ...], tiny_cfg: Callable[..., DictConfig]
+) -> None:
+    """float16 autocast with a GradScaler (Lightning's 16-mixed; on CPU the plugin is given
+    explicitly, as Lightning's precision flag would switch to bf16 there): the heads' sums over
+    every pixel (batch statistics of the folded projection stem, region means of the memory)
+    must not overflow float16, every loss stays finite and the scaler's state is checkpointed."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from segcon.config import prepare_data
+    from segcon.utils.checkpoint import AtomicCheckpointIO
+
+    cfg = tiny_cfg(*overrides, "sampler.max_views=20", "trainer.max_steps=3", "trainer.max_epochs=1", "logger=csv")
+    prepare_data(cfg)
+    module, dm = build_module(cfg), build_datamodule(cfg)
+    seen: list[torch.dtype] = []
+    module.net.register_forward_hook(lambda m, i, out: seen.append(out.logits.dtype) if m.training else None)
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu"), AtomicCheckpointIO()],
+                        default_root_dir=cfg.paths.output_dir, logger=L.pytorch.loggers.CSVLogger(cfg.paths.output_dir),
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+                        num_sanity_val_steps=0, log_every_n_steps=1)
+    trainer.fit(module, datamodule=dm)
+    assert seen and set(seen) == {torch.float16}
+    rows = list(csv.DictReader(next(Path(cfg.paths.output_dir).rglob("metrics.csv")).open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    term = next(iter(cfg.contrast))
+    assert all(math.isfinite(float(r[f"train/loss_{term}"])) for r in rows if r.get(f"train/loss_{term}"))
+    ckpt = torch.load(next(Path(cfg.paths.output_dir).rglob("*.ckpt")), map_location="cpu", weights_only=True)
+    assert "MixedPrecision" in ckpt and ckpt["MixedPrecision"]["scale"] > 0
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
 def test_profile_preset_writes_a_report(tiny_cfg: Callable[..., DictConfig]) -> None:
     cfg = tiny_cfg("debug=profile", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1")
     train(cfg)
@@ -180,7 +220,9 @@ def test_contrast_terms_train_end_to_end(tiny_cfg: Callable[..., DictConfig]) ->
     runs = (["contrast=pixel", "sampler=hard_easy"], ["contrast=pixel_memory", "sampler=random"],
             ["contrast=pixel", "sampler=marginal"], ["contrast=cac", "sampler=hard_easy"], ["contrast=cac", "loss=ohem"])
     for overrides in runs:
-        cfg = tiny_cfg(*overrides, "sampler.max_views=20", "trainer.max_steps=3", "trainer.max_epochs=1")
+        term = overrides[0].split("=")[1]
+        cfg = tiny_cfg(*overrides, "sampler.max_views=20", "trainer.max_steps=3", "trainer.max_epochs=1",
+                       f"contrast.{term}.warmup_steps=0")
         name = next(iter(cfg.contrast))
         train(cfg)
         rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
@@ -200,6 +242,7 @@ def test_ddp_sim_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_ent
 
     size = 16
     extra = ["trainer=ddp_sim", "contrast=pixel_memory", "sampler.max_views=20", f"contrast.pixel_memory.memory_size={size}",
+             "contrast.pixel_memory.warmup_steps=0",
              "contrast.pixel_memory.pixel_update_freq=2", "trainer.max_steps=3", "trainer.max_epochs=3",
              "+callbacks.dump_memory._target_=tests.helpers.DumpMemory"]
     proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], Path(__file__).resolve().parents[1])
@@ -221,15 +264,16 @@ def test_ddp_sim_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_ent
 @pytest.mark.ddp
 def test_ddp_sim_cac_trains_every_head(data_dir: Path, tmp_path: Path) -> None:
     """contrast=cac under 2-process DDP: projection head, weight branch and network all get
-    gradients on both ranks (DDP would fail on an unused parameter), and the terms are logged."""
+    gradients on both ranks (DDP would fail on an unused parameter), also in the warm-up step
+    where CAC is replaced by its connected zero, and the terms are logged."""
     extra = ["trainer=ddp_sim", "contrast=cac", "sampler.max_views=20", "contrast.cac.warmup_steps=1",
              "trainer.max_steps=3", "trainer.max_epochs=3"]
     proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader((tmp_path / "ddp" / "csv" / "metrics.csv").open()))
-    for term in ("cac", "weight_branch"):
+    for term, steps in (("cac", 2), ("weight_branch", 3)):  # in its warm-up step CAC is not computed
         values = [float(r[f"train/loss_{term}"]) for r in rows if r.get(f"train/loss_{term}")]
-        assert len(values) == 3 and all(v > 0 for v in values), term
+        assert len(values) == steps and all(v > 0 for v in values), term
     weights = [float(r["train/weight_cac"]) for r in rows if r.get("train/weight_cac")]
     assert weights == pytest.approx([0.0, 0.4, 0.4])  # warm-up: 0 at step 0
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

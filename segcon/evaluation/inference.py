@@ -36,14 +36,14 @@ def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
     return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
 
 
-def predict_whole(net: nn.Module, images: Tensor, output_stride: int) -> Tensor:
+def predict_whole(net: nn.Module, images: Tensor, input_divisor: int) -> Tensor:
     """Logits `[B, K, H, W]` for images `[B, 3, H, W]` of any size, in one pass per batch.
 
-    The input is zero-padded (zero = the normalised mean) to a multiple of `output_stride`; the
+    The input is zero-padded (zero = the normalised mean) to a multiple of `input_divisor`; the
     logits are resized to the padded size if the network returns them smaller, then cropped.
     """
     h, w = images.shape[-2:]
-    x = pad_to_multiple(images, output_stride)
+    x = pad_to_multiple(images, input_divisor)
     logits = net(x)
     if logits.shape[-2:] != x.shape[-2:]:
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
@@ -172,7 +172,7 @@ class InferenceSettings:
 
 
 def slide_probs(
-    net: nn.Module, images: Tensor, crop: Sequence[int], stride: Sequence[int], chunk: int, output_stride: int
+    net: nn.Module, images: Tensor, crop: Sequence[int], stride: Sequence[int], chunk: int, input_divisor: int
 ) -> Tensor:
     """Probabilities `[B, K, H, W]`: the softmax of every window, averaged where windows overlap.
 
@@ -192,7 +192,7 @@ def slide_probs(
     for start in range(0, len(jobs), chunk):
         part = jobs[start : start + chunk]
         windows = torch.stack([x[i, :, y : y + ch, x0 : x0 + cw] for i, y, x0 in part])
-        p = predict_whole(net, windows, output_stride).float().softmax(1)
+        p = predict_whole(net, windows, input_divisor).float().softmax(1)
         if probs is None:
             probs = p.new_zeros(b, p.shape[1], hp, wp)
         for (i, y, x0), pi in zip(part, p, strict=True):
@@ -202,14 +202,14 @@ def slide_probs(
 
 
 @torch.no_grad()
-def infer(net: nn.Module, images: Tensor, settings: InferenceSettings, output_stride: int) -> Tensor:
+def infer(net: nn.Module, images: Tensor, settings: InferenceSettings, input_divisor: int) -> Tensor:
     """Log-probabilities `[B, K, H, W]` for normalised images `[B, 3, H, W]` by `settings.mode`.
 
-    `net` maps `[B, 3, h, w]` (h, w multiples of `output_stride`) to logits `[B, K, h', w']`
+    `net` maps `[B, 3, h, w]` (h, w multiples of `input_divisor`) to logits `[B, K, h', w']`
     (resized up if smaller) and must be in eval mode.
     """
     if settings.mode == "whole":
-        return F.log_softmax(predict_whole(net, images, output_stride).float(), dim=1)
+        return F.log_softmax(predict_whole(net, images, input_divisor).float(), dim=1)
     h, w = images.shape[-2:]
     views = settings.views(h, w)
     total: Tensor | None = None
@@ -219,9 +219,9 @@ def infer(net: nn.Module, images: Tensor, settings: InferenceSettings, output_st
             x = x.flip(-1)
         if settings.slides:
             assert settings.crop is not None and settings.stride is not None
-            probs = slide_probs(net, x, settings.crop, settings.stride, settings.chunk, output_stride)
+            probs = slide_probs(net, x, settings.crop, settings.stride, settings.chunk, input_divisor)
         else:
-            probs = predict_whole(net, x, output_stride).float().softmax(1)
+            probs = predict_whole(net, x, input_divisor).float().softmax(1)
         if mirrored:
             probs = probs.flip(-1)
         if size != (h, w):

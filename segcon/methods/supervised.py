@@ -19,9 +19,11 @@ from segcon.evaluation.inference import InferenceSettings, infer
 from segcon.evaluation.metrics import ConfusionMatrix, SegScores, scores
 from segcon.evaluation.visualize import denormalize, panel
 from segcon.methods.optim import build_optimizer, poly_factor
-from segcon.models.segnet import SegNet
+from segcon.models.base import SegModel
+from segcon.objectives.base import Targets
 from segcon.objectives.memory import MemoryUser
 from segcon.objectives.objective import Objective
+from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import log_images
 
 
@@ -34,8 +36,9 @@ class SupervisedModule(L.LightningModule):
     """Trains `net` on labelled batches with `objective`; validates with a dataset-level mIoU.
 
     Args:
-        net: the SegNet.
-        objective: supervised (+ contrastive) terms.
+        net: the network (any SegModel).
+        objective: supervised (+ contrastive) terms; None for a module that only evaluates
+            (segcon-eval).
         optim: optimizer and schedule settings (see conf/optim/*.yaml).
         num_classes, ignore_index, class_names, palette, mean, std: from the data config.
         num_overlays: validation images drawn as image | ground truth | prediction each epoch.
@@ -49,8 +52,8 @@ class SupervisedModule(L.LightningModule):
 
     def __init__(
         self,
-        net: SegNet,
-        objective: Objective,
+        net: SegModel,
+        objective: Objective | None,
         optim: Mapping[str, Any],
         num_classes: int,
         ignore_index: int,
@@ -77,7 +80,8 @@ class SupervisedModule(L.LightningModule):
         self.metrics = torch.nn.ModuleDict(
             {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
         )
-        self.best_miou = float("nan")
+        # Running best val mIoU of every evaluated network, by metric prefix.
+        self.bests: dict[str, float] = {}
         # The training run's own record, by metrics.json key: last validation and running best
         # of the fit. In memory, so the end-of-run evaluation of an earlier checkpoint (whose
         # restored best is the best up to *its* step) cannot overwrite it.
@@ -88,15 +92,25 @@ class SupervisedModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------
 
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> None:
+        """Check the `method` config node (plain containers) before anything is built; raise one
+        ConfigError naming the key and the fix."""
+        if int(config.get("num_overlays", 0)) < 0:
+            raise ConfigError(f"method.num_overlays must be >= 0, got {config['num_overlays']}")
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        if self.objective is None:
+            raise RuntimeError("this module was built for evaluation only (objective=None)")
         output = self.net(batch["image"])
-        loss, logs = self.objective(output, batch["mask"], self.global_step)
+        loss, logs = self.objective(output, Targets(batch["mask"], self.ignore_index), self.global_step)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch["image"].shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         """Fill the memories of memory-using terms with this step's entries from all ranks."""
-        for term in self.objective.contrast.values():
+        assert self.objective is not None
+        for _, term in self.objective.terms():
             if not isinstance(term, MemoryUser):
                 continue
             for memory, (feats, labels) in term.pending_entries().items():
@@ -110,7 +124,8 @@ class SupervisedModule(L.LightningModule):
         sched = dict(cfg.pop("scheduler", {}) or {})
         cfg.pop("scale_lr", None)
         cfg.pop("base_batch", None)
-        optimizer = build_optimizer(self.net.encoder_parameters(), self.net.head_parameters(), **cfg)
+        groups = self.net.parameter_groups()
+        optimizer = build_optimizer(groups["encoder"], groups["head"], **cfg)
         total = int(self.trainer.estimated_stepping_batches)
         kind = sched.pop("name", "poly")
         if kind == "constant":
@@ -122,22 +137,35 @@ class SupervisedModule(L.LightningModule):
 
     # -- evaluation ----------------------------------------------------------------------
 
-    def predict_logits(self, images: Tensor) -> Tensor:
+    def evaluated_networks(self, split: str) -> dict[str, SegModel]:
+        """The networks evaluated on `split` by metric prefix: "" is the trained network
+        (`val/mIoU`), others log under their prefix (`val/teacher/mIoU`)."""
+        return {"": self.net}
+
+    def predict_logits(self, images: Tensor, net: SegModel | None = None) -> Tensor:
         """Class scores `[B, K, H, W]` at the input resolution, by the `inference` mode: log-
         probabilities (argmax is the prediction, softmax the probabilities averaged over slide
-        windows or multi-scale/flip views). The network must be in eval mode."""
-        return infer(self.net, images, self.inference, self.net.output_stride)
+        windows or multi-scale/flip views). The network (default: the trained one) must be in
+        eval mode."""
+        net = self.net if net is None else net
+        return infer(net, images, self.inference, net.input_divisor)
 
     def _eval_step(self, split: str, batch: dict[str, Any], batch_idx: int) -> None:
-        pred = self.predict_logits(batch["image"]).argmax(1)
-        self.metrics[split].update(pred, batch["mask"])
-        if batch_idx == 0 and self.num_overlays > 0:
-            n = self.num_overlays
-            self._overlay_batch = {
-                "image": batch["image"][:n].cpu(),
-                "mask": batch["mask"][:n].cpu(),
-                "pred": pred[:n].cpu(),
-            }
+        for prefix, net in self.evaluated_networks(split).items():
+            pred = self.predict_logits(batch["image"], net).argmax(1)
+            self._metric(split, prefix).update(pred, batch["mask"])
+            if prefix == "" and batch_idx == 0 and self.num_overlays > 0:
+                n = self.num_overlays
+                self._overlay_batch = {
+                    "image": batch["image"][:n].cpu(),
+                    "mask": batch["mask"][:n].cpu(),
+                    "pred": pred[:n].cpu(),
+                }
+
+    def _metric(self, split: str, prefix: str) -> ConfusionMatrix:
+        """The confusion matrix of one evaluated network on `split` (subclasses that evaluate
+        more networks add theirs to `self.metrics` under `_metric_key`)."""
+        return self.metrics[_metric_key(split, prefix)]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -146,19 +174,23 @@ class SupervisedModule(L.LightningModule):
         self._eval_step("test", batch, batch_idx)
 
     def _eval_epoch_end(self, split: str) -> None:
-        cm = self.metrics[split].compute()  # summed over ranks
-        self.metrics[split].reset()
-        s = scores(cm)
-        self.last_scores[split] = s
-        # The value is already global: every rank logs the same number, no further reduction.
-        logs = {f"{split}/mIoU": s.miou, f"{split}/pixel_acc": s.pixel_acc}
-        logs.update({f"{split}/IoU/{name}": float(s.iou[k]) for k, name in enumerate(self.class_names)})
-        if split == "val":
-            if not self.trainer.sanity_checking and not np.isnan(s.miou):
-                self.best_miou = running_best(self.best_miou, s.miou)
-            if self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking:
-                self.fit_summary.update({"val/mIoU_last": s.miou, "val/mIoU_best": self.best_miou})
-            logs["val/mIoU_best"] = self.best_miou
+        logs: dict[str, float] = {}
+        fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
+        for prefix in self.evaluated_networks(split):
+            metric = self._metric(split, prefix)
+            cm = metric.compute()  # summed over ranks
+            metric.reset()
+            s = scores(cm)
+            self.last_scores[_metric_key(split, prefix)] = s
+            # The value is already global: every rank logs the same number, no further reduction.
+            logs.update(_score_logs(f"{split}/{prefix}", s, self.class_names))
+            if split == "val":
+                if not self.trainer.sanity_checking and not np.isnan(s.miou):
+                    self.bests[prefix] = running_best(self.bests.get(prefix, float("nan")), s.miou)
+                best = self.bests.get(prefix, float("nan"))
+                if fitting:
+                    self.fit_summary.update({f"val/{prefix}mIoU_last": s.miou, f"val/{prefix}mIoU_best": best})
+                logs[f"val/{prefix}mIoU_best"] = best
         self.log_dict(logs, sync_dist=False, rank_zero_only=False)
         if not self.trainer.sanity_checking:
             self._log_overlays(split)
@@ -195,12 +227,17 @@ class SupervisedModule(L.LightningModule):
     def report_extras(self, split: str) -> dict[str, Any]:
         """Entries added to metrics.json next to the scores: `val/mIoU_last` and `val/mIoU_best`
         (the training run's last validation and best, whatever checkpoint is evaluated; without
-        a fit in this process the best is the evaluated checkpoint's record), and the
-        semi-supervised split's hash and counts when the run trained on one."""
+        a fit in this process the best is the evaluated checkpoint's record), the same and the
+        scores of every other evaluated network under its prefix, and the semi-supervised split's
+        hash and counts when the run trained on one."""
         extras = dict(self._split_info())
         if split == "val":
             extras.update(self.fit_summary)
-            extras.setdefault("val/mIoU_best", self.best_miou)  # no fit here: the checkpoint's
+            for prefix in self.evaluated_networks(split):
+                extras.setdefault(f"val/{prefix}mIoU_best", self.bests.get(prefix, float("nan")))
+                other = self.last_scores.get(_metric_key(split, prefix))
+                if prefix and other is not None:
+                    extras.update(_score_logs(f"val/{prefix}", other, self.class_names))
         return extras
 
     def _split_info(self) -> dict[str, Any]:
@@ -219,12 +256,32 @@ class SupervisedModule(L.LightningModule):
     # -- checkpoint ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["segcon"] = {"config": self.run_config, "best_miou": self.best_miou, **self._split_info()}
+        bests = {best_key(prefix): self.bests.get(prefix, float("nan")) for prefix in self.evaluated_networks("val")}
+        checkpoint["segcon"] = {"config": self.run_config, **bests, **self._split_info()}
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["segcon"]["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("segcon", {})
-        self.best_miou = float(state.get("best_miou", float("nan")))
+        self.bests = {prefix: float(state.get(best_key(prefix), float("nan"))) for prefix in self.evaluated_networks("val")}
         self._restored_split = {k: state[k] for k in ("split_hash", "labeled_images", "unlabeled_images") if k in state}
+
+
+def _metric_key(split: str, prefix: str) -> str:
+    """The key of a split's confusion matrix and scores for one evaluated network: "val",
+    "val_teacher", ..."""
+    return split if not prefix else f"{split}_{prefix.rstrip('/')}"
+
+
+def best_key(prefix: str) -> str:
+    """Where a network's running best val mIoU is kept in `checkpoint["segcon"]`: "best_miou" for
+    the trained network, "best_<prefix>_miou" for the others (e.g. best_teacher_miou)."""
+    return "best_miou" if not prefix else f"best_{prefix.rstrip('/')}_miou"
+
+
+def _score_logs(name: str, s: SegScores, class_names: Sequence[str]) -> dict[str, float]:
+    """`<name>mIoU`, `<name>pixel_acc` and `<name>IoU/<class>`."""
+    logs = {f"{name}mIoU": s.miou, f"{name}pixel_acc": s.pixel_acc}
+    logs.update({f"{name}IoU/{c}": float(s.iou[k]) for k, c in enumerate(class_names)})
+    return logs

@@ -1,70 +1,68 @@
-"""Train-only heads. They live in `SegNet.heads` and never reach the inference graph."""
+"""Train-only heads. They live in `SegModel.heads` and never reach the inference graph."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from segmentation_models_pytorch.base.heads import SegmentationHead
+from segmentation_models_pytorch.decoders.dpt.decoder import DPTSegmentationHead
 from torch import Tensor, nn
 
+from segcon.models.output import PixelEmbedding
+from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 
 PROJECTION_KINDS = ("convmlp", "linear", "residual")
+PROJECTION_SOURCES = ("decoder", "encoder")
+PROJECTION_DEFAULTS: dict[str, Any] = {"source": "decoder", "dim": 256, "kind": "convmlp", "stages": [2, 3, 4, 5]}
 WEIGHT_BRANCH_DEPTHS = ("head", "decoder")
 
 
-def gather_pixels(feature: Tensor, index: Tensor) -> Tensor:
-    """Rows `[M, C]` of `feature [B, C, h, w]` at flat pixel indices `index [M]` into
-    `[B * h * w]`, without materialising a permuted copy of the whole map."""
-    n = feature.shape[2] * feature.shape[3]
-    return feature.flatten(2)[index // n, :, index % n]
+def projection_spec(spec: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """A projection head's settings with the defaults filled in, checked (`key` names the config
+    node in errors): `{source: decoder | encoder, dim, kind: convmlp | linear | residual, stages}`."""
+    unknown = sorted(set(spec) - set(PROJECTION_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"{key} has unknown key(s) {unknown}; it takes {sorted(PROJECTION_DEFAULTS)}")
+    full = {**PROJECTION_DEFAULTS, **spec}
+    if full["source"] not in PROJECTION_SOURCES:
+        raise ConfigError(f"{key}.source must be one of {PROJECTION_SOURCES}, got {full['source']!r}")
+    if full["kind"] not in PROJECTION_KINDS:
+        raise ConfigError(f"{key}.kind must be one of {PROJECTION_KINDS}, got {full['kind']!r}")
+    if not isinstance(full["dim"], int) or full["dim"] < 1:
+        raise ConfigError(f"{key}.dim must be a positive integer, got {full['dim']!r}")
+    return full
 
 
-@dataclass
-class PixelEmbedding:
-    """A projection head's output, finished only where a loss looks.
+def weight_branch_depth(spec: Mapping[str, Any]) -> str:
+    """CAC's weight-branch depth from `model.weight_branch`, checked."""
+    unknown = set(spec) - {"depth"}
+    if unknown:
+        raise ConfigError(f"model.weight_branch has unknown key(s) {sorted(unknown)}; it takes depth: head | decoder")
+    depth = str(spec.get("depth", "head"))
+    if depth not in WEIGHT_BRANCH_DEPTHS:
+        raise ConfigError(f"model.weight_branch.depth must be one of {WEIGHT_BRANCH_DEPTHS}, got {depth!r}")
+    return depth
 
-    The head's layers up to its last pointwise (1x1) layer run over the whole map — so batch
-    normalisation sees every pixel — and give `hidden`; `finish` applies the rest (the last
-    linear layer, a residual, the L2 normalisation) to gathered rows. Because that rest is
-    pointwise, `at(index)` equals gathering from the full embedding map, at a fraction of the
-    cost: a contrastive loss reads about a thousand of the B·h·w pixels.
 
-    Attributes:
-        hidden: `[B, C, h, w]` the head's per-pixel state before its pointwise tail.
-        finish: rows `[M, C]` -> L2-normalised embeddings `[M, D]`.
-    """
-
-    hidden: Tensor
-    finish: Callable[[Tensor], Tensor]
-
-    @classmethod
-    def from_dense(cls, embedding: Tensor) -> PixelEmbedding:
-        """Wrap a full embedding map `[B, D, h, w]` (it is L2-normalised row-wise on use)."""
-        return cls(embedding, lambda rows: F.normalize(rows, dim=1))
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """`(h, w)`, the embedding resolution."""
-        return int(self.hidden.shape[2]), int(self.hidden.shape[3])
-
-    def at(self, index: Tensor) -> Tensor:
-        """Embeddings `[M, D]` at flat pixel indices `index [M]` into `[B * h * w]`."""
-        return self.finish(gather_pixels(self.hidden, index))
-
-    def dense(self) -> Tensor:
-        """The full embedding map `[B, D, h, w]` (costly; losses use `at`)."""
-        b, c, h, w = self.hidden.shape
-        rows = self.finish(self.hidden.permute(0, 2, 3, 1).reshape(-1, c))
-        return rows.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-
-    def zero(self) -> Tensor:
-        """A 0 connected to every parameter of the head (for batches without anchors, so DDP
-        sees no unused parameter)."""
-        return self.at(torch.zeros(0, dtype=torch.long, device=self.hidden.device)).sum() + self.hidden.sum() * 0.0
+def head_scores(head: nn.Module, feature: Tensor) -> tuple[Tensor, Tensor | None]:
+    """An smp segmentation head applied to `feature [B, C, h, w]`, split at its final upsampling:
+    (logits at the head's output size, logits at the feature's resolution or None when the head
+    does not upsample). The first equals `head(feature)`: the same layers in the same order."""
+    if isinstance(head, SegmentationHead):  # conv | upsampling (or identity) | activation
+        coarse = head[0](feature)
+        if isinstance(head[1], nn.Identity):
+            return head[2](coarse), None
+        return head[2](head[1](coarse)), coarse
+    if isinstance(head, DPTSegmentationHead):
+        coarse = head.head(feature)
+        upsampled = F.interpolate(coarse, scale_factor=head.upsampling_factor, mode="bilinear", align_corners=True)
+        return head.activation(upsampled), coarse
+    return head(feature), None
 
 
 class ProjectionHead(nn.Module):
@@ -75,6 +73,13 @@ class ProjectionHead(nn.Module):
     kind "residual" (CAC's head): 1x1 conv C->D, BN, ReLU | h + linear D->D.
     The layers before "|" run over the whole map, the rest on gathered pixels; the output is
     L2-normalised.
+
+    When the stem widens its input (C < D: the residual head on a narrow decoder feature, e.g.
+    Unet's 16 channels -> 256), the stem runs on gathered pixels too: its batch normalisation
+    needs only the mean and variance of `W x + b` over every pixel, which are `W mean(x) + b`
+    and `diag(W cov(x) W^T)` — statistics of the narrow input — so no D-channel map is ever
+    made. Same function, same gradients (through the batch statistics too) and the same
+    running-statistics update as the layers over the whole map.
     """
 
     def __init__(self, in_channels: int, dim: int = 256, kind: str = "convmlp") -> None:
@@ -97,8 +102,64 @@ class ProjectionHead(nn.Module):
             out = rows + out
         return F.normalize(out, dim=1)
 
-    def forward(self, x: Tensor) -> PixelEmbedding:
-        return PixelEmbedding(self.stem(x), self.finish)
+    def forward(self, x: Tensor | list[Tensor]) -> PixelEmbedding:
+        """`x`: a feature map `[B, C, h, w]`, or encoder stages whose concatenation after bilinear
+        upsampling to the largest (`concat_stages`) is the feature map. For stages, the first
+        1x1 convolution runs on each stage at its own resolution and the results are upsampled
+        and summed: the same map (convolution and bilinear resizing commute, and the weights of
+        a bilinear resize sum to 1, so the bias is added once), without a wide convolution at the
+        largest resolution."""
+        if isinstance(x, Tensor):
+            if self.kind != "linear" and self.stem[0].in_channels < self.stem[0].out_channels:
+                return PixelEmbedding(x, _FoldedStem(self, x))
+            return PixelEmbedding(self.stem(x), self.finish)
+        stages = [f for f in x if f.shape[1] > 0]
+        if self.kind == "linear":
+            return PixelEmbedding(concat_stages(stages, list(range(len(stages)))), self.finish)
+        conv = self.stem[0]
+        size = _largest(stages)
+        hidden: Tensor | None = None
+        for f, w in zip(stages, conv.weight.split([f.shape[1] for f in stages], dim=1), strict=True):
+            y = F.conv2d(f, w)
+            if tuple(y.shape[-2:]) != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            hidden = y if hidden is None else hidden + y
+        assert hidden is not None and conv.bias is not None
+        return PixelEmbedding(self.stem[1:](hidden + conv.bias[None, :, None, None]), self.finish)
+
+
+class _FoldedStem:
+    """A widening stem (1x1 conv, BN, ReLU) folded into one affine map on gathered input rows,
+    with the batch statistics of the whole map `x [B, C, h, w]` (or the running ones in eval
+    mode), followed by the head's tail: rows `[M, C]` -> `[M, D]`."""
+
+    def __init__(self, head: ProjectionHead, x: Tensor) -> None:
+        conv, bn = head.stem[0], head.stem[1]
+        # float32 whatever the autocast: a sum of squares over every pixel overflows float16
+        with torch.autocast(x.device.type, enabled=False):
+            weight = at_least_float32(conv.weight.flatten(1))  # [D, C]
+            if bn.training:
+                flat = at_least_float32(x).permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+                n = flat.shape[0]
+                mean_x = flat.mean(0)
+                centred = flat - mean_x
+                cov = centred.T @ centred / n
+                mean = weight @ mean_x + conv.bias
+                var = ((weight @ cov) * weight).sum(1)
+                with torch.no_grad():  # BatchNorm's own update: momentum 0.1, unbiased variance
+                    bn.num_batches_tracked += 1
+                    m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                    bn.running_mean.mul_(1 - m).add_(m * mean.detach())
+                    bn.running_var.mul_(1 - m).add_(m * var.detach() * n / max(n - 1, 1))
+            else:
+                mean, var = bn.running_mean, bn.running_var
+            scale = bn.weight / torch.sqrt(var + bn.eps)
+            self.weight = weight * scale[:, None]
+            self.bias = (conv.bias - mean) * scale + bn.bias
+        self.tail = head.finish
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        return self.tail(F.relu(F.linear(rows, self.weight, self.bias)))
 
 
 class WeightBranch(nn.Module):
@@ -107,8 +168,7 @@ class WeightBranch(nn.Module):
     depth "head": a fresh copy of the segmentation head, reading the detached decoder feature
     (the main classifier's input). depth "decoder": fresh copies of the decoder and the head,
     reading the detached encoder stages (as CAC does for SegFormer). Either way no gradient
-    reaches the shared network through this branch. Returns logits `[B, K, h, w]` at the main
-    classifier's resolution.
+    reaches the shared network through this branch.
     """
 
     def __init__(self, decoder: nn.Module, segmentation_head: nn.Module, depth: str = "head") -> None:
@@ -119,12 +179,14 @@ class WeightBranch(nn.Module):
         self.decoder = _fresh_copy(decoder) if depth == "decoder" else None
         self.head = _fresh_copy(segmentation_head)
 
-    def forward(self, decoder_inputs: tuple, decoder_feature: Tensor) -> Tensor:
+    def forward(self, decoder_inputs: tuple, decoder_feature: Tensor) -> tuple[Tensor, Tensor | None]:
         """`decoder_inputs`: what the main decoder was called with (the encoder stages, plus
-        prefix tokens for ViT encoders); `decoder_feature`: `[B, C, h, w]`, the main head's input."""
+        prefix tokens for ViT encoders); `decoder_feature`: `[B, C, h, w]`, the main head's input.
+        Returns logits `[B, K, H, W]` at the main classifier's output size and, when the head
+        upsamples, the same at the decoder's resolution (else None)."""
         if self.decoder is None:
-            return self.head(decoder_feature.detach())
-        return self.head(self.decoder(*(_detached(x) for x in decoder_inputs)))
+            return head_scores(self.head, decoder_feature.detach())
+        return head_scores(self.head, self.decoder(*(_detached(x) for x in decoder_inputs)))
 
 
 def _detached(x: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
@@ -144,7 +206,12 @@ def concat_stages(features: list[Tensor], stages: list[int]) -> Tensor:
     """Encoder stages (indices into smp's feature list; zero-channel stages skipped) upsampled
     bilinearly to the largest of them and concatenated: `[B, sum C_i, h, w]`."""
     chosen = [features[i] for i in stages if features[i].shape[1] > 0]
-    size = max((tuple(f.shape[-2:]) for f in chosen), key=lambda hw: hw[0] * hw[1])
+    size = _largest(chosen)
     resized = [f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                for f in chosen]
     return torch.cat(resized, dim=1)
+
+
+def _largest(maps: list[Tensor]) -> tuple[int, int]:
+    """The spatial size `(h, w)` of the largest of `maps`."""
+    return max((tuple(f.shape[-2:]) for f in maps), key=lambda hw: hw[0] * hw[1])

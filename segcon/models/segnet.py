@@ -1,9 +1,9 @@
-"""SegNet: an smp segmentation model plus train-only heads, with one output contract."""
+"""SegNet: an smp segmentation model plus train-only heads, implementing the model contract."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+import difflib
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,69 +12,35 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segcon.models.heads import PixelEmbedding, ProjectionHead, WeightBranch, concat_stages
+from segcon.models.base import SegModel
+from segcon.models.heads import (
+    ProjectionHead,
+    WeightBranch,
+    head_scores,
+    projection_spec,
+    weight_branch_depth,
+)
+from segcon.models.output import SegOutput
+from segcon.utils.checkpoint import BRANCHES
 from segcon.utils.errors import ConfigError
-from segcon.utils.weights import load_weights
+from segcon.utils.weights import load_checked, read_state_dict
+
+WEIGHT_BRANCH = "weight_branch"
+"""The name of CAC's weight branch among the train-only heads."""
+
+DEFAULT_PROJECTION = "projection"
+"""The name of the projection head `model.projection` configures."""
+
+_OWN_KEYS = ("_target_", "arch", "encoder_name", "num_classes", "encoder_weights", "in_channels", "weights_path",
+             "weights_scope", "projection", "projections", "weight_branch")
 
 
-@dataclass
-class SegOutput:
-    """What a training forward pass returns.
+class SegNet(SegModel):
+    """An smp model (`smp.create_model(arch, encoder_name, ...)`) with segcon's model contract.
 
-    Attributes:
-        logits: `[B, K, h, w]` classifier output (smp heads upsample to the input size).
-        features: encoder stages, `[B, C_i, H / 2^i, W / 2^i]` for i = 0..5 (some encoders report
-            zero-channel stages; keep them so indices match the stride).
-        decoder: `[B, C, h', w']` the feature the classifier reads.
-        embedding: the projection head's L2-normalised embeddings at `h' x w'`, evaluated where a
-            loss gathers them (only when a projection head exists; see PixelEmbedding).
-        aux: other train-only outputs by name: "weight_logits" `[B, K, h, w]` from CAC's weight
-            branch when it exists.
-    """
-
-    logits: Tensor
-    features: list[Tensor] = field(default_factory=list)
-    decoder: Tensor | None = None
-    embedding: PixelEmbedding | None = None
-    aux: dict[str, Tensor] = field(default_factory=dict)
-
-    def take(self, rows: slice) -> SegOutput:
-        """The output of the images `rows` of the batch (every field sliced alike)."""
-        return SegOutput(
-            logits=self.logits[rows],
-            features=[f[rows] for f in self.features],
-            decoder=None if self.decoder is None else self.decoder[rows],
-            embedding=None if self.embedding is None else PixelEmbedding(self.embedding.hidden[rows], self.embedding.finish),
-            aux={k: v[rows] for k, v in self.aux.items()},
-        )
-
-    @staticmethod
-    def cat(parts: Sequence[SegOutput]) -> SegOutput:
-        """The outputs of several forward passes of the same network as one batch, in order, so
-        a loss can see images that were not in one pass (UniMatch: the labeled images of its
-        first pass and the strong views of its second). The parts must carry the same fields
-        (and the embeddings the same head: its pointwise tail is shared)."""
-        first = parts[0]
-        if any(set(p.aux) != set(first.aux) or (p.embedding is None) != (first.embedding is None)
-               or (p.decoder is None) != (first.decoder is None) or len(p.features) != len(first.features)
-               for p in parts):
-            raise ValueError("SegOutput.cat: the parts carry different fields")
-        return SegOutput(
-            logits=torch.cat([p.logits for p in parts]),
-            features=[torch.cat(stage) for stage in zip(*(p.features for p in parts), strict=True)],
-            decoder=None if first.decoder is None else torch.cat([p.decoder for p in parts]),
-            embedding=None if first.embedding is None else PixelEmbedding(
-                torch.cat([p.embedding.hidden for p in parts]), first.embedding.finish),
-            aux={k: torch.cat([p.aux[k] for p in parts]) for k in first.aux},
-        )
-
-
-class SegNet(nn.Module):
-    """An smp model (`smp.create_model(arch, encoder_name, ...)`) with segcon's output contract.
-
-    In training mode `forward` returns a `SegOutput`; in eval mode it returns the logits tensor
-    `[B, K, H, W]` only, computed by the bare smp model, so train-only heads cost nothing at
-    inference and `self.model` alone is the exportable inference graph.
+    `self.model` is the bare smp model: the inference network, exported and checkpointed alone.
+    In training mode `forward` returns a `SegOutput`; in eval mode the logits `[B, K, H, W]` of
+    the smp model, so train-only heads cost nothing at inference.
 
     Args:
         arch: smp architecture name (unet, fpn, deeplabv3plus, segformer, upernet, dpt, ...).
@@ -84,14 +50,18 @@ class SegNet(nn.Module):
         in_channels: image channels.
         weights_path: local file (.pt/.pth/.ckpt/.safetensors) with encoder or full-model weights.
         weights_scope: "auto" (full model if every key is there, else encoder), "full" or "encoder".
-        projection: train-only projection head, None for none (the contrast presets set it):
-            `{source: decoder | encoder, dim: 256, kind: convmlp | linear, stages: [2, 3, 4, 5]}`.
-            source "decoder" reads the feature the classifier reads; "encoder" reads the encoder
-            stages listed in `stages` upsampled to the largest and concatenated; kind "residual" is
-            CAC's head.
+        projection: the train-only projection head "projection", None for none (the contrast
+            presets set it): `{source: decoder | encoder, dim: 256, kind: convmlp | linear |
+            residual, stages: [2, 3, 4, 5]}`. source "decoder" reads the feature the classifier
+            reads; "encoder" reads the encoder stages listed in `stages` upsampled to the largest
+            and concatenated; kind "residual" is CAC's head.
+        projections: further projection heads by name, each configured as `projection` (one per
+            level or source for multi-level terms); their embeddings are
+            `SegOutput.embeddings[<name>]`.
         weight_branch: train-only CAC weight branch, None for none (contrast=cac sets it):
             `{depth: head | decoder}` — a fresh copy of the segmentation head, or of decoder and
-            head, fed with detached features; its logits are `SegOutput.aux["weight_logits"]`.
+            head, fed with detached features; its logits are `SegOutput.aux["weight_logits"]`
+            (and `aux["weight_decoder_logits"]` at the decoder's resolution when the head upsamples).
         **arch_kwargs: passed to the smp architecture (decoder_channels, encoder_depth, ...).
     """
 
@@ -105,73 +75,47 @@ class SegNet(nn.Module):
         weights_path: str | None = None,
         weights_scope: str = "auto",
         projection: Mapping[str, Any] | None = None,
+        projections: Mapping[str, Mapping[str, Any] | None] | None = None,
         weight_branch: Mapping[str, Any] | None = None,
-        **arch_kwargs,
+        **arch_kwargs: Any,
     ) -> None:
         super().__init__()
-        try:
-            self.model = smp.create_model(
-                arch,
-                encoder_name=encoder_name,
-                encoder_weights=encoder_weights,
-                in_channels=in_channels,
-                classes=num_classes,
-                **arch_kwargs,
-            )
-        except KeyError as err:
-            raise ConfigError(f"model.encoder_name={encoder_name!r} is not an smp encoder: {err}") from None
+        self.model = _create(arch, encoder_name, encoder_weights=encoder_weights, in_channels=in_channels,
+                             classes=num_classes, **arch_kwargs)
         self.num_classes = num_classes
         if weights_path:
-            load_weights(self.model, Path(weights_path), weights_scope)
+            load_pretrained(self.model, Path(weights_path), weights_scope)
+        self.projections = _projection_specs(projection, projections)
         self.heads = nn.ModuleDict()
-        self.projection = None
-        if projection:
-            self.projection = {"source": "decoder", "dim": 256, "kind": "convmlp", "stages": [2, 3, 4, 5], **projection}
-            self.heads["projection"] = ProjectionHead(
-                self._projection_channels(), int(self.projection["dim"]), self.projection["kind"]
-            )
+        for name, spec in self.projections.items():
+            self.heads[name] = ProjectionHead(self._projection_channels(spec), int(spec["dim"]), spec["kind"])
         if weight_branch:
-            unknown = set(weight_branch) - {"depth"}
-            if unknown:
-                raise ConfigError(f"model.weight_branch has unknown key(s) {sorted(unknown)}; it takes depth: head | decoder")
-            self.heads["weight_branch"] = WeightBranch(
-                self.model.decoder, self.model.segmentation_head, str(weight_branch.get("depth", "head"))
-            )
+            depth = weight_branch_depth(weight_branch)
+            self.heads[WEIGHT_BRANCH] = WeightBranch(self.model.decoder, self.model.segmentation_head, depth)
 
-    def _projection_channels(self) -> int:
-        source = self.projection["source"]
-        if source == "encoder":
-            return sum(self.model.encoder.out_channels[i] for i in self.projection["stages"])
-        if source == "decoder":
-            # The classifier's first convolution reads the decoder feature.
-            conv = next(m for m in self.model.segmentation_head.modules() if isinstance(m, nn.Conv2d))
-            return conv.in_channels
-        raise ConfigError(f"model.projection.source must be decoder or encoder, got {source!r}")
+    def _projection_channels(self, spec: Mapping[str, Any]) -> int:
+        if spec["source"] == "encoder":
+            return sum(self.model.encoder.out_channels[i] for i in spec["stages"])
+        # The classifier's first convolution reads the decoder feature.
+        conv = next(m for m in self.model.segmentation_head.modules() if isinstance(m, nn.Conv2d))
+        return conv.in_channels
 
     @property
-    def output_stride(self) -> int:
-        """Input height and width must be multiples of this."""
+    def input_divisor(self) -> int:
         if not getattr(self.model, "requires_divisible_input_shape", True):
             return 1
         return int(self.model.encoder.output_stride)
 
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        """Backbone parameters (the group that gets the base learning rate)."""
-        return list(self.model.encoder.parameters())
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        encoder = list(self.model.encoder.parameters())
+        ids = {id(p) for p in encoder}
+        return {"encoder": encoder, "head": [p for p in self.parameters() if id(p) not in ids]}
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        """Everything that is not the backbone (decoder, classifier, train-only heads)."""
-        encoder = {id(p) for p in self.model.encoder.parameters()}
-        return [p for p in self.parameters() if id(p) not in encoder]
-
-    def forward_features(self, x: Tensor, perturb: float = 0.0) -> SegOutput:
-        """Full forward pass `[B, C, H, W]` -> SegOutput, in any mode.
-
-        `perturb` > 0 adds UniMatch's feature-perturbation branch as the published code runs it:
-        the encoder runs once, the decoder and classifier on the clean stages and a copy with
-        `Dropout2d(perturb)` on every stage, stacked into one batch of 2B (so their batch
-        statistics see both); the copy's logits are `aux["perturbed_logits"] [B, K, H, W]`. The
-        train-only heads read the clean half only."""
+    def forward_features(self, x: Tensor, perturb: float = 0.0, heads: Collection[str] | None = None) -> SegOutput:
+        """See SegModel.forward_features. With `perturb` > 0 the encoder runs once, the decoder and
+        classifier on the clean stages and a copy with `Dropout2d(perturb)` on every stage,
+        stacked into one batch of 2B (so their batch statistics see both), as UniMatch's code
+        runs it; the train-only heads read the clean half only."""
         self.model.check_input_shape(x)
         features = self.model.encoder(x)
         if isinstance(features, tuple):  # ViT encoders (DPT) also return prefix tokens
@@ -184,26 +128,110 @@ class SegNet(nn.Module):
             decoder = self.model.decoder(dropped, *(_twice(r) for r in rest))
         else:
             decoder = self.model.decoder(*decoder_inputs)
-        logits = self.model.segmentation_head(decoder)
-        out = SegOutput(logits=logits, features=list(stages), decoder=decoder)
+        logits, decoder_logits = head_scores(self.model.segmentation_head, decoder)
+        out = SegOutput(logits=logits, decoder_logits=decoder_logits, features=list(stages), decoder=decoder)
         if perturb > 0:
             b = x.shape[0]
-            out.logits, out.decoder = logits[:b], decoder[:b]
             out.aux["perturbed_logits"] = logits[b:]
-        if self.projection is not None:
-            if self.projection["source"] == "decoder":
-                feat = out.decoder
-            else:
-                feat = concat_stages(out.features, list(self.projection["stages"]))
-            out.embedding = self.heads["projection"](feat)
-        if "weight_branch" in self.heads:
-            out.aux["weight_logits"] = self.heads["weight_branch"](decoder_inputs, out.decoder)
+            out.logits, out.decoder = logits[:b], decoder[:b]
+            out.decoder_logits = None if decoder_logits is None else decoder_logits[:b]
+        wanted = set(self.heads) if heads is None else set(heads) & set(self.heads)
+        for name, spec in self.projections.items():
+            if name in wanted:
+                source = out.decoder if spec["source"] == "decoder" else [out.features[i] for i in spec["stages"]]
+                out.embeddings[name] = self.heads[name](source)
+        if WEIGHT_BRANCH in wanted:
+            weight_logits, weight_coarse = self.heads[WEIGHT_BRANCH](decoder_inputs, out.decoder)
+            out.aux["weight_logits"] = weight_logits
+            if weight_coarse is not None:
+                out.aux["weight_decoder_logits"] = weight_coarse
         return out
 
-    def forward(self, x: Tensor) -> SegOutput | Tensor:
-        if not self.training:
-            return self.model(x)
-        return self.forward_features(x)
+    # -- settings -------------------------------------------------------------------------
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> int:
+        """Checks the architecture and encoder names (listing the valid or closest ones), the
+        train-only heads' settings, and that smp can build the network (on the meta device: no
+        memory, no weights); returns the encoder's output stride (1 for architectures that take
+        any size)."""
+        arch, encoder = str(config.get("arch")), str(config.get("encoder_name"))
+        archs = sorted(smp.MODEL_ARCHITECTURES_MAPPING)
+        if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+            raise ConfigError(f"model.arch={arch!r} is not an smp architecture; valid: {', '.join(archs)}")
+        _check_encoder(encoder)
+        _projection_specs(config.get("projection"), config.get("projections"))
+        if config.get("weight_branch"):
+            weight_branch_depth(config["weight_branch"])
+        if config.get("weights_scope", "auto") not in ("auto", "full", "encoder"):
+            raise ConfigError(f"model.weights_scope must be auto, full or encoder, got {config['weights_scope']!r}")
+        kwargs = {k: v for k, v in config.items() if k not in _OWN_KEYS}
+        try:
+            with torch.device("meta"):
+                model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
+        except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
+            model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
+        if not getattr(model, "requires_divisible_input_shape", True):
+            return 1
+        return int(model.encoder.output_stride)
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any]) -> str:
+        return f"{config.get('arch')} / {config.get('encoder_name')}"
+
+    @classmethod
+    def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        return {**config, "weights_path": None, "encoder_weights": None}
+
+
+def _create(arch: str, encoder_name: str, **kwargs: Any) -> nn.Module:
+    """`smp.create_model`, its errors turned into ConfigErrors naming the key."""
+    try:
+        return smp.create_model(arch, encoder_name=encoder_name, **kwargs)
+    except KeyError as err:
+        text = str(err).strip("\"'")
+        key = "model.arch" if "architecture" in text else "model.encoder_name"
+        raise ConfigError(f"{key}: {text}") from None
+    except (TypeError, ValueError, AssertionError) as err:  # a bad arch_kwargs value or combination
+        raise ConfigError(f"model: smp cannot build {arch} / {encoder_name} with these settings: {err}") from None
+
+
+def _check_encoder(name: str) -> None:
+    """A ConfigError naming the closest smp encoders when `name` is neither one of them nor
+    `tu-<a timm model>`."""
+    if name.startswith("tu-"):
+        import timm
+
+        if not timm.is_model(name[3:]):
+            close = difflib.get_close_matches(name[3:], timm.list_models(), n=3)
+            raise ConfigError(f"model.encoder_name={name!r}: timm has no model {name[3:]!r}"
+                              + (f"; closest: {', '.join('tu-' + c for c in close)}" if close else ""))
+        return
+    names = smp.encoders.get_encoder_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        raise ConfigError(
+            f"model.encoder_name={name!r} is not an smp encoder"
+            + (f"; closest: {', '.join(close)}" if close else "")
+            + ". Any timm model works as tu-<name> (e.g. tu-convnext_tiny)."
+        )
+
+
+def _projection_specs(
+    projection: Mapping[str, Any] | None, projections: Mapping[str, Mapping[str, Any] | None] | None
+) -> dict[str, dict[str, Any]]:
+    """Every projection head's full settings by name: `projection` as "projection", then the
+    named `projections` (null entries are switched off)."""
+    specs: dict[str, dict[str, Any]] = {}
+    if projection:
+        specs[DEFAULT_PROJECTION] = projection_spec(projection, "model.projection")
+    for name, spec in (projections or {}).items():
+        if not spec:
+            continue
+        if name in (DEFAULT_PROJECTION, WEIGHT_BRANCH):
+            raise ConfigError(f"model.projections.{name}: the name {name!r} is taken; choose another head name")
+        specs[str(name)] = projection_spec(spec, f"model.projections.{name}")
+    return specs
 
 
 def _twice(tokens: list[Tensor | None]) -> list[Tensor | None]:
@@ -211,14 +239,39 @@ def _twice(tokens: list[Tensor | None]) -> list[Tensor | None]:
     return [None if t is None else torch.cat([t, t]) for t in tokens]
 
 
-def required_input_divisor(arch: str, encoder_name: str, **arch_kwargs) -> int:
-    """The output stride an smp model needs its input divisible by, without allocating weights."""
-    kwargs = dict(arch_kwargs, encoder_weights=None, classes=1)
-    try:
-        with torch.device("meta"):
-            model = smp.create_model(arch, encoder_name=encoder_name, **kwargs)
-    except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
-        model = smp.create_model(arch, encoder_name=encoder_name, **kwargs)
-    if not getattr(model, "requires_divisible_input_shape", True):
-        return 1
-    return int(model.encoder.output_stride)
+# Prefixes other tools put in front of an smp model's own keys: segcon checkpoints (each
+# branch's inference network), DDP ("module."), or a bare wrapper ("model.", "net.").
+_PREFIXES = (*BRANCHES.values(), "student.model.", "module.", "model.", "net.")
+
+
+def _strip(state: dict[str, Tensor], wanted: set[str]) -> dict[str, Tensor]:
+    """Drop the first known prefix that makes the keys match `wanted` best."""
+    best, best_hits = state, len(wanted & state.keys())
+    for prefix in _PREFIXES:
+        cand = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        hits = len(wanted & cand.keys())
+        if hits > best_hits:
+            best, best_hits = cand, hits
+    return best
+
+
+def load_pretrained(model: nn.Module, path: Path, scope: str = "auto") -> str:
+    """Load full-model or encoder weights from `path` into an smp `model`; return the scope used.
+
+    scope: "full" (every model key), "encoder" (the `model.encoder` keys, with or without an
+    "encoder." prefix), or "auto" (full when every model key is present, else encoder).
+    """
+    if scope not in ("auto", "full", "encoder"):
+        raise ConfigError(f"model.weights_scope must be auto, full or encoder, got {scope!r}")
+    state = read_state_dict(path)
+    full_keys = set(model.state_dict())
+    full = _strip(state, full_keys)
+    if scope == "full" or (scope == "auto" and full_keys <= full.keys()):
+        load_checked(model, full, path, "model")
+        return "full"
+    encoder = model.encoder
+    enc_keys = set(encoder.state_dict())
+    enc_state = _strip(state, {f"encoder.{k}" for k in enc_keys} | enc_keys)
+    enc_state = {k.removeprefix("encoder."): v for k, v in enc_state.items() if not k.startswith(("decoder.", "segmentation_head."))}
+    load_checked(encoder, enc_state, path, "encoder")
+    return "encoder"

@@ -1,6 +1,6 @@
 """CAC: confidence-aware contrastive loss (Lv et al., ACM MM 2023; METHODS.md §1).
 
-Two Objective terms, both reading the whole `SegOutput`:
+Two Objective terms (segcon.objectives.base.Term), both reading the whole `SegOutput`:
 
 - `ConfidenceAwareContrastLoss` (λ): SupCon-style contrast over sampled anchors in which every
   pair (i, j) is weighted by `W_ij = 1 - (q_i[y_j] + q_j[y_i]) / 2`, q the softmax of the weight
@@ -12,21 +12,22 @@ Two Objective terms, both reading the whole `SegOutput`:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segcon.models.heads import gather_pixels
-from segcon.models.segnet import SegOutput
-from segcon.objectives.contrast import at_least_float32, sample_anchors
+from segcon.models.output import SegOutput, gather_pixels
+from segcon.objectives.base import Targets, Term
+from segcon.objectives.contrast import sample_anchors
 from segcon.objectives.objective import build_terms
 from segcon.objectives.supervised import OhemCrossEntropyLoss
+from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 
 CLASS_MEANS = ("scatter", "present")
 WEIGHT_LOGITS = "weight_logits"
+WEIGHT_DECODER_LOGITS = "weight_decoder_logits"
 
 
 def pair_weights(q: Tensor, y: Tensor) -> Tensor:
@@ -83,9 +84,10 @@ def class_balanced_mean(per_anchor: Tensor, y: Tensor, class_mean: str = "scatte
     return per_class.mean() if class_mean == "scatter" else per_class[counts > 0].mean()
 
 
-class ConfidenceAwareContrastLoss(nn.Module):
+class ConfidenceAwareContrastLoss(Term):
     """The CAC term: anchors from the sampler (CAC uses `sampler=marginal`), pair weights from
-    the weight branch's probabilities at the sampled pixels, all sampled pixels of the batch
+    the weight branch's probabilities at the sampled pixels (at the embedding's resolution: the
+    branch's decoder-resolution logits where the model has them), all sampled pixels of the batch
     contrasted with each other.
 
     Args:
@@ -93,7 +95,10 @@ class ConfidenceAwareContrastLoss(nn.Module):
         temperature, base_temperature: τ and τ_base.
         class_mean: "scatter" (the authors' reduction) or "present"; see `class_balanced_mean`.
         detach_pair_weights: False (the authors'): the weight branch also learns from this term.
+        embedding: the projection head whose embeddings are contrasted.
     """
+
+    reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings", "aux"})
 
     def __init__(
         self,
@@ -102,6 +107,7 @@ class ConfidenceAwareContrastLoss(nn.Module):
         base_temperature: float = 0.07,
         class_mean: str = "scatter",
         detach_pair_weights: bool = False,
+        embedding: str = "projection",
     ) -> None:
         super().__init__()
         if class_mean not in CLASS_MEANS:
@@ -110,41 +116,51 @@ class ConfidenceAwareContrastLoss(nn.Module):
         self.temperature, self.base_temperature = temperature, base_temperature
         self.class_mean = class_mean
         self.detach_pair_weights = detach_pair_weights
+        self.embedding = embedding
 
-    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
-        """`confidence` is not used: semi-supervised methods pass low-confidence pixels as ignore."""
+    def zero(self, output: SegOutput) -> Tensor:
+        """0 with the projection head and the weight branch in the graph."""
+        return output.embedding(self.embedding, "cac").zero() + _weight_logits(output, "cac").sum() * 0.0
+
+    def forward(self, output: SegOutput, targets: Targets) -> Tensor:
         weight_logits = _weight_logits(output, "cac")
-        z, y, index = sample_anchors(output, target, self.sampler, type(self).__name__)
+        z, y, index = sample_anchors(output, targets, self.sampler, self.embedding, type(self).__name__)
         if z.shape[0] == 0:  # no anchor: 0, with the projection head and weight branch in the graph
-            return output.embedding.zero() + weight_logits.sum() * 0.0
-        size = output.embedding.size
-        if tuple(weight_logits.shape[-2:]) != size:
-            weight_logits = F.interpolate(weight_logits, size=size, mode="bilinear", align_corners=False)
+            return self.zero(output)
+        size = output.embeddings[self.embedding].size
+        coarse = output.aux.get(WEIGHT_DECODER_LOGITS)
+        weight_logits = SegOutput(logits=weight_logits, decoder_logits=coarse).logits_at(size)
         q = gather_pixels(weight_logits, index).softmax(1)
         per_anchor = cac_per_anchor(z, y, q, self.temperature, self.base_temperature, self.detach_pair_weights)
         return class_balanced_mean(per_anchor, y, self.class_mean)
 
 
-class WeightBranchLoss(nn.Module):
+class WeightBranchLoss(Term):
     """The weight branch's supervision: the `loss` group's terms (same classes, same settings,
-    each at its own weight) applied to `output.aux["weight_logits"]`. OHEM terms keep the pixels
-    that the *main* classifier finds hard, as the authors' code does.
+    each at its own weight) applied to `output.aux["weight_logits"]` with the kept labels. OHEM
+    terms keep the pixels that the *main* classifier finds hard, as the authors' code does.
 
     Args:
         loss: the supervised loss group, `{name: {_target_, weight, <kwargs>}}` (the cac preset
             passes `${loss}`).
     """
 
+    reads: ClassVar[frozenset[str]] = frozenset({"logits", "aux"})
+
     def __init__(self, loss: Mapping[str, Any]) -> None:
         super().__init__()
-        terms, schedules = build_terms(loss, "contrast.weight_branch.loss")
-        if not terms:
+        group = build_terms(loss, "contrast.weight_branch.loss")
+        if not group:
             raise ConfigError("contrast.weight_branch.loss defines no term; pass the supervised loss group (${loss})")
-        self.terms = nn.ModuleDict(terms)
-        self.weights = {name: schedules[name].weight for name in terms}
+        self.terms = nn.ModuleDict(dict(group.items()))
+        self.weights = {name: group.schedules[name].weight for name in group}
 
-    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
+    def zero(self, output: SegOutput) -> Tensor:
+        return _weight_logits(output, "weight_branch").sum() * 0.0
+
+    def forward(self, output: SegOutput, targets: Targets) -> Tensor:
         logits = _weight_logits(output, "weight_branch")
+        target = targets.reliable()
         total = logits.new_zeros(())
         for name, term in self.terms.items():
             if isinstance(term, OhemCrossEntropyLoss):

@@ -1,25 +1,30 @@
 """Supervised pixel contrast (Wang et al., ICCV 2021; METHODS.md §0) and its memory-bank variant.
 
-Both are Objective contrast terms: `term(output: SegOutput, target [B, H, W], confidence) ->
-scalar`. They read `output.embedding` (the projection head's PixelEmbedding at `h x w`, finished only
-at the sampled pixels), resize the labels to `h x w` with nearest neighbour, take predictions and probabilities
-from the logits at `h x w`, let the sampler choose anchors, and contrast every anchor with the
-other sampled pixels of the whole batch (cross-image) — and, for the memory variant, with the
-per-class memory bank as well.
+Both are Objective terms (segcon.objectives.base.Term): `term(output: SegOutput, targets:
+Targets) -> scalar`. They read one of `output.embeddings` (the projection head's PixelEmbedding at
+`h x w`, finished only at the sampled pixels; the head named by the term's `embedding` key),
+resize the kept labels (`targets.reliable()`: ground truth and the pseudo-labels the method's
+filter keeps) to `h x w` with nearest neighbour, take predictions (and, for samplers that need
+them, probabilities) from the logits at `h x w` (the decoder's own resolution where the model
+has one), let the sampler choose anchors, and contrast every anchor with the other sampled
+pixels of the whole batch (cross-image) — and, for the memory variant, with the per-class memory
+bank as well.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segcon.models.heads import PixelEmbedding
-from segcon.models.segnet import SegOutput
+from segcon.models.output import PixelEmbedding, SegOutput
+from segcon.objectives.base import Targets, Term
 from segcon.objectives.memory import ClassMemory, MemoryUser
-from segcon.objectives.samplers import pick_random
+from segcon.objectives.samplers import first_per_group, random_priority
+from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 
 DENOMINATORS = ("per_positive", "supcon")
@@ -76,12 +81,6 @@ def pair_contrast(
     return loss, has_pos
 
 
-def at_least_float32(x: Tensor) -> Tensor:
-    """`x` in float32 if it is in a half-precision type (the exp/log of the contrastive losses
-    stay accurate under mixed precision); float32 and float64 unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of integer labels `[B, H, W]` to `size` (no new label values)."""
     if tuple(target.shape[-2:]) == tuple(size):
@@ -90,40 +89,38 @@ def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
 
 
 def sample_anchors(
-    output: SegOutput, target: Tensor, sampler: Callable[..., Tensor], term: str
+    output: SegOutput, targets: Targets, sampler: Callable[..., Tensor], embedding: str, term: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Let `sampler` choose anchors at the embedding resolution `h x w`, from the labels
-    (nearest-resized) and the main classifier's predictions and probabilities (its logits
-    bilinearly resized, no gradient).
+    """Let `sampler` choose anchors at the resolution `h x w` of the embedding named `embedding`,
+    from the kept labels (nearest-resized) and the main classifier's predictions (and, only for
+    samplers that need them, probabilities) at that resolution, without gradient.
 
     Returns embeddings `[M, D]`, labels `[M]` and flat indices `[M]` into `[B * h * w]`.
     """
-    emb = output.embedding
-    if emb is None:
-        raise ConfigError(
-            f"the {term} term needs an embedding: set model.projection "
-            "(the contrast presets do), e.g. model.projection={source: decoder, dim: 256}"
-        )
-    b, (h, w) = target.shape[0], emb.size
-    labels = labels_at(target, (h, w)).reshape(b, -1)
+    emb = output.embedding(embedding, term)
+    b, (h, w) = targets.labels.shape[0], emb.size
+    labels = labels_at(targets.reliable(), (h, w)).reshape(b, -1)
     with torch.no_grad():
-        logits = F.interpolate(output.logits.detach(), size=(h, w), mode="bilinear", align_corners=False)
-        probs = logits.softmax(1).reshape(b, logits.shape[1], -1)
-        preds = probs.argmax(1)
+        logits = output.logits_at((h, w)).detach()
+        preds = logits.argmax(1).reshape(b, -1)
+        probs = logits.softmax(1).reshape(b, logits.shape[1], -1) if getattr(sampler, "needs_probs", False) else None
     index = sampler(labels, preds, probs)
     return emb.at(index), labels.reshape(-1)[index], index
 
 
-class PixelContrastLoss(nn.Module):
+class PixelContrastLoss(Term):
     """ContrastiveSeg's pixel-to-pixel contrast over sampled anchors of the whole batch.
 
     Args:
         sampler: chooses the anchors (see segcon.objectives.samplers).
         temperature, base_temperature: τ and τ_base (the loss is scaled by τ / τ_base).
         denominator: "per_positive" (ContrastiveSeg) or "supcon".
+        embedding: the projection head whose embeddings are contrasted.
 
-    Ignore pixels are never sampled: the sampler skips its `ignore_index`.
+    Ignore pixels and the pseudo-labels the method's filter drops are never sampled.
     """
+
+    reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings"})
 
     def __init__(
         self,
@@ -131,6 +128,7 @@ class PixelContrastLoss(nn.Module):
         temperature: float = 0.1,
         base_temperature: float = 0.07,
         denominator: str = "per_positive",
+        embedding: str = "projection",
     ) -> None:
         super().__init__()
         if denominator not in DENOMINATORS:
@@ -138,10 +136,11 @@ class PixelContrastLoss(nn.Module):
         self.sampler = sampler
         self.temperature, self.base_temperature = temperature, base_temperature
         self.denominator = denominator
+        self.embedding = embedding
 
-    def sample(self, output: SegOutput, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(self, output: SegOutput, targets: Targets) -> tuple[Tensor, Tensor, Tensor]:
         """Anchors: (embeddings `[M, D]`, labels `[M]`, flat indices `[M]` into `[B * h * w]`)."""
-        return sample_anchors(output, target, self.sampler, type(self).__name__)
+        return sample_anchors(output, targets, self.sampler, self.embedding, type(self).__name__)
 
     def contrast(self, z: Tensor, y: Tensor, keys: Tensor | None = None, key_labels: Tensor | None = None) -> Tensor:
         """Mean loss of anchors (z, y) against the batch anchors plus optional extra keys."""
@@ -153,11 +152,13 @@ class PixelContrastLoss(nn.Module):
         # mean over anchors with a positive; a graph-connected 0 when there is none
         return (loss * has_pos).sum() / has_pos.sum().clamp_min(1)
 
-    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
-        """`confidence` is not used: semi-supervised methods pass low-confidence pixels as ignore."""
-        z, y, _ = self.sample(output, target)
+    def zero(self, output: SegOutput) -> Tensor:
+        return output.embedding(self.embedding, type(self).__name__).zero()
+
+    def forward(self, output: SegOutput, targets: Targets) -> Tensor:
+        z, y, _ = self.sample(output, targets)
         if z.shape[0] == 0:
-            return output.embedding.zero()  # no anchor: 0, but the head stays in the graph (DDP)
+            return self.zero(output)  # no anchor: 0, but the head stays in the graph (DDP)
         return self.contrast(z, y)
 
 
@@ -183,8 +184,9 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         temperature: float = 0.07,
         base_temperature: float = 0.07,
         denominator: str = "per_positive",
+        embedding: str = "projection",
     ) -> None:
-        super().__init__(sampler, temperature, base_temperature, denominator)
+        super().__init__(sampler, temperature, base_temperature, denominator, embedding)
         self.num_classes = num_classes
         self.pixel_update_freq = pixel_update_freq
         self.memories = nn.ModuleDict(
@@ -192,39 +194,49 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         )
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}
 
-    def forward(self, output: SegOutput, target: Tensor, confidence: Tensor | None = None) -> Tensor:
-        z, y, _ = self.sample(output, target)
-        self._pending = self._new_entries(output.embedding, target)
+    def zero(self, output: SegOutput) -> Tensor:
+        self._pending = {}  # in warm-up nothing is computed, and nothing enters the memory
+        return super().zero(output)
+
+    def forward(self, output: SegOutput, targets: Targets) -> Tensor:
+        z, y, _ = self.sample(output, targets)
+        emb = output.embedding(self.embedding, type(self).__name__)
+        self._pending = self._new_entries(emb, targets.reliable())
         if z.shape[0] == 0:
-            return output.embedding.zero()
+            return emb.zero()
         keys, key_labels = zip(*(m.entries() for m in self.memories.values()), strict=True)
         return self.contrast(z, y, torch.cat(keys), torch.cat(key_labels))
 
     @torch.no_grad()
     def _new_entries(self, embedding: PixelEmbedding, target: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Fixed-size entries of this step (padded with label -1, so every rank gathers the same
-        shapes): pixel `[B * K * freq, D]` and segment `[B * K, D]` with their labels. Region
+        shapes): pixel `[B * K * freq, D]` (up to `freq` random pixels per image and class) and
+        segment `[B * K, D]` (each image's L2-normalised class means) with their labels. Region
         means need every pixel's embedding: the full map, computed here without a graph."""
         emb = embedding.dense()
         b, d, h, w = emb.shape
         k, f = self.num_classes, self.pixel_update_freq
-        labels = labels_at(target, (h, w)).reshape(b, -1)
-        flat = emb.flatten(2)  # [B, D, N], a view
-        pix = emb.new_zeros(b, k, f, d)
-        pix_lab = torch.full((b, k, f), -1, dtype=torch.long, device=emb.device)
-        seg = emb.new_zeros(b, k, d)
-        seg_lab = torch.full((b, k), -1, dtype=torch.long, device=emb.device)
-        for i in range(b):
-            for c in labels[i].unique().tolist():
-                if not 0 <= c < k:
-                    continue
-                idx = (labels[i] == c).nonzero().squeeze(1)
-                seg[i, c] = F.normalize(flat[i][:, idx].mean(1), dim=0)
-                seg_lab[i, c] = c
-                pick = pick_random(idx, f)
-                pix[i, c, : pick.numel()] = flat[i][:, pick].T
-                pix_lab[i, c, : pick.numel()] = c
-        return {"pixel": (pix.reshape(-1, d), pix_lab.reshape(-1)), "segment": (seg.reshape(-1, d), seg_lab.reshape(-1))}
+        labels = labels_at(target, (h, w)).reshape(-1)
+        rows = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        valid = (labels >= 0) & (labels < k)
+        image = torch.arange(b, device=emb.device).repeat_interleave(h * w)
+        pair = (image * k + labels.clamp(0, k - 1))[valid]  # (image, class) of every valid pixel
+        counts = torch.bincount(pair, minlength=b * k)
+        # summed in float32: a region of many pixels overflows a float16 sum
+        wide = at_least_float32(rows[valid])
+        sums = wide.new_zeros(b * k, d).index_add_(0, pair, wide)
+        seg = F.normalize(sums / counts.clamp_min(1)[:, None], dim=1)
+        slot_class = torch.arange(b * k, device=emb.device) % k
+        seg_lab = torch.where(counts > 0, slot_class, -1)
+        picked = first_per_group(pair, random_priority(pair.numel(), emb.device), torch.full_like(counts, f))
+        chosen = pair[picked]
+        start = torch.cumsum(counts.clamp(max=f), 0) - counts.clamp(max=f)
+        slot = chosen * f + torch.arange(chosen.numel(), device=emb.device) - start[chosen]
+        pix = emb.new_zeros(b * k * f, d)
+        pix_lab = torch.full((b * k * f,), -1, dtype=torch.long, device=emb.device)
+        pix[slot] = rows[valid][picked]
+        pix_lab[slot] = chosen % k
+        return {"pixel": (pix, pix_lab), "segment": (seg, seg_lab)}
 
     def pending_entries(self) -> dict[str, tuple[Tensor, Tensor]]:
         """This step's entries per memory, to be gathered from all ranks and enqueued."""

@@ -1,16 +1,33 @@
-"""Objective: the weighted sum of named loss terms, each with its own warm-up schedule."""
+"""Objective: the weighted sum of named loss terms, each with its own warm-up schedule.
+
+Three config groups feed it, each mapping a term name to `{_target_, weight, warmup_steps,
+ramp_steps, <term kwargs>}`:
+
+- `loss`: terms on labeled images and their ground truth (CE by default; may be empty when a
+  `contrast` term supervises through the whole output, e.g. a set loss);
+- `pseudo_loss`: terms on the unlabeled views of teacher–student methods and their pseudo-labels
+  (CE by default; any PixelLoss works, its per-pixel weight being the confidence filter's keep
+  mask); their step counts from the end of the supervised warm-up;
+- `contrast`: terms on every image of the step (contrastive, region and auxiliary terms), with
+  ground truth and kept pseudo-labels.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
-from segcon.models.segnet import SegOutput
+from segcon.models.output import SegOutput
+from segcon.objectives.base import Targets, Term
+from segcon.objectives.supervised import PixelLoss
 from segcon.utils.errors import ConfigError
+
+PSEUDO = "unsup"
+"""The log name of the pseudo-label loss (`train/loss_unsup`, `train/weight_unsup`)."""
 
 
 @dataclass(frozen=True)
@@ -30,80 +47,142 @@ class TermSchedule:
         return self.weight
 
 
+def term_reads(term: nn.Module) -> frozenset[str]:
+    """The SegOutput fields a term reads."""
+    return getattr(term, "reads", frozenset({"logits"}))
+
+
+class TermGroup(nn.ModuleDict):
+    """The terms of one config group by name, with their schedules (default: weight 1 always)."""
+
+    def __init__(self, terms: Mapping[str, nn.Module] | None = None,
+                 schedules: Mapping[str, TermSchedule] | None = None) -> None:
+        super().__init__(dict(terms or {}))
+        self.schedules = {name: (schedules or {}).get(name, TermSchedule()) for name in self}
+
+
+def _as_group(terms: TermGroup | Mapping[str, nn.Module] | None) -> TermGroup:
+    return terms if isinstance(terms, TermGroup) else TermGroup(terms)
+
+
 class Objective(nn.Module):
     """total = sum over terms of weight(step) * term.
 
-    Supervised terms are plain losses `(logits [B, K, h, w], target [B, H, W]) -> scalar`.
-    Contrastive terms read the whole `SegOutput`: `(output, target, confidence | None) -> scalar`
-    or a dict of named scalars (summed). A term in warm-up is still computed and added with
-    weight 0, so every parameter it touches stays in the graph (DDP needs no unused-parameter
-    search).
+    A PixelLoss term gets `(output.logits, targets.labels, targets.weight)`; any other term
+    (segcon.objectives.base.Term) gets `(output, targets)` and returns a scalar or a dict of named
+    scalars (summed, each logged). A term whose scheduled weight is 0 at a step (in its warm-up)
+    is not computed: the Objective adds the term's connected zero (`Term.zero`) instead, so DDP
+    still sees every parameter used and nothing is spent on it. Logged per step: `loss_<name>`
+    (unweighted) for every computed term, `weight_<name>` for scheduled terms, `loss` (the total).
     """
 
     def __init__(
         self,
-        supervised: Mapping[str, nn.Module],
-        contrast: Mapping[str, nn.Module] | None = None,
-        schedules: Mapping[str, TermSchedule] | None = None,
+        supervised: TermGroup | Mapping[str, nn.Module] | None = None,
+        contrast: TermGroup | Mapping[str, nn.Module] | None = None,
+        pseudo: TermGroup | Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        contrast = contrast or {}
-        clash = set(supervised) & set(contrast)
+        self.supervised, self.contrast, self.pseudo = _as_group(supervised), _as_group(contrast), _as_group(pseudo)
+        clash = sorted(set(self.supervised) & set(self.contrast))
         if clash:
-            raise ConfigError(f"loss and contrast terms share the name(s) {sorted(clash)}; rename one")
-        if not supervised:
-            raise ConfigError("the loss group defines no term; choose e.g. loss=ce")
-        self.supervised = nn.ModuleDict(supervised)
-        self.contrast = nn.ModuleDict(contrast)
-        self.schedules = dict(schedules or {})
+            raise ConfigError(f"loss and contrast terms share the name(s) {clash}; rename one")
+        if not self.supervised and not self.contrast:
+            raise ConfigError("the objective has no term: choose a supervised loss (e.g. loss=ce), or a contrast "
+                              "term that supervises through the whole output")
+        for group, terms in (("loss", self.supervised), ("pseudo_loss", self.pseudo), ("contrast", self.contrast)):
+            for name, term in terms.items():
+                if not isinstance(term, PixelLoss | Term):
+                    raise ConfigError(f"{group}.{name}: {type(term).__name__} is neither a PixelLoss nor a Term "
+                                      "(segcon.objectives.base)")
 
-    def forward(
-        self, output: SegOutput, target: Tensor, step: int, confidence: Tensor | None = None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns the total loss and a dict of detached values to log: `loss_<name>` for every
-        term (unweighted), `weight_<name>` for scheduled weights, and `loss` (the total)."""
-        sup, logs = self.supervised_loss(output.logits, target, step)
-        con, con_logs = self.contrast_loss(output, target, step, confidence)
+    def terms(self) -> Iterator[tuple[str, nn.Module]]:
+        """Every (name, term) of every group."""
+        for group in (self.supervised, self.pseudo, self.contrast):
+            yield from group.items()
+
+    def contrast_reads(self) -> frozenset[str]:
+        """The SegOutput fields the contrast terms read (a method assembling their output from
+        several passes copies only these)."""
+        return frozenset().union(*(term_reads(t) for t in self.contrast.values()))
+
+    @property
+    def reads_teacher(self) -> bool:
+        """Whether a term reads the teacher's output (`Targets.teacher`)."""
+        return any(getattr(t, "reads_teacher", False) for _, t in self.terms())
+
+    def forward(self, output: SegOutput, targets: Targets, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The supervised and contrast terms on one batch: the total loss and a dict of detached
+        values to log."""
+        sup, logs = self.supervised_loss(output, targets, step)
+        con, con_logs = self.contrast_loss(output, targets, step)
         total = sup + con
-        logs = {**logs, **con_logs, "loss": total.detach()}
-        return total, logs
+        return total, {**logs, **con_logs, "loss": total.detach()}
 
-    def supervised_loss(self, logits: Tensor, target: Tensor, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted supervised terms on `logits [B, K, h, w]` and their logs."""
-        logs: dict[str, Tensor] = {}
-        total: Tensor | None = None
-        for name, term in self.supervised.items():
-            total = self._add(total, logs, name, term(logits, target), step)
-        assert total is not None
-        return total, logs
+    def supervised_loss(self, output: SegOutput, targets: Targets, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted `loss` terms (ground truth) and their logs."""
+        return self._group(self.supervised, output, targets, step)
 
-    def contrast_loss(
-        self, output: SegOutput, target: Tensor, step: int, confidence: Tensor | None = None
+    def contrast_loss(self, output: SegOutput, targets: Targets, step: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The weighted `contrast` terms (0 without any) and their logs."""
+        return self._group(self.contrast, output, targets, step)
+
+    def pseudo_loss(
+        self, output: SegOutput, targets: Targets, step: int, view: str = ""
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted contrastive terms (0 without any) and their logs."""
+        """The weighted `pseudo_loss` terms on one unlabeled view (`step`: steps since the
+        unsupervised phase began), logged as `loss_unsup<view>` (one term) or
+        `loss_unsup_<name><view>` (several), with `weight_unsup[_<name>]` every step."""
+        if not self.pseudo:
+            raise ConfigError("the pseudo_loss group defines no term; a teacher-student method needs one "
+                              "(pseudo_loss=ce is the default)")
+        single = len(self.pseudo) == 1
+        return self._group(self.pseudo, output, targets, step,
+                           label=lambda name: PSEUDO if single else f"{PSEUDO}_{name}", suffix=view, always_weight=True)
+
+    def _group(
+        self,
+        terms: TermGroup,
+        output: SegOutput,
+        targets: Targets,
+        step: int,
+        label: Callable[[str], str] = str,
+        suffix: str = "",
+        always_weight: bool = False,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         logs: dict[str, Tensor] = {}
         total: Tensor | None = None
-        for name, term in self.contrast.items():
-            value = term(output, target, confidence)
-            if isinstance(value, Mapping):
-                for sub, v in value.items():
-                    logs[f"loss_{name}/{sub}"] = v.detach()
-                value = sum(value.values())
-            total = self._add(total, logs, name, value, step)
+        for name, term in terms.items():
+            schedule = terms.schedules[name]
+            weight = schedule(step)
+            value = self._value(term, output, targets, weight, logs, f"{label(name)}{suffix}")
+            if always_weight or schedule.warmup_steps or schedule.ramp_steps:
+                logs[f"weight_{label(name)}"] = value.new_tensor(weight).detach()
+            total = weight * value if total is None else total + weight * value
         return (output.logits.new_zeros(()) if total is None else total), logs
 
-    def _add(self, total: Tensor | None, logs: dict[str, Tensor], name: str, value: Tensor, step: int) -> Tensor:
-        schedule = self.schedules.get(name, TermSchedule())
-        weight = schedule(step)
+    @staticmethod
+    def _value(
+        term: nn.Module, output: SegOutput, targets: Targets, weight: float, logs: dict[str, Tensor], name: str
+    ) -> Tensor:
+        """The term's (unweighted) value, logged as `loss_<name>`; its connected zero, unlogged,
+        while `weight` is 0."""
+        if weight == 0.0:
+            return output.logits.sum() * 0.0 if isinstance(term, PixelLoss) else term.zero(output)
+        if isinstance(term, PixelLoss):
+            value = term(output.logits, targets.labels, targets.weight)
+        else:
+            value = term(output, targets)
+        if isinstance(value, Mapping):
+            for sub, v in value.items():
+                logs[f"loss_{name}/{sub}"] = v.detach()
+            value = sum(value.values())
         logs[f"loss_{name}"] = value.detach()
-        if schedule.warmup_steps or schedule.ramp_steps:
-            logs[f"weight_{name}"] = value.new_tensor(weight)
-        weighted = weight * value
-        return weighted if total is None else total + weighted
+        return value
 
 
-def build_terms(group: Mapping[str, Any] | None, key: str) -> tuple[dict[str, nn.Module], dict[str, TermSchedule]]:
-    """Loss modules and their schedules from a config group (`key` names it in errors)."""
+def build_terms(group: Mapping[str, Any] | None, key: str) -> TermGroup:
+    """The terms of a config group with their schedules (`key` names the group in errors)."""
     terms: dict[str, nn.Module] = {}
     schedules: dict[str, TermSchedule] = {}
     for name, spec in (group or {}).items():
@@ -118,12 +197,11 @@ def build_terms(group: Mapping[str, Any] | None, key: str) -> tuple[dict[str, nn
             ramp_steps=int(spec.pop("ramp_steps", 0)),
         )
         terms[name] = instantiate(spec, _convert_="all")
-    return terms, schedules
+    return TermGroup(terms, schedules)
 
 
-def build_objective(loss: Mapping[str, Any], contrast: Mapping[str, Any] | None = None) -> Objective:
-    """An Objective from the `loss` and `contrast` config groups: each maps a term name to
-    `{_target_: <loss class>, weight, warmup_steps, ramp_steps, <loss kwargs>}`."""
-    supervised, s1 = build_terms(loss, "loss")
-    contrastive, s2 = build_terms(contrast, "contrast")
-    return Objective(supervised, contrastive, {**s1, **s2})
+def build_objective(
+    loss: Mapping[str, Any] | None, contrast: Mapping[str, Any] | None = None, pseudo: Mapping[str, Any] | None = None
+) -> Objective:
+    """An Objective from the `loss`, `contrast` and `pseudo_loss` config groups."""
+    return Objective(build_terms(loss, "loss"), build_terms(contrast, "contrast"), build_terms(pseudo, "pseudo_loss"))

@@ -5,6 +5,11 @@ A sampler is called with flattened per-image tensors and returns flat pixel indi
 them. Samplers never return ignore pixels and are deterministic under a seeded generator.
 
     indices = sampler(labels [B, N], preds [B, N], probs [B, K, N] | None, generator) -> [M]
+
+`probs` are passed only to samplers whose `needs_probs` is True. The whole batch is sampled in
+a few vectorised passes (a constant number of host synchronisations per call, none per image
+or class): every candidate pixel gets a priority (random, or its predicted probability), and
+the first pixels of each (image, class[, hard/easy]) group in priority order are taken.
 """
 
 from __future__ import annotations
@@ -13,26 +18,47 @@ import torch
 from torch import Tensor
 
 
-def _candidate_pairs(labels: Tensor, ignore_index: int, min_pixels: int) -> list[tuple[int, int]]:
-    """(image, class) pairs whose class has more than `min_pixels` pixels in that image."""
-    pairs = []
-    for b in range(labels.shape[0]):
-        classes, counts = labels[b].unique(return_counts=True)
-        for c, n in zip(classes.tolist(), counts.tolist(), strict=True):
-            if c != ignore_index and n > min_pixels:
-                pairs.append((b, c))
-    return pairs
+def random_priority(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+    """`n` uniform random priorities on `device` (drawn from `generator`, a CPU generator, when
+    given; else from the device's default generator)."""
+    if generator is None:
+        return torch.rand(n, device=device)
+    return torch.rand(n, generator=generator).to(device)
 
 
-def pick_random(candidates: Tensor, n: int, generator: torch.Generator | None = None) -> Tensor:
-    """Up to `n` of the `candidates` uniformly at random, without replacement."""
-    perm = torch.randperm(candidates.numel(), generator=generator, device="cpu")[:n]
-    return candidates[perm.to(candidates.device)]
+def first_per_group(group: Tensor, priority: Tensor, quota: Tensor) -> Tensor:
+    """Positions `[M]` into `group [L]` of the `quota[g]` elements of lowest `priority [L]` in each
+    group g (ties: the earlier position first), ordered by group, then by priority.
+
+    `group` holds non-negative ids `< len(quota)`.
+    """
+    order = torch.argsort(priority, stable=True)
+    order = order[torch.argsort(group[order], stable=True)]
+    sizes = torch.bincount(group, minlength=quota.numel())
+    start = torch.cumsum(sizes, 0) - sizes
+    sorted_group = group[order]
+    rank = torch.arange(order.numel(), device=group.device) - start[sorted_group]
+    return order[rank < quota[sorted_group]]
+
+
+def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: int) -> tuple[Tensor, Tensor]:
+    """How many hard and easy pixels to take per (image, class), ContrastiveSeg's rule, for
+    every group at once (`[P]` counts). Where num_hard + num_easy > n_view, at least one set
+    reaches n_view / 2: both do -> n_view // 2 hard, the rest easy; only hard -> all easy, the
+    rest hard; only easy -> all hard, the rest easy."""
+    hard_ok, easy_ok = num_hard * 2 >= n_view, num_easy * 2 >= n_view
+    half = torch.full_like(num_hard, n_view // 2)
+    n_hard = torch.where(hard_ok & easy_ok, half, torch.where(hard_ok, n_view - num_easy, num_hard))
+    return n_hard, n_view - n_hard
 
 
 class _PerClassSampler:
     """Shared budget: for each (image, class) with more than `max_views` pixels, `n_view =
-    min(max_samples // pairs, max_views)` pixels, chosen by the subclass's `_choose`."""
+    min(max_samples // pairs, max_views)` pixels, chosen by the subclass: `split` into hard
+    (misclassified) and easy (correct) quotas or not, in the order of `_priority`."""
+
+    needs_probs = False
+    split = True
 
     def __init__(self, max_samples: int = 1024, max_views: int = 100, ignore_index: int = 255) -> None:
         self.max_samples, self.max_views, self.ignore_index = max_samples, max_views, ignore_index
@@ -40,31 +66,46 @@ class _PerClassSampler:
     def __call__(
         self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        pairs = _candidate_pairs(labels, self.ignore_index, self.max_views)
-        if not pairs:
+        b, n = labels.shape
+        device = labels.device
+        valid = labels != self.ignore_index
+        cls = labels.masked_fill(~valid, 0)
+        num_classes = int(cls.max()) + 1 if cls.numel() else 1
+        pair = (torch.arange(b, device=device)[:, None] * num_classes + cls).reshape(-1)  # (image, class) id
+        valid = valid.reshape(-1)
+        counts = torch.bincount(pair[valid], minlength=b * num_classes)
+        eligible = counts > self.max_views
+        num_pairs = int(eligible.sum())
+        if num_pairs == 0:
             return labels.new_zeros(0, dtype=torch.long)
-        n_view = min(self.max_samples // len(pairs), self.max_views)
-        n = labels.shape[1]
-        return torch.cat([
-            b * n + self._choose(labels[b], preds[b], None if probs is None else probs[b, c], c, n_view, generator)
-            for b, c in pairs
-        ])
+        n_view = min(self.max_samples // num_pairs, self.max_views)
+        cand = (valid & eligible[pair]).nonzero().squeeze(1)  # flat pixel indices
+        cand_pair = pair[cand]
+        hard = preds.reshape(-1)[cand] != labels.reshape(-1)[cand]
+        prob = None
+        if self.needs_probs:
+            if probs is None:
+                raise ValueError(f"{type(self).__name__} sorts by the predicted probabilities; the loss passed none")
+            own = labels.reshape(-1)[cand]
+            prob = probs.permute(0, 2, 1).reshape(b * n, -1)[cand, own]
+        priority = self._priority(hard, prob, generator)
+        if self.split:
+            num_hard = torch.bincount(cand_pair[hard], minlength=counts.numel())
+            n_hard, n_easy = split_counts(num_hard, counts - num_hard, n_view)
+            group, quota = cand_pair * 2 + (~hard).long(), torch.stack([n_hard, n_easy], 1).reshape(-1)
+        else:
+            group, quota = cand_pair, torch.full_like(counts, n_view)
+        return cand[first_per_group(group, priority, quota)]
 
-    def _choose(
-        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
-    ) -> Tensor:
-        """`n_view` pixel indices `[n_view]` of class `c` in one image (`labels`, `preds`, and the
-        predicted probability of class c `prob_c`: `[N]`)."""
-        raise NotImplementedError
+    def _priority(self, hard: Tensor, prob: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        """Per candidate pixel `[L]`: lower is taken first within its group."""
+        return random_priority(hard.numel(), hard.device, generator)
 
 
 class RandomSampler(_PerClassSampler):
     """Uniform per class: the `n_view` pixels of each (image, class) drawn uniformly at random."""
 
-    def _choose(
-        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
-    ) -> Tensor:
-        return pick_random((labels == c).nonzero().squeeze(1), n_view, generator)
+    split = False
 
 
 class HardEasySampler(_PerClassSampler):
@@ -75,13 +116,6 @@ class HardEasySampler(_PerClassSampler):
     Only easy is large: all hard, the rest easy. Inside each set the choice is uniformly random.
     """
 
-    def _choose(
-        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
-    ) -> Tensor:
-        hard, easy = hard_easy_sets(labels, preds, c)
-        n_hard, n_easy = split_counts(hard.numel(), easy.numel(), n_view)
-        return torch.cat([pick_random(hard, n_hard, generator), pick_random(easy, n_easy, generator)])
-
 
 class MarginalSampler(_PerClassSampler):
     """CAC's confidence-aware marginal sampling (METHODS.md §1(d)).
@@ -89,37 +123,12 @@ class MarginalSampler(_PerClassSampler):
     Same sets and counts as HardEasySampler, chosen by the predicted probability of the class
     instead of at random: the hard pixels (gt = c, pred != c) with the *highest* p[c] — wrong
     but closest to right — and the easy pixels (gt = c, pred = c) with the *lowest* p[c] —
-    right but least sure. Ties keep pixel order (stable sort), so the choice is deterministic.
-    Needs the probabilities: the losses pass the main classifier's softmax.
+    right but least sure. Ties keep pixel order, so the choice is deterministic. Needs the
+    probabilities: the losses pass the main classifier's softmax.
     """
 
-    def _choose(
-        self, labels: Tensor, preds: Tensor, prob_c: Tensor | None, c: int, n_view: int, generator: torch.Generator | None
-    ) -> Tensor:
-        if prob_c is None:
-            raise ValueError("sampler=marginal sorts by the predicted probabilities; the loss passed none")
-        hard, easy = hard_easy_sets(labels, preds, c)
-        n_hard, n_easy = split_counts(hard.numel(), easy.numel(), n_view)
-        hard = hard[torch.argsort(prob_c[hard], descending=True, stable=True)[:n_hard]]
-        easy = easy[torch.argsort(prob_c[easy], stable=True)[:n_easy]]
-        return torch.cat([hard, easy])
+    needs_probs = True
 
-
-def hard_easy_sets(labels: Tensor, preds: Tensor, c: int) -> tuple[Tensor, Tensor]:
-    """Pixel indices of class `c` in one image (`[N]` inputs): misclassified (hard) and correct
-    (easy)."""
-    is_c = labels == c
-    return (is_c & (preds != c)).nonzero().squeeze(1), (is_c & (preds == c)).nonzero().squeeze(1)
-
-
-def split_counts(num_hard: int, num_easy: int, n_view: int) -> tuple[int, int]:
-    """How many hard and easy pixels to take for one (image, class), ContrastiveSeg's rule.
-
-    The caller guarantees num_hard + num_easy > n_view, so at least one set reaches n_view / 2.
-    """
-    hard_ok, easy_ok = num_hard >= n_view / 2, num_easy >= n_view / 2
-    if hard_ok and easy_ok:
-        return n_view // 2, n_view - n_view // 2
-    if hard_ok:  # easy is short: take all of it, fill up with hard
-        return n_view - num_easy, num_easy
-    return num_hard, n_view - num_hard  # hard is short: take all of it, fill up with easy
+    def _priority(self, hard: Tensor, prob: Tensor | None, generator: torch.Generator | None) -> Tensor:
+        assert prob is not None
+        return torch.where(hard, -prob, prob)

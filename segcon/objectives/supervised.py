@@ -1,13 +1,19 @@
-"""Supervised segmentation losses: `loss(logits [B, K, h, w], target [B, H, W]) -> scalar`.
+"""Losses on a class-score map (PixelLoss): `loss(logits [B, K, h, w], target [B, H, W],
+weight [B, H, W] | None) -> scalar`, for ground truth and pseudo-labels alike.
 
 Logits at another resolution than the target are bilinearly resized to it. Pixels equal to
 `ignore_index` never contribute; a batch without a single valid pixel gives a zero that is still
-connected to the graph (no NaN, no unused parameters under DDP).
+connected to the graph (no NaN, no unused parameters under DDP). `weight` (per pixel, e.g. 1 on
+the pseudo-labels a confidence filter keeps and 0 elsewhere, or the confidence itself)
+multiplies each pixel's contribution while the normaliser stays what it is without weights: the
+valid pixels, so a batch with few trusted pseudo-labels weighs less (UniMatch's unsupervised
+loss is `loss_ce` with `weight = keep`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +27,22 @@ def match_size(logits: Tensor, target: Tensor) -> Tensor:
     return logits
 
 
-def _weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """sum(values * weights) / sum(weights), and a graph-connected 0 when every weight is 0.
+def _weighted_mean(values: Tensor, weights: Tensor, extra: Tensor | None = None) -> Tensor:
+    """sum(values * weights * extra) / sum(weights), and a graph-connected 0 when every weight
+    is 0. `extra` (per-pixel weights, see the module docstring) scales the numerator only.
 
     No host sync: the clamp only matters when the numerator is 0 as well.
     """
-    return (values * weights).sum() / weights.sum().clamp_min(1e-12)
+    numerator = values * weights if extra is None else values * weights * extra
+    return numerator.sum() / weights.sum().clamp_min(1e-12)
 
 
-class _PixelLoss(nn.Module):
+class PixelLoss(nn.Module):
+    """Base of the losses on a class-score map (see the module docstring); they read
+    `SegOutput.logits` only."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"logits"})
+
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
         self.ignore_index = ignore_index
@@ -43,7 +56,7 @@ class _PixelLoss(nn.Module):
         return self.class_weights[target.clamp(min=0) * valid] * valid
 
 
-class CrossEntropyLoss(_PixelLoss):
+class CrossEntropyLoss(PixelLoss):
     """Pixel-wise cross-entropy, mean over valid pixels (class-weighted mean with class_weights).
 
     Args:
@@ -61,22 +74,23 @@ class CrossEntropyLoss(_PixelLoss):
         super().__init__(ignore_index, class_weights)
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         logits = match_size(logits, target)
         valid = target != self.ignore_index
         ce = F.cross_entropy(
             logits, target.masked_fill(~valid, 0), reduction="none", label_smoothing=self.label_smoothing
         )
-        return _weighted_mean(ce, self._pixel_weights(target, valid))
+        return _weighted_mean(ce, self._pixel_weights(target, valid), weight)
 
 
-class OhemCrossEntropyLoss(_PixelLoss):
+class OhemCrossEntropyLoss(PixelLoss):
     """Online hard example mining CE (as mmseg's OHEMPixelSampler + CE).
 
     Keeps the valid pixels whose predicted probability of the true class is below
     `max(thresh, p_(k))`, where p_(k) is the k-th smallest such probability over the batch and
     k = `min_kept` x batch size, so at least `min_kept` pixels per image are kept. The loss is the
-    (class-weighted) mean CE over the kept pixels.
+    (class-weighted) mean CE over the kept pixels; per-pixel `weight`s scale the kept pixels'
+    terms (the normaliser stays the kept pixels).
     """
 
     def __init__(
@@ -90,7 +104,9 @@ class OhemCrossEntropyLoss(_PixelLoss):
         self.thresh = thresh
         self.min_kept = min_kept
 
-    def forward(self, logits: Tensor, target: Tensor, mining_logits: Tensor | None = None) -> Tensor:
+    def forward(
+        self, logits: Tensor, target: Tensor, weight: Tensor | None = None, mining_logits: Tensor | None = None
+    ) -> Tensor:
         """`mining_logits` (default: `logits`) choose the kept pixels: CAC's weight branch is
         trained on the pixels the main classifier finds hard."""
         logits = match_size(logits, target)
@@ -106,24 +122,26 @@ class OhemCrossEntropyLoss(_PixelLoss):
                 threshold = valid_p.kthvalue(k + 1).values.clamp_min(self.thresh)
                 keep &= p_true < threshold
         ce = F.cross_entropy(logits, safe_target, reduction="none")
-        return _weighted_mean(ce, self._pixel_weights(target, keep))
+        return _weighted_mean(ce, self._pixel_weights(target, keep), weight)
 
 
-class DiceLoss(_PixelLoss):
+class DiceLoss(PixelLoss):
     """Multi-class soft Dice: 1 - dice per class (softmax probabilities vs one-hot target over the
-    valid pixels of the whole batch), averaged over the classes present in the target.
+    valid pixels of the whole batch), averaged over the classes present in the target. Per-pixel
+    `weight`s scale both the probabilities and the one-hot target of each pixel (a soft region).
     """
 
     def __init__(self, ignore_index: int = 255, smooth: float = 1.0) -> None:
         super().__init__(ignore_index, None)
         self.smooth = smooth
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         logits = match_size(logits, target)
         valid = (target != self.ignore_index).unsqueeze(1)
-        prob = logits.softmax(1) * valid
+        mask = valid if weight is None else valid * weight.unsqueeze(1)
+        prob = logits.softmax(1) * mask
         onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), logits.shape[1]).permute(0, 3, 1, 2)
-        onehot = onehot.to(prob.dtype) * valid
+        onehot = onehot.to(prob.dtype) * mask
         inter = (prob * onehot).sum((0, 2, 3))
         card = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
         dice = (2 * inter + self.smooth) / (card + self.smooth)
@@ -131,7 +149,7 @@ class DiceLoss(_PixelLoss):
         return _weighted_mean(1 - dice, present)
 
 
-class FocalLoss(_PixelLoss):
+class FocalLoss(PixelLoss):
     """Focal loss `-(1 - p_t)^gamma log p_t`, (class-weighted) mean over valid pixels.
 
     class_weights plays the role of the per-class alpha.
@@ -141,10 +159,10 @@ class FocalLoss(_PixelLoss):
         super().__init__(ignore_index, class_weights)
         self.gamma = gamma
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         logits = match_size(logits, target)
         valid = target != self.ignore_index
         safe_target = target.masked_fill(~valid, 0)
         logp = logits.log_softmax(1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
         focal = -((1 - logp.exp()) ** self.gamma) * logp
-        return _weighted_mean(focal, self._pixel_weights(target, valid))
+        return _weighted_mean(focal, self._pixel_weights(target, valid), weight)

@@ -1,10 +1,10 @@
 """Checkpoints: writing that never leaves a half-written file behind, and reading without
 unpickling code (weights_only=True, or safetensors) for resuming, evaluation, prediction, export.
 
-A segcon checkpoint is a Lightning checkpoint whose `state_dict` holds the inference network
-under `net.model.*` (the student, in teacher–student methods) and, for teacher–student methods,
-the EMA teacher under `teacher.model.*`; everything else (train-only heads under `net.heads.*`,
-memory banks, ...) is training state. `checkpoint["segcon"]["config"]` is the resolved run
+A segcon checkpoint is a Lightning checkpoint whose `state_dict` holds each network's inference
+network (`SegModel.model`) under the prefix `BRANCHES` names: the student (or the only network)
+under `net.model.*` and, for teacher–student methods, the EMA teacher under `teacher.model.*`;
+everything else (train-only heads under `net.heads.*`, memory banks, ...) is training state. `checkpoint["segcon"]["config"]` is the resolved run
 config. segcon-export's `.safetensors` files hold one network's `net.model` weights with the same
 `segcon` entry as JSON in the file's metadata, and are read the same way.
 """
@@ -26,7 +26,8 @@ from segcon.utils.errors import ConfigError
 from segcon.utils.weights import load_checked, safe_torch_load
 
 BRANCHES = {"student": "net.model.", "teacher": "teacher.model."}
-"""state_dict prefix of each network's bare smp model in a segcon checkpoint."""
+"""state_dict prefix of each network's inference network in a segcon checkpoint: the methods keep
+the networks as `net` and `teacher`, each SegModel its inference network as `model`."""
 
 SAFETENSORS_KEY = "segcon"
 """The safetensors metadata entry holding the segcon state (config, branch, step) as JSON."""
@@ -132,7 +133,7 @@ class RunCheckpoint:
     Attributes:
         path: the checkpoint file.
         config: the resolved run config it was trained with (plain containers).
-        weights: branch ("student" / "teacher") -> the bare smp model's state_dict.
+        weights: branch ("student" / "teacher") -> its inference network's state_dict.
         segcon: the checkpoint's `segcon` entry (best mIoU, W&B run id, ...).
     """
 
@@ -141,9 +142,10 @@ class RunCheckpoint:
     weights: dict[str, dict[str, Tensor]]
     segcon: dict[str, Any]
 
-    def load_into(self, model: nn.Module, branch: str = "student") -> None:
-        """Load the `branch` network's weights into a bare smp `model`; a model of another
-        architecture or class count is a ConfigError naming the checkpoint and what it holds."""
+    def load_into(self, model: nn.Module, branch: str = "student", trained_as: str = "") -> None:
+        """Load the `branch` network's weights into an inference network `model`; a model of
+        another architecture or class count is a ConfigError naming the checkpoint and what it
+        was trained as (`trained_as`, e.g. "unet / resnet18 with 5 classes")."""
         if branch not in BRANCHES:
             raise ConfigError(f"branch={branch!r}; use one of {', '.join(BRANCHES)}")
         if branch not in self.weights:
@@ -152,12 +154,10 @@ class RunCheckpoint:
                 f"{', '.join(self.weights) or 'none'}). A teacher exists only in teacher–student runs; "
                 f"use branch={next(iter(self.weights), 'student')}."
             )
-        m, k = self.config.get("model", {}), self.config.get("data", {}).get("num_classes")
-        trained_as = f"{m.get('arch')} / {m.get('encoder_name')} with {k} classes"
         load_checked(
             model, self.weights[branch], self.path, f"{branch} model",
-            f"The checkpoint was trained as {trained_as}: drop the model.* / data.num_classes "
-            "overrides, or pass the checkpoint of the architecture you want.",
+            f"The checkpoint was trained as {trained_as or 'another network'}: drop the model.* / "
+            "data.num_classes overrides, or pass the checkpoint of the architecture you want.",
         )
 
 

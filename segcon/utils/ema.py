@@ -16,12 +16,13 @@ def ema_momentum(step: int, momentum_max: float) -> float:
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     """`teacher <- momentum * teacher + (1 - momentum) * student` for every parameter and every
-    floating-point buffer (BatchNorm running statistics included); integer buffers (BatchNorm's
-    `num_batches_tracked`) are copied. Both modules must have the same structure."""
+    floating-point buffer of the teacher (BatchNorm running statistics included); integer buffers
+    (BatchNorm's `num_batches_tracked`) are copied. The student must hold every tensor of the
+    teacher under the same name (it may hold more: train-only heads the teacher does not keep)."""
     t_state, s_state = _tensors(teacher), _tensors(student)
-    if t_state.keys() != s_state.keys():
-        extra, missing = sorted(t_state.keys() - s_state.keys()), sorted(s_state.keys() - t_state.keys())
-        raise ValueError(f"teacher and student differ: only in teacher {extra[:5]}, only in student {missing[:5]}")
+    missing = sorted(t_state.keys() - s_state.keys())
+    if missing:
+        raise ValueError(f"the student lacks teacher tensors {missing[:5]}: teacher and student differ")
     floats = [k for k, v in t_state.items() if v.is_floating_point()]
     if floats:
         torch._foreach_lerp_([t_state[k] for k in floats], [s_state[k].to(t_state[k].dtype) for k in floats], 1.0 - momentum)

@@ -1,7 +1,8 @@
-"""Sending images to whichever configured loggers accept them."""
+"""Sending images to whichever configured loggers accept them, and closing W&B runs."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 
 import numpy as np
@@ -16,3 +17,12 @@ def log_images(loggers: list[Logger], images: Mapping[str, np.ndarray], step: in
                 logger.log_image(key, [image], step=step)
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(key, image, step, dataformats="HWC")
+
+
+def finish_wandb(exit_code: int) -> None:
+    """Close any W&B run, so that the next job of a multirun (or command) starts a fresh one."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=exit_code)

@@ -11,10 +11,6 @@ from torch import nn
 
 from segcon.utils.errors import ConfigError
 
-# Prefixes other tools put in front of an smp model's own keys: a Lightning checkpoint of segcon
-# ("net.model."), DDP ("module."), a teacher copy ("teacher."), or a bare wrapper ("model.").
-_PREFIXES = ("net.model.", "student.model.", "teacher.model.", "module.", "model.", "net.")
-
 
 def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     """`torch.load` with weights_only=True: tensors and plain containers only. A file holding
@@ -50,39 +46,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return obj
-
-
-def _strip(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
-    """Drop the first known prefix that makes the keys match `wanted` best."""
-    best, best_hits = state, len(wanted & state.keys())
-    for prefix in _PREFIXES:
-        cand = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        hits = len(wanted & cand.keys())
-        if hits > best_hits:
-            best, best_hits = cand, hits
-    return best
-
-
-def load_weights(model: nn.Module, path: Path, scope: str = "auto") -> str:
-    """Load full-model or encoder weights from `path` into an smp `model`; return the scope used.
-
-    scope: "full" (every model key), "encoder" (the `model.encoder` keys, with or without an
-    "encoder." prefix), or "auto" (full when every model key is present, else encoder).
-    """
-    if scope not in ("auto", "full", "encoder"):
-        raise ConfigError(f"model.weights_scope must be auto, full or encoder, got {scope!r}")
-    state = read_state_dict(path)
-    full_keys = set(model.state_dict())
-    full = _strip(state, full_keys)
-    if scope == "full" or (scope == "auto" and full_keys <= full.keys()):
-        load_checked(model, full, path, "model")
-        return "full"
-    encoder = model.encoder
-    enc_keys = set(encoder.state_dict())
-    enc_state = _strip(state, {f"encoder.{k}" for k in enc_keys} | enc_keys)
-    enc_state = {k.removeprefix("encoder."): v for k, v in enc_state.items() if not k.startswith(("decoder.", "segmentation_head."))}
-    load_checked(encoder, enc_state, path, "encoder")
-    return "encoder"
 
 
 _FIX = (

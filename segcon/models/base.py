@@ -1,0 +1,100 @@
+"""The model contract: what every model family gives the rest of segcon.
+
+Nothing outside `segcon/models/` knows which library built a network; methods, losses,
+evaluation, checkpoints and export only use what `SegModel` declares:
+
+- `model`: the inference network, `images [B, 3, H, W] -> scores [B, K, H, W]` whose softmax over
+  K is the class distribution (logits or log-probabilities), so whole / slide / ms_flip inference
+  can average it. It is what segcon-export writes, what evaluation runs, and what a checkpoint
+  holds under `<branch>.model.*` (segcon.utils.checkpoint.BRANCHES).
+- `heads`: train-only heads (projection heads, CAC's weight branch, ...). They never reach the
+  inference graph; a teacher keeps only the ones its method reads (`keep_heads`).
+- `forward(x)`: in training a `SegOutput` (segcon.models.output), in eval mode `model(x)`.
+- `forward_features(x, perturb, heads)`: the `SegOutput` in any mode.
+- `input_divisor`: H and W of an input must be multiples of it.
+- `parameter_groups()`: the backbone (base learning rate) and everything else.
+- `check_config(config)`: the family checks its own settings before anything is built and
+  returns the input divisor; `describe(config)` names the network in messages;
+  `offline_config(config)` switches off every pretrained-weight source (rebuilding a model
+  whose weights come from a checkpoint must neither download nor read other files).
+
+tests/test_model_contract.py runs one shared contract test for every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from torch import Tensor, nn
+
+from segcon.models.output import SegOutput
+from segcon.utils.errors import ConfigError
+
+
+class SegModel(nn.Module):
+    """Base class of segcon's model families (see the module docstring for the contract).
+
+    Subclasses set `self.model`, `self.heads` and `self.num_classes` in `__init__` and implement
+    `forward_features`, `input_divisor`, `parameter_groups` and `check_config`.
+    """
+
+    model: nn.Module
+    heads: nn.ModuleDict
+    num_classes: int
+
+    @property
+    def input_divisor(self) -> int:
+        """Input height and width must be multiples of this."""
+        raise NotImplementedError
+
+    def forward_features(self, x: Tensor, perturb: float = 0.0, heads: Collection[str] | None = None) -> SegOutput:
+        """Full forward pass `[B, 3, H, W]` -> SegOutput, in any mode.
+
+        Args:
+            perturb: > 0 adds UniMatch's feature-perturbation branch (Dropout2d with this
+                probability on the features the decoder reads, decoded in the same batch as the
+                clean ones): `aux["perturbed_logits"] [B, K, H, W]`. A family that cannot do it
+                raises a ConfigError.
+            heads: the train-only heads to run (None: all of them; () none, for gradient-free
+                passes that only need the logits).
+        """
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> SegOutput | Tensor:
+        if not self.training:
+            return self.model(x)
+        return self.forward_features(x)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """`{"encoder": [...], "head": [...]}`: the backbone (base learning rate) and everything
+        else (decoder, classifier, train-only heads: `head_lr_mult`); together every parameter
+        once."""
+        raise NotImplementedError
+
+    def keep_heads(self, names: Collection[str]) -> None:
+        """Delete the train-only heads not in `names` (a teacher keeps the ones its method
+        reads); an unknown name is a ConfigError listing the heads there are."""
+        unknown = sorted(set(names) - set(self.heads))
+        if unknown:
+            raise ConfigError(f"method.teacher_heads names {unknown}, but the model's train-only heads are "
+                              f"{sorted(self.heads) or 'none'}")
+        for name in list(self.heads):
+            if name not in names:
+                del self.heads[name]
+
+    @classmethod
+    def check_config(cls, config: Mapping[str, Any]) -> int:
+        """Check the `model` config node (plain containers) without building the network;
+        return the input divisor. Raise one ConfigError naming the key and the fix."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, config: Mapping[str, Any]) -> str:
+        """A short name of the network `config` builds, for messages."""
+        return cls.__name__
+
+    @classmethod
+    def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`config` with every pretrained-weight source switched off."""
+        return dict(config)

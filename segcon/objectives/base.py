@@ -1,0 +1,116 @@
+"""What every loss term is given (`Targets`) and what a term declares (`Term`).
+
+Two kinds of terms exist:
+
+- `segcon.objectives.supervised.PixelLoss` subclasses (CE, OHEM, Dice, focal, ...) read the class
+  scores only: `loss(logits [B, K, h, w], labels [B, H, W], weight [B, H, W] | None) -> scalar`.
+  The Objective calls them with `output.logits`, `targets.labels` and `targets.weight`.
+- `Term` subclasses read the whole `SegOutput` and the whole `Targets`:
+  `term(output, targets) -> scalar | {name: scalar}` (contrastive and region terms, CAC's weight
+  branch, set losses). They declare which `SegOutput` fields they read (`reads`), so a method
+  that assembles an output from several passes copies only those, and whether they read the
+  teacher's output (`reads_teacher`).
+
+Both are plain `torch` modules (no Lightning) and are configured by `_target_`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from segcon.models.output import SegOutput
+
+
+@dataclass
+class Targets:
+    """The targets of one batch, for every term.
+
+    Attributes:
+        labels: `[B, H, W]` long: ground truth on labeled rows, pseudo-labels on unlabeled rows;
+            `ignore_index` where nothing is known (ignore pixels, crop padding).
+        ignore_index: the label value of unknown pixels.
+        confidence: `[B, H, W]` in [0, 1], how sure the label source is (1 on ground truth); None:
+            every label is ground truth.
+        keep: `[B, H, W]` bool, the labels the method's confidence filter trusts (False on
+            low-confidence pseudo-labels, which keep their label and confidence); None: all.
+        labeled: `[B]` bool, the rows with ground truth; None: all rows.
+        teacher: the teacher's output on the weak views of the step's unlabeled images (in their
+            batch order; before CutMix), when the method has a teacher and a term reads it.
+    """
+
+    labels: Tensor
+    ignore_index: int = 255
+    confidence: Tensor | None = None
+    keep: Tensor | None = None
+    labeled: Tensor | None = None
+    teacher: SegOutput | None = None
+
+    @property
+    def valid(self) -> Tensor:
+        """`[B, H, W]` bool: pixels with a label."""
+        return self.labels != self.ignore_index
+
+    @property
+    def weight(self) -> Tensor | None:
+        """Per-pixel loss weights for PixelLoss terms: 1 on kept labels, 0 on the rest (None
+        when every label is kept)."""
+        return None if self.keep is None else self.keep.to(torch.float32)
+
+    def reliable(self) -> Tensor:
+        """The labels a term that trusts only kept labels uses: `labels` with `ignore_index` where
+        the filter did not keep them."""
+        return self.labels if self.keep is None else self.labels.masked_fill(~self.keep, self.ignore_index)
+
+    def take(self, rows: slice) -> Targets:
+        """The targets of the images `rows` (the teacher's output is not row-aligned: dropped)."""
+        return Targets(self.labels[rows], self.ignore_index, _opt(self.confidence, rows), _opt(self.keep, rows),
+                       _opt(self.labeled, rows))
+
+    @staticmethod
+    def cat(parts: Sequence[Targets]) -> Targets:
+        """The targets of several batches as one, in order; a part without confidence, keep or
+        labeled rows counts as ground truth (confidence 1, every valid label kept, labeled)."""
+        ignore = parts[0].ignore_index
+        if any(p.ignore_index != ignore for p in parts):
+            raise ValueError("Targets.cat: the parts use different ignore values")
+        labels = torch.cat([p.labels for p in parts])
+
+        def field(name: str, default: Callable) -> Tensor | None:
+            if all(getattr(p, name) is None for p in parts):
+                return None
+            return torch.cat([getattr(p, name) if getattr(p, name) is not None else default(p) for p in parts])
+
+        return Targets(
+            labels, ignore,
+            confidence=field("confidence", lambda p: torch.ones(p.labels.shape, device=p.labels.device)),
+            keep=field("keep", lambda p: p.valid),
+            labeled=field("labeled", lambda p: torch.ones(p.labels.shape[0], dtype=torch.bool, device=p.labels.device)),
+        )
+
+
+def _opt(value: Tensor | None, rows: slice) -> Tensor | None:
+    return None if value is None else value[rows]
+
+
+class Term(nn.Module):
+    """A loss term on the whole output: `forward(output: SegOutput, targets: Targets)` returns a
+    scalar or a dict of named scalars (summed, each logged).
+
+    Class attributes:
+        reads: the SegOutput fields the term reads.
+        reads_teacher: whether it reads `targets.teacher` (the method then runs the teacher on
+            the weak views and keeps the heads `method.teacher_heads` names).
+    """
+
+    reads: ClassVar[frozenset[str]] = frozenset({"logits"})
+    reads_teacher: ClassVar[bool] = False
+
+    def zero(self, output: SegOutput) -> Tensor:
+        """A 0 connected to every parameter the term would reach: what the Objective adds in its
+        place while its weight is 0, so DDP sees every parameter used without the term's cost."""
+        return output.logits.sum() * 0.0
