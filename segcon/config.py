@@ -102,7 +102,11 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True, training: bool = True
         _check_crops(cfg.data, divisor, str(model["_target_"]), model)
         method = OmegaConf.to_container(cfg.method, resolve=True)
         assert isinstance(method, dict)
-        _class_of(method, "method", "a LightningModule with check_config").check_config(method)
+        method_cls = _class_of(method, "method", "a LightningModule with check_config")
+        method_cls.check_config(method)
+        if getattr(method_cls, "uses_unlabeled", False) and not any((cfg.get("pseudo_loss") or {}).values()):
+            raise ConfigError(f"method {method['_target_']} learns from pseudo-labels, but the pseudo_loss group "
+                              "defines no term; choose one, e.g. pseudo_loss=ce")
     if check_data:
         _check_layout(cfg.data)
 
@@ -173,7 +177,7 @@ def _check_crops(data: DictConfig, divisor: int, target: str, model: Mapping[str
         if h % divisor or w % divisor:
             fix = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
             raise ConfigError(
-                f"{key}={h}x{w} is not a multiple of the encoder's output stride {divisor} "
+                f"{key}={h}x{w} is not a multiple of the model's input divisor {divisor} "
                 f"({describe}). Use e.g. {fix[0]}x{fix[1]}."
             )
 

@@ -26,6 +26,7 @@ from segcon.build import build_datamodule, build_evaluator, instantiate_all
 from segcon.config import fill_data_defaults, prepare_data, validate_cfg
 from segcon.methods.callbacks import FinalReport
 from segcon.methods.supervised import best_key
+from segcon.methods.teacher_student import TEACHER
 from segcon.restore import build_inference_net, compose_entry, rebuild_config, required
 from segcon.utils.checkpoint import load_run_checkpoint
 from segcon.utils.cli import run_command
@@ -67,7 +68,7 @@ def evaluate(entry: DictConfig, run_overrides: Sequence[str] = ()) -> dict[str, 
 
     datamodule = build_datamodule(cfg, unlabeled=False)
     module = build_evaluator(cfg, build_inference_net(cfg, ckpt, branch))
-    module.bests[""] = float(ckpt.segcon.get(best_key("" if branch == "student" else "teacher/"), float("nan")))
+    module.bests[""] = float(ckpt.segcon.get(best_key("" if branch == "student" else TEACHER), float("nan")))
     report = FinalReport(out_dir, branch, start, checkpoint=ckpt.path)
     trainer = instantiate(cfg.trainer, callbacks=[report], logger=instantiate_all(cfg.get("logger")) or False)
     run = trainer.validate if split == "val" else trainer.test

@@ -33,6 +33,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from segcon.config import validate_cfg
+from segcon.methods.supervised import best_key
+from segcon.methods.teacher_student import TEACHER
 from segcon.restore import build_inference_net, compose_entry, rebuild_config, required
 from segcon.utils.checkpoint import (
     SAFETENSORS_KEY,
@@ -54,7 +56,7 @@ def model_card(cfg: DictConfig, ckpt: RunCheckpoint, branch: str, stride: int) -
     """What a user of the exported file needs, plus what segcon needs to rebuild the model."""
     data = cfg.data
     step, epoch = read_progress(ckpt.path)
-    best = ckpt.segcon.get("best_miou")
+    best = ckpt.segcon.get(best_key("" if branch == "student" else TEACHER))
     return {
         "format": "segcon inference model",
         "input": f"image float32 [N, 3, H, W]: RGB / 255, minus mean, over std; H, W multiples of {stride}",

@@ -101,8 +101,8 @@ def rebuild_config(
     """The run config stored in `ckpt`, with `run_overrides` applied, the entry's `own_groups`
     (e.g. trainer, logger, paths) in place of the run's, and the entry's non-null `eval.*` keys
     over `data.eval`. Model weights come from the checkpoint, so the rebuilt model reads no
-    pretrained-weight file and downloads nothing (`model.weights_path` and
-    `model.encoder_weights` are cleared)."""
+    pretrained-weight file and downloads nothing (the model family's `offline_config`; for smp
+    models `model.weights_path` and `model.encoder_weights` are cleared)."""
     cfg = OmegaConf.create(ckpt.config)
     OmegaConf.set_struct(cfg, True)
     for override in run_overrides:

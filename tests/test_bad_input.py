@@ -126,7 +126,7 @@ def test_loss_ignore_index_must_match_data() -> None:
 
 
 def test_crop_not_multiple_of_output_stride() -> None:
-    with pytest.raises(ConfigError, match=r"data.crop_size=100x128 is not a multiple of the encoder's output stride 16.*112x128"):
+    with pytest.raises(ConfigError, match=r"data.crop_size=100x128 is not a multiple of the model's input divisor 16 \(deeplabv3plus / resnet50.*112x128"):
         validate_cfg(_cfg("model=deeplabv3plus_r50", "data.crop_size=[100,128]"), check_data=False)
 
 
@@ -162,6 +162,8 @@ def test_semi_supervised_settings_checked_before_training(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"data.weak_transform random_crop \(step 0\)=100x100 is not a multiple"):
         validate_cfg(_cfg("model=deeplabv3plus_r50", "data.crop_size=[96,96]",
                           "data.weak_transform=[{random_crop: {size: [100, 100]}}]"), check_data=False)
+    with pytest.raises(ConfigError, match=r"learns from pseudo-labels, but the pseudo_loss group defines no term"):
+        validate_cfg(_cfg("method=fixmatch", "pseudo_loss.ce=null"), check_data=False)
     with pytest.raises(DataError, match=r"data.split=.*no-split does not exist"):
         validate_cfg(_cfg("method=mean_teacher", f"data.split={tmp_path}/no-split", f"data.root={tmp_path}"))
 

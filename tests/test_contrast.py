@@ -236,6 +236,39 @@ def test_projection_finished_at_gathered_pixels_equals_the_full_map(kind: str, d
             torch.testing.assert_close(getattr(head.stem[1], buf), getattr(ref_bn, buf), atol=1e-12, rtol=0)
 
 
+def test_stage_projection_equals_the_head_on_the_concatenated_stages() -> None:
+    """With `source: encoder` the first 1x1 convolution runs on each stage at its own resolution
+    and the results are upsampled and summed: the same map, values and gradients, as the head
+    on `concat_stages` (float64), and it stays in autocast's dtype."""
+    from segcon.models.heads import concat_stages
+
+    torch.manual_seed(0)
+    stages = [torch.randn(2, c, s, s, dtype=torch.float64, requires_grad=True) for c, s in ((3, 16), (5, 8), (7, 4))]
+    head = ProjectionHead(15, dim=6, kind="convmlp").double().train()
+    ref = ProjectionHead(15, dim=6, kind="convmlp").double().train()
+    ref.load_state_dict(head.state_dict())
+    got, want = head(stages).dense(), ref(concat_stages(stages, [0, 1, 2])).dense()
+    assert torch.allclose(got, want, atol=1e-12)
+    weights = torch.randn(got.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((got * weights).sum(), [*stages, *head.parameters()])
+    ref_grads = torch.autograd.grad((want * weights).sum(), [*stages, *ref.parameters()])
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head.float()([s.detach().float() for s in stages]).hidden.dtype == torch.bfloat16
+
+
+def test_a_widening_stem_folds_only_with_a_plain_batch_norm_and_runs_in_half_weights() -> None:
+    """A SyncBatchNorm (DDP with sync_batchnorm) needs every rank's pixels: the stem then runs
+    over the whole map. In bfloat16 weights (bf16-true) the folded stem works in that dtype."""
+    head = ProjectionHead(4, dim=16, kind="residual")
+    assert head.folds and not ProjectionHead(4, dim=16, kind="convmlp").folds  # convmlp: 4 -> 4
+    assert not torch.nn.SyncBatchNorm.convert_sync_batchnorm(ProjectionHead(4, dim=16, kind="residual")).folds
+    half = head.bfloat16().train()
+    out = half(torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)).at(torch.tensor([0, 5, 100]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_folded_stem_statistics_do_not_overflow_float16() -> None:
     """Under float16 autocast the folded stem's batch statistics (sums of squares over every
     pixel: 65,536 here, far above float16's 65,504) are taken in float32."""

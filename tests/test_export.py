@@ -4,6 +4,7 @@ the chosen network's inference graph in the files."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,10 @@ def test_safetensors_teacher_export_round_trips_through_segcon(rich_ckpt: Path, 
     assert all(torch.equal(saved[k], teacher[k]) for k in teacher)
     again = load_run_checkpoint(out)  # what segcon-predict / segcon-eval read
     assert set(again.weights) == {"teacher"} and again.config["model"]["projection"] == PROJECTION
+    raw = torch.load(rich_ckpt, map_location="cpu", weights_only=True)["segcon"]
+    raw_best = raw.get("best_teacher_miou")
+    assert again.segcon["best_miou"] == (None if raw_best is None or math.isnan(raw_best) else raw_best)
+    assert raw["best_miou"] > 0 and again.segcon["best_miou"] != raw["best_miou"]  # the teacher's, not the student's
 
 
 def test_parity_check_flags_differences_above_tolerance() -> None:

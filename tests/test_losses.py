@@ -76,6 +76,17 @@ def test_ohem_keeps_at_least_min_kept_pixels_per_image_of_the_batch() -> None:
     assert loss.item() == pytest.approx(sum(kept) / len(kept), rel=1e-9)
 
 
+def test_ohem_on_pseudo_labels_mines_only_the_pixels_of_positive_weight() -> None:
+    """Pixels a confidence filter dropped (weight 0) neither take the min_kept budget nor count:
+    OHEM with weights = OHEM over the weighted pixels alone (their terms scaled)."""
+    logits, target = _inputs(7, b=2, h=6, w=6, p_ignore=0.0)
+    weight = (torch.rand(target.shape, generator=torch.Generator().manual_seed(2)) > 0.4).double()
+    ohem = OhemCrossEntropyLoss(thresh=0.3, min_kept=5, ignore_index=IGNORE)
+    only_kept = ohem(logits, target.masked_fill(weight == 0, IGNORE))
+    assert ohem(logits, target, weight).item() == pytest.approx(only_kept.item(), rel=1e-9)
+    assert ohem(logits, target, weight).item() != pytest.approx(ohem(logits, target).item(), rel=1e-3)
+
+
 def test_per_pixel_weights_scale_the_numerator_only() -> None:
     """`weight` multiplies each pixel's loss; the normaliser stays the valid pixels (so a pixel
     with weight 0 still counts in the mean), for CE and focal; Dice masks its sums."""

@@ -96,10 +96,13 @@ def test_input_divisor_from_the_config_alone(arch: str, encoder: str, stride: in
     ({"projections": {"s3": {"dims": 8}}}, r"model.projections.s3 has unknown key\(s\) \['dims'\]"),
     ({"weight_branch": {"depth": "all"}}, r"model.weight_branch.depth must be one of"),
     ({"decoder_channels": "wide"}, r"model: smp cannot build unet / resnet18 with these settings"),
+    ({"encoder_weights": "imagenet-22k"}, r"model.encoder_weights: Wrong pretrained weights"),
 ])
 def test_bad_settings_name_the_key(config: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        SegNet.check_config({"arch": "unet", "encoder_name": "resnet18", "num_classes": 3, **config})
+        settings = {"arch": "unet", "encoder_name": "resnet18", "num_classes": 3, **config}
+        SegNet.check_config(settings)
+        SegNet(**{k: v for k, v in settings.items() if k != "_target_"})  # caught only when built
 
 
 def test_named_projections_one_per_stage_and_heads_on_request() -> None:

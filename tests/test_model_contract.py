@@ -42,6 +42,18 @@ def family(request: pytest.FixtureRequest) -> tuple[str, SegModel]:
     return request.param, instantiate(FAMILIES[request.param])
 
 
+def test_losses_and_outputs_import_no_model_library() -> None:
+    """SegOutput and every loss term are importable without smp (and without Lightning)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, segcon.models.output, segcon.objectives.cac, segcon.objectives.contrast, "
+            "segcon.objectives.objective; bad = {'segmentation_models_pytorch', 'lightning'} & set(sys.modules); "
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_check_config_gives_the_divisor_without_building(family: tuple[str, SegModel]) -> None:
     name, net = family
     assert type(net).check_config(FAMILIES[name]) == net.input_divisor

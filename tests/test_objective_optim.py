@@ -94,6 +94,8 @@ def test_build_objective_from_config_groups() -> None:
         build_objective(loss, {"ce": loss["ce"]})
     with pytest.raises(ConfigError, match="neither a PixelLoss nor a Term"):
         build_objective({"l1": {"_target_": "torch.nn.L1Loss"}})
+    with pytest.raises(ConfigError, match=r"pseudo_loss.con: _Contrast is not a PixelLoss"):
+        Objective({"ce": CrossEntropyLoss()}, pseudo={"con": _Contrast()})
 
 
 def test_poly_factor_values() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -21,7 +19,3 @@ class FixMatch(TeacherStudentModule):
         """The student's class probabilities `[B, K, H, W]` of the weak views, and the teacher's
         output when a term reads it."""
         return self.net.forward_features(weak, heads=()).logits.softmax(1), self.teacher_output(weak)
-
-    def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        probs, teacher = self.weak_probs(unlabeled["image"])
-        return self.strong_view_step(labeled, unlabeled, probs, teacher)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -22,7 +20,3 @@ class MeanTeacher(TeacherStudentModule):
         teacher = self.teacher_output(weak)
         logits = self.teacher(weak) if teacher is None else teacher.logits
         return logits.softmax(1), teacher
-
-    def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        probs, teacher = self.weak_probs(unlabeled["image"])
-        return self.strong_view_step(labeled, unlabeled, probs, teacher)

@@ -80,11 +80,12 @@ class ConfidenceFilter:
             raise ConfigError(f"method.confidence.drop_percent={f.drop_percent} must lie in [0, 100]")
         return f
 
-    def keep(self, probs: Tensor, valid: Tensor, progress: float) -> Tensor:
-        """Boolean `[B, H, W]`: the trusted pixels of `probs [B, K, H, W]` (never outside
-        `valid`); `progress` in [0, 1] is the share of training done (entropy mode)."""
+    def keep(self, probs: Tensor, confidence: Tensor, valid: Tensor, progress: float) -> Tensor:
+        """Boolean `[B, H, W]`: the trusted pixels of `probs [B, K, H, W]` with top probability
+        `confidence [B, H, W]` (never outside `valid`); `progress` in [0, 1] is the share of
+        training done (entropy mode)."""
         if self.mode == "threshold":
-            return (probs.max(1).values >= self.threshold) & valid
+            return (confidence >= self.threshold) & valid
         drop = self.drop_percent / 100.0 * max(0.0, 1.0 - progress)
         entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
         n = int(valid.sum())
@@ -101,7 +102,8 @@ def make_pseudo_labels(probs: Tensor, valid: Tensor, confidence: ConfidenceFilte
                        ignore_index: int) -> PseudoLabels:
     """Pseudo-labels from (already aligned) weak-view probabilities `[B, K, H, W]`."""
     label = probs.argmax(1).masked_fill(~valid, ignore_index)
-    return PseudoLabels(label, probs.max(1).values, confidence.keep(probs, valid, progress), ignore_index)
+    top = probs.max(1).values
+    return PseudoLabels(label, top, confidence.keep(probs, top, valid, progress), ignore_index)
 
 
 def mix(strong: Tensor, pseudo: PseudoLabels, prob: float) -> tuple[Tensor, PseudoLabels]:

@@ -164,8 +164,8 @@ class SupervisedModule(L.LightningModule):
 
     def _metric(self, split: str, prefix: str) -> ConfusionMatrix:
         """The confusion matrix of one evaluated network on `split` (subclasses that evaluate
-        more networks add theirs to `self.metrics` under `_metric_key`)."""
-        return self.metrics[_metric_key(split, prefix)]
+        more networks add theirs to `self.metrics` under `metric_key`)."""
+        return self.metrics[metric_key(split, prefix)]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -181,7 +181,7 @@ class SupervisedModule(L.LightningModule):
             cm = metric.compute()  # summed over ranks
             metric.reset()
             s = scores(cm)
-            self.last_scores[_metric_key(split, prefix)] = s
+            self.last_scores[metric_key(split, prefix)] = s
             # The value is already global: every rank logs the same number, no further reduction.
             logs.update(_score_logs(f"{split}/{prefix}", s, self.class_names))
             if split == "val":
@@ -235,7 +235,7 @@ class SupervisedModule(L.LightningModule):
             extras.update(self.fit_summary)
             for prefix in self.evaluated_networks(split):
                 extras.setdefault(f"val/{prefix}mIoU_best", self.bests.get(prefix, float("nan")))
-                other = self.last_scores.get(_metric_key(split, prefix))
+                other = self.last_scores.get(metric_key(split, prefix))
                 if prefix and other is not None:
                     extras.update(_score_logs(f"val/{prefix}", other, self.class_names))
         return extras
@@ -268,7 +268,7 @@ class SupervisedModule(L.LightningModule):
         self._restored_split = {k: state[k] for k in ("split_hash", "labeled_images", "unlabeled_images") if k in state}
 
 
-def _metric_key(split: str, prefix: str) -> str:
+def metric_key(split: str, prefix: str) -> str:
     """The key of a split's confusion matrix and scores for one evaluated network: "val",
     "val_teacher", ..."""
     return split if not prefix else f"{split}_{prefix.rstrip('/')}"

@@ -28,7 +28,7 @@ from segcon.methods.pseudo_labels import (
     mix,
     pseudo_label_stats,
 )
-from segcon.methods.supervised import SupervisedModule, _metric_key
+from segcon.methods.supervised import SupervisedModule, metric_key
 from segcon.models.base import SegModel
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets
@@ -94,7 +94,7 @@ class TeacherStudentModule(SupervisedModule):
         self.alignment = (DistributionAlignment(self.num_classes, self.ignore_index, alignment_momentum)
                           if distribution_alignment else None)
         self.cutmix_prob = cutmix_prob
-        self.metrics[_metric_key("val", TEACHER)] = ConfusionMatrix(self.num_classes, self.ignore_index)
+        self.metrics[metric_key("val", TEACHER)] = ConfusionMatrix(self.num_classes, self.ignore_index)
         self._warmup_end_step: int | None = 0 if sup_warmup_epochs == 0 else None
 
     @classmethod
@@ -127,7 +127,14 @@ class TeacherStudentModule(SupervisedModule):
         return loss
 
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        """One semi-supervised step: the loss and its logs."""
+        """One semi-supervised step: the loss and its logs. By default the mean-teacher /
+        FixMatch step on the weak views' probabilities (`weak_probs`): `strong_view_step`."""
+        probs, teacher = self.weak_probs(unlabeled["image"])
+        return self.strong_view_step(labeled, unlabeled, probs, teacher)
+
+    def weak_probs(self, weak: Tensor) -> tuple[Tensor, SegOutput | None]:
+        """The class probabilities `[B, K, H, W]` the pseudo-labels of the weak views come from
+        (no gradient), and the teacher's output on them when a term reads it."""
         raise NotImplementedError
 
     @property
@@ -148,15 +155,12 @@ class TeacherStudentModule(SupervisedModule):
         confidence filter; returns the pseudo-labels and their statistics to log."""
         if self.alignment is not None:
             probs = self.alignment(probs, unlabeled["valid"], labeled["mask"])
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        pseudo = make_pseudo_labels(probs, unlabeled["valid"], self.confidence, self.global_step / total,
-                                    self.ignore_index)
+        progress = 0.0
+        if self.confidence.mode == "entropy":  # the share dropped decays over training
+            progress = self.global_step / max(int(self.trainer.estimated_stepping_batches), 1)
+        pseudo = make_pseudo_labels(probs, unlabeled["valid"], self.confidence, progress, self.ignore_index)
         stats = pseudo_label_stats(pseudo, unlabeled["valid"], unlabeled.get("gt"), self.ignore_index, self.class_names)
         return pseudo, stats
-
-    def mix(self, strong: Tensor, pseudo: PseudoLabels) -> tuple[Tensor, PseudoLabels]:
-        """CutMix a strong view `[B, 3, H, W]` and its pseudo-labels with the same boxes."""
-        return mix(strong, pseudo, self.cutmix_prob)
 
     def combine(
         self,
@@ -189,7 +193,7 @@ class TeacherStudentModule(SupervisedModule):
         pseudo-labels, CutMix with the first strong view, the student on labeled images and
         strong views in one pass, the pseudo-label loss on the strong views, then `combine`."""
         pseudo, logs = self.pseudo_labels(probs, labeled, unlabeled)
-        strong, mixed = self.mix(unlabeled["strong"][:, 0], pseudo)
+        strong, mixed = mix(unlabeled["strong"][:, 0], pseudo, self.cutmix_prob)
         n = labeled["image"].shape[0]
         output = self.net(torch.cat([labeled["image"], strong]))
         targets = mixed.targets()

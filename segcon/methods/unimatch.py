@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from segcon.methods.fixmatch import FixMatch
+from segcon.methods.pseudo_labels import mix
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets
 from segcon.utils.errors import ConfigError
@@ -74,8 +75,8 @@ class UniMatch(FixMatch):
         first = self.net.forward_features(torch.cat([labeled["image"], unlabeled["image"]]), perturb)
         fp_logits = first.aux.pop("perturbed_logits", None)
         pseudo, logs = self.pseudo_labels(first.logits[n:].detach().softmax(1), labeled, unlabeled)
-        s1, p1 = self.mix(unlabeled["strong"][:, 0], pseudo)
-        s2, p2 = self.mix(unlabeled["strong"][:, 1], pseudo)
+        s1, p1 = mix(unlabeled["strong"][:, 0], pseudo, self.cutmix_prob)
+        s2, p2 = mix(unlabeled["strong"][:, 1], pseudo, self.cutmix_prob)
         second = self.net.forward_features(torch.cat([s1, s2]))
         m = s1.shape[0]
         t1, t2 = p1.targets(), p2.targets()

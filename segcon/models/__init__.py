@@ -1,1 +1,2 @@
-"""The network: SegNet (an smp model + train-only heads) and its SegOutput contract."""
+"""Networks: the model contract (base.py), the training output (output.py, no model library
+imported), SegNet on smp (segnet.py) and train-only heads (heads.py)."""

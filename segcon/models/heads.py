@@ -79,13 +79,14 @@ class ProjectionHead(nn.Module):
     needs only the mean and variance of `W x + b` over every pixel, which are `W mean(x) + b`
     and `diag(W cov(x) W^T)` — statistics of the narrow input — so no D-channel map is ever
     made. Same function, same gradients (through the batch statistics too) and the same
-    running-statistics update as the layers over the whole map.
+    running-statistics update as the layers over the whole map. A SyncBatchNorm (DDP with
+    `sync_batchnorm`) keeps the layers over the whole map: its statistics span every rank.
     """
 
     def __init__(self, in_channels: int, dim: int = 256, kind: str = "convmlp") -> None:
         super().__init__()
         if kind not in PROJECTION_KINDS:
-            raise ConfigError(f"model.projection.kind must be one of {PROJECTION_KINDS}, got {kind!r}")
+            raise ConfigError(f"a projection head's kind must be one of {PROJECTION_KINDS}, got {kind!r}")
         self.kind = kind
         if kind == "linear":
             self.stem = nn.Identity()
@@ -94,6 +95,12 @@ class ProjectionHead(nn.Module):
             width = in_channels if kind == "convmlp" else dim
             self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
             self.out = nn.Linear(width, dim)
+
+    @property
+    def folds(self) -> bool:
+        """Whether the stem runs on gathered pixels (a widening stem with a plain BatchNorm)."""
+        return (self.kind != "linear" and self.stem[0].in_channels < self.stem[0].out_channels
+                and type(self.stem[1]) is nn.BatchNorm2d)
 
     def finish(self, rows: Tensor) -> Tensor:
         """Pointwise tail on gathered rows `[M, C']` -> L2-normalised `[M, D]`."""
@@ -110,7 +117,7 @@ class ProjectionHead(nn.Module):
         a bilinear resize sum to 1, so the bias is added once), without a wide convolution at the
         largest resolution."""
         if isinstance(x, Tensor):
-            if self.kind != "linear" and self.stem[0].in_channels < self.stem[0].out_channels:
+            if self.folds:
                 return PixelEmbedding(x, _FoldedStem(self, x))
             return PixelEmbedding(self.stem(x), self.finish)
         stages = [f for f in x if f.shape[1] > 0]
@@ -125,7 +132,8 @@ class ProjectionHead(nn.Module):
                 y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             hidden = y if hidden is None else hidden + y
         assert hidden is not None and conv.bias is not None
-        return PixelEmbedding(self.stem[1:](hidden + conv.bias[None, :, None, None]), self.finish)
+        hidden = hidden + conv.bias.to(hidden.dtype)[None, :, None, None]  # stays in autocast's dtype
+        return PixelEmbedding(self.stem[1:](hidden), self.finish)
 
 
 class _FoldedStem:
@@ -159,7 +167,7 @@ class _FoldedStem:
         self.tail = head.finish
 
     def __call__(self, rows: Tensor) -> Tensor:
-        return self.tail(F.relu(F.linear(rows, self.weight, self.bias)))
+        return self.tail(F.relu(F.linear(rows, self.weight.to(rows.dtype), self.bias.to(rows.dtype))))
 
 
 class WeightBranch(nn.Module):
@@ -174,7 +182,7 @@ class WeightBranch(nn.Module):
     def __init__(self, decoder: nn.Module, segmentation_head: nn.Module, depth: str = "head") -> None:
         super().__init__()
         if depth not in WEIGHT_BRANCH_DEPTHS:
-            raise ConfigError(f"model.weight_branch.depth must be one of {WEIGHT_BRANCH_DEPTHS}, got {depth!r}")
+            raise ConfigError(f"the weight branch's depth must be one of {WEIGHT_BRANCH_DEPTHS}, got {depth!r}")
         self.depth = depth
         self.decoder = _fresh_copy(decoder) if depth == "decoder" else None
         self.head = _fresh_copy(segmentation_head)

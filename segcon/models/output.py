@@ -55,11 +55,15 @@ class PixelEmbedding:
         """Embeddings `[M, D]` at flat pixel indices `index [M]` into `[B * h * w]`."""
         return self.finish(gather_pixels(self.hidden, index))
 
+    def rows(self) -> Tensor:
+        """Every pixel's embedding `[B * h * w, D]`, in flat-index order (costly; losses use `at`)."""
+        c = self.hidden.shape[1]
+        return self.finish(self.hidden.permute(0, 2, 3, 1).reshape(-1, c))
+
     def dense(self) -> Tensor:
         """The full embedding map `[B, D, h, w]` (costly; losses use `at`)."""
-        b, c, h, w = self.hidden.shape
-        rows = self.finish(self.hidden.permute(0, 2, 3, 1).reshape(-1, c))
-        return rows.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        b, _, h, w = self.hidden.shape
+        return self.rows().reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
     def zero(self) -> Tensor:
         """A 0 connected to every parameter of the head (for batches without anchors, so DDP
@@ -101,8 +105,8 @@ class StackedEmbedding(PixelEmbedding):
             start += b
         return torch.cat(rows)[torch.argsort(torch.cat(order))]
 
-    def dense(self) -> Tensor:
-        return torch.cat([p.dense() for p in self.pieces])
+    def rows(self) -> Tensor:
+        return torch.cat([p.rows() for p in self.pieces])
 
     def zero(self) -> Tensor:
         return sum((p.zero() for p in self.pieces), self.hidden.new_zeros(()))

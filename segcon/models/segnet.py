@@ -102,9 +102,7 @@ class SegNet(SegModel):
 
     @property
     def input_divisor(self) -> int:
-        if not getattr(self.model, "requires_divisible_input_shape", True):
-            return 1
-        return int(self.model.encoder.output_stride)
+        return _divisor(self.model)
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         encoder = list(self.model.encoder.parameters())
@@ -171,9 +169,7 @@ class SegNet(SegModel):
                 model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
         except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
             model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
-        if not getattr(model, "requires_divisible_input_shape", True):
-            return 1
-        return int(model.encoder.output_stride)
+        return _divisor(model)
 
     @classmethod
     def describe(cls, config: Mapping[str, Any]) -> str:
@@ -184,13 +180,22 @@ class SegNet(SegModel):
         return {**config, "weights_path": None, "encoder_weights": None}
 
 
+def _divisor(model: nn.Module) -> int:
+    """What an smp model needs its input sizes divisible by: its encoder's output stride (1 for
+    architectures that take any size)."""
+    if not getattr(model, "requires_divisible_input_shape", True):
+        return 1
+    return int(model.encoder.output_stride)
+
+
 def _create(arch: str, encoder_name: str, **kwargs: Any) -> nn.Module:
     """`smp.create_model`, its errors turned into ConfigErrors naming the key."""
     try:
         return smp.create_model(arch, encoder_name=encoder_name, **kwargs)
     except KeyError as err:
         text = str(err).strip("\"'")
-        key = "model.arch" if "architecture" in text else "model.encoder_name"
+        key = ("model.arch" if "architecture" in text else "model.encoder_weights" if "weights" in text
+               else "model.encoder_name")
         raise ConfigError(f"{key}: {text}") from None
     except (TypeError, ValueError, AssertionError) as err:  # a bad arch_kwargs value or combination
         raise ConfigError(f"model: smp cannot build {arch} / {encoder_name} with these settings: {err}") from None
@@ -267,11 +272,17 @@ def load_pretrained(model: nn.Module, path: Path, scope: str = "auto") -> str:
     full_keys = set(model.state_dict())
     full = _strip(state, full_keys)
     if scope == "full" or (scope == "auto" and full_keys <= full.keys()):
-        load_checked(model, full, path, "model")
+        load_checked(model, full, path, "model", _FIX)
         return "full"
     encoder = model.encoder
     enc_keys = set(encoder.state_dict())
     enc_state = _strip(state, {f"encoder.{k}" for k in enc_keys} | enc_keys)
     enc_state = {k.removeprefix("encoder."): v for k, v in enc_state.items() if not k.startswith(("decoder.", "segmentation_head."))}
-    load_checked(encoder, enc_state, path, "encoder")
+    load_checked(encoder, enc_state, path, "encoder", _FIX)
     return "encoder"
+
+
+_FIX = (
+    "Check model.arch, model.encoder_name and data.num_classes against the run that saved them, "
+    "or set model.weights_scope=encoder to load the backbone only."
+)

@@ -66,11 +66,6 @@ class Targets:
         the filter did not keep them."""
         return self.labels if self.keep is None else self.labels.masked_fill(~self.keep, self.ignore_index)
 
-    def take(self, rows: slice) -> Targets:
-        """The targets of the images `rows` (the teacher's output is not row-aligned: dropped)."""
-        return Targets(self.labels[rows], self.ignore_index, _opt(self.confidence, rows), _opt(self.keep, rows),
-                       _opt(self.labeled, rows))
-
     @staticmethod
     def cat(parts: Sequence[Targets]) -> Targets:
         """The targets of several batches as one, in order; a part without confidence, keep or
@@ -91,10 +86,6 @@ class Targets:
             keep=field("keep", lambda p: p.valid),
             labeled=field("labeled", lambda p: torch.ones(p.labels.shape[0], dtype=torch.bool, device=p.labels.device)),
         )
-
-
-def _opt(value: Tensor | None, rows: slice) -> Tensor | None:
-    return None if value is None else value[rows]
 
 
 class Term(nn.Module):

@@ -213,28 +213,28 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         shapes): pixel `[B * K * freq, D]` (up to `freq` random pixels per image and class) and
         segment `[B * K, D]` (each image's L2-normalised class means) with their labels. Region
         means need every pixel's embedding: the full map, computed here without a graph."""
-        emb = embedding.dense()
-        b, d, h, w = emb.shape
+        b, (h, w) = target.shape[0], embedding.size
         k, f = self.num_classes, self.pixel_update_freq
         labels = labels_at(target, (h, w)).reshape(-1)
-        rows = emb.permute(0, 2, 3, 1).reshape(-1, d)
         valid = (labels >= 0) & (labels < k)
-        image = torch.arange(b, device=emb.device).repeat_interleave(h * w)
+        rows = embedding.rows()[valid]  # [P, D]: every valid pixel's embedding
+        d = rows.shape[1]
+        image = torch.arange(b, device=rows.device).repeat_interleave(h * w)
         pair = (image * k + labels.clamp(0, k - 1))[valid]  # (image, class) of every valid pixel
         counts = torch.bincount(pair, minlength=b * k)
         # summed in float32: a region of many pixels overflows a float16 sum
-        wide = at_least_float32(rows[valid])
+        wide = at_least_float32(rows)
         sums = wide.new_zeros(b * k, d).index_add_(0, pair, wide)
         seg = F.normalize(sums / counts.clamp_min(1)[:, None], dim=1)
-        slot_class = torch.arange(b * k, device=emb.device) % k
+        slot_class = torch.arange(b * k, device=rows.device) % k
         seg_lab = torch.where(counts > 0, slot_class, -1)
-        picked = first_per_group(pair, random_priority(pair.numel(), emb.device), torch.full_like(counts, f))
+        picked = first_per_group(pair, random_priority(pair.numel(), rows.device), torch.full_like(counts, f))
         chosen = pair[picked]
         start = torch.cumsum(counts.clamp(max=f), 0) - counts.clamp(max=f)
-        slot = chosen * f + torch.arange(chosen.numel(), device=emb.device) - start[chosen]
-        pix = emb.new_zeros(b * k * f, d)
-        pix_lab = torch.full((b * k * f,), -1, dtype=torch.long, device=emb.device)
-        pix[slot] = rows[valid][picked]
+        slot = chosen * f + torch.arange(chosen.numel(), device=rows.device) - start[chosen]
+        pix = rows.new_zeros(b * k * f, d)
+        pix_lab = torch.full((b * k * f,), -1, dtype=torch.long, device=rows.device)
+        pix[slot] = rows[picked]
         pix_lab[slot] = chosen % k
         return {"pixel": (pix, pix_lab), "segment": (seg, seg_lab)}
 

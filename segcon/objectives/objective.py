@@ -95,6 +95,10 @@ class Objective(nn.Module):
                 if not isinstance(term, PixelLoss | Term):
                     raise ConfigError(f"{group}.{name}: {type(term).__name__} is neither a PixelLoss nor a Term "
                                       "(segcon.objectives.base)")
+        for name, term in self.pseudo.items():
+            if not isinstance(term, PixelLoss):
+                raise ConfigError(f"pseudo_loss.{name}: {type(term).__name__} is not a PixelLoss; the loss on "
+                                  "pseudo-labels reads each view's logits (terms on the whole output belong in contrast)")
 
     def terms(self) -> Iterator[tuple[str, nn.Module]]:
         """Every (name, term) of every group."""

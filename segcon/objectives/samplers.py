@@ -86,8 +86,7 @@ class _PerClassSampler:
         if self.needs_probs:
             if probs is None:
                 raise ValueError(f"{type(self).__name__} sorts by the predicted probabilities; the loss passed none")
-            own = labels.reshape(-1)[cand]
-            prob = probs.permute(0, 2, 1).reshape(b * n, -1)[cand, own]
+            prob = probs[cand // n, labels.reshape(-1)[cand], cand % n]
         priority = self._priority(hard, prob, generator)
         if self.split:
             num_hard = torch.bincount(cand_pair[hard], minlength=counts.numel())

@@ -89,8 +89,9 @@ class OhemCrossEntropyLoss(PixelLoss):
     Keeps the valid pixels whose predicted probability of the true class is below
     `max(thresh, p_(k))`, where p_(k) is the k-th smallest such probability over the batch and
     k = `min_kept` x batch size, so at least `min_kept` pixels per image are kept. The loss is the
-    (class-weighted) mean CE over the kept pixels; per-pixel `weight`s scale the kept pixels'
-    terms (the normaliser stays the kept pixels).
+    (class-weighted) mean CE over the kept pixels. With per-pixel `weight`s (pseudo-labels), only
+    pixels of positive weight are mined and their terms are scaled by the weight (the normaliser
+    stays the kept pixels): pixels a confidence filter dropped neither take the budget nor count.
     """
 
     def __init__(
@@ -112,6 +113,8 @@ class OhemCrossEntropyLoss(PixelLoss):
         logits = match_size(logits, target)
         valid = target != self.ignore_index
         safe_target = target.masked_fill(~valid, 0)
+        if weight is not None:
+            valid = valid & (weight > 0)
         with torch.no_grad():
             mining = logits if mining_logits is None else match_size(mining_logits, target)
             p_true = mining.softmax(1).gather(1, safe_target.unsqueeze(1)).squeeze(1)

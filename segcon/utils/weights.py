@@ -48,13 +48,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-_FIX = (
-    "Check model.arch, model.encoder_name and data.num_classes against the run that saved them, "
-    "or set model.weights_scope=encoder to load the backbone only."
-)
-
-
-def load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str, fix: str = _FIX) -> None:
+def load_checked(module: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str, fix: str) -> None:
     """`module.load_state_dict(state, strict=True)`, or one ConfigError naming `path`, examples of
     missing / unexpected / other-shaped keys, and `fix`."""
     own = module.state_dict()
