@@ -249,6 +249,8 @@ def test_stage_projection_equals_the_head_on_the_concatenated_stages() -> None:
     ref.load_state_dict(head.state_dict())
     got, want = head(stages).dense(), ref(concat_stages(stages, [0, 1, 2])).dense()
     assert torch.allclose(got, want, atol=1e-12)
+    for buf in ("running_mean", "running_var"):  # the bias counts once, as in the convolution it replaces
+        torch.testing.assert_close(getattr(head.stem[1], buf), getattr(ref.stem[1], buf), atol=1e-12, rtol=0)
     weights = torch.randn(got.shape, dtype=torch.float64)
     grads = torch.autograd.grad((got * weights).sum(), [*stages, *head.parameters()])
     ref_grads = torch.autograd.grad((want * weights).sum(), [*stages, *ref.parameters()])
