@@ -271,6 +271,25 @@ def test_a_widening_stem_folds_only_with_a_plain_batch_norm_and_runs_in_half_wei
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(("kind", "dim"), [("convmlp", 5), ("linear", 5), ("residual", 5), ("residual", 32)])
+def test_group_means_equal_the_means_of_the_finished_embeddings(kind: str, dim: int) -> None:
+    """Region means for the memory: with an affine tail computed from each pixel's norm as a
+    quadratic form of its hidden state (no D-channel map), otherwise from the finished rows; both
+    equal the normalised mean of the full embedding map's rows, in float64."""
+    torch.manual_seed(1)
+    head = ProjectionHead(6, dim=dim, kind=kind).double().train()
+    emb = head(torch.randn(2, 6, 4, 5, dtype=torch.float64) * 2 + 1)
+    assert (emb.affine is None) == head.folds
+    index = torch.tensor([0, 3, 4, 9, 21, 22, 39])
+    group = torch.tensor([0, 0, 2, 2, 2, 3, 0])
+    means = emb.group_means(index, group, 5)
+    rows = emb.dense().permute(0, 2, 3, 1).reshape(-1, dim)[index]
+    for g in range(5):
+        members = rows[group == g]
+        expected = F.normalize(members.mean(0), dim=0) if len(members) else torch.zeros(dim, dtype=torch.float64)
+        torch.testing.assert_close(means[g], expected, atol=1e-12, rtol=0)
+
+
 def test_folded_stem_statistics_do_not_overflow_float16() -> None:
     """Under float16 autocast the folded stem's batch statistics (sums of squares over every
     pixel: 65,536 here, far above float16's 65,504) are taken in float32."""

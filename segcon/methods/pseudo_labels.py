@@ -101,9 +101,9 @@ class ConfidenceFilter:
 def make_pseudo_labels(probs: Tensor, valid: Tensor, confidence: ConfidenceFilter, progress: float,
                        ignore_index: int) -> PseudoLabels:
     """Pseudo-labels from (already aligned) weak-view probabilities `[B, K, H, W]`."""
-    label = probs.argmax(1).masked_fill(~valid, ignore_index)
-    top = probs.max(1).values
-    return PseudoLabels(label, top, confidence.keep(probs, top, valid, progress), ignore_index)
+    top, label = probs.max(1)  # the indices are argmax's: the first maximum
+    return PseudoLabels(label.masked_fill(~valid, ignore_index), top, confidence.keep(probs, top, valid, progress),
+                        ignore_index)
 
 
 def mix(strong: Tensor, pseudo: PseudoLabels, prob: float) -> tuple[Tensor, PseudoLabels]:

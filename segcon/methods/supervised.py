@@ -152,7 +152,7 @@ class SupervisedModule(L.LightningModule):
 
     def _eval_step(self, split: str, batch: dict[str, Any], batch_idx: int) -> None:
         for prefix, net in self.evaluated_networks(split).items():
-            pred = self.predict_logits(batch["image"], net).argmax(1)
+            pred = self.predict_logits(batch["image"], net).max(1).indices  # argmax, faster on CPU
             self._metric(split, prefix).update(pred, batch["mask"])
             if prefix == "" and batch_idx == 0 and self.num_overlays > 0:
                 n = self.num_overlays

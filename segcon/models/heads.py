@@ -102,6 +102,13 @@ class ProjectionHead(nn.Module):
         return (self.kind != "linear" and self.stem[0].in_channels < self.stem[0].out_channels
                 and type(self.stem[1]) is nn.BatchNorm2d)
 
+    def affine(self) -> tuple[Tensor, Tensor]:
+        """`(W, b)` with `finish(rows) = normalize(rows @ W.T + b)` (the residual adds identity)."""
+        weight = self.out.weight
+        if self.kind == "residual":
+            weight = weight + torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return weight, self.out.bias
+
     def finish(self, rows: Tensor) -> Tensor:
         """Pointwise tail on gathered rows `[M, C']` -> L2-normalised `[M, D]`."""
         out = self.out(rows)
@@ -119,10 +126,10 @@ class ProjectionHead(nn.Module):
         if isinstance(x, Tensor):
             if self.folds:
                 return PixelEmbedding(x, _FoldedStem(self, x))
-            return PixelEmbedding(self.stem(x), self.finish)
+            return PixelEmbedding(self.stem(x), self.finish, self.affine())
         stages = [f for f in x if f.shape[1] > 0]
         if self.kind == "linear":
-            return PixelEmbedding(concat_stages(stages, list(range(len(stages)))), self.finish)
+            return PixelEmbedding(concat_stages(stages, list(range(len(stages)))), self.finish, self.affine())
         conv = self.stem[0]
         size = _largest(stages)
         hidden: Tensor | None = None
@@ -133,7 +140,7 @@ class ProjectionHead(nn.Module):
             hidden = y if hidden is None else hidden + y
         assert hidden is not None and conv.bias is not None
         hidden = hidden + conv.bias.to(hidden.dtype)[None, :, None, None]  # stays in autocast's dtype
-        return PixelEmbedding(self.stem[1:](hidden), self.finish)
+        return PixelEmbedding(self.stem[1:](hidden), self.finish, self.affine())
 
 
 class _FoldedStem:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 
 
@@ -36,15 +37,20 @@ class PixelEmbedding:
     Attributes:
         hidden: `[B, C, h, w]` the head's per-pixel state before its pointwise tail.
         finish: rows `[M, C]` -> L2-normalised embeddings `[M, D]`.
+        affine: `(W [D, C], b [D])` when the tail is `normalize(rows @ W.T + b)` (None otherwise):
+            then means of many embeddings need no D-channel row per pixel (`group_means`).
     """
 
     hidden: Tensor
     finish: Callable[[Tensor], Tensor]
+    affine: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def from_dense(cls, embedding: Tensor) -> PixelEmbedding:
         """Wrap a full embedding map `[B, D, h, w]` (it is L2-normalised row-wise on use)."""
-        return cls(embedding, lambda rows: F.normalize(rows, dim=1))
+        d = embedding.shape[1]
+        eye = torch.eye(d, dtype=embedding.dtype, device=embedding.device)
+        return cls(embedding, lambda rows: F.normalize(rows, dim=1), (eye, eye.new_zeros(d)))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -65,6 +71,30 @@ class PixelEmbedding:
         b, _, h, w = self.hidden.shape
         return self.rows().reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
+    @torch.no_grad()
+    def group_means(self, index: Tensor, group: Tensor, num_groups: int) -> Tensor:
+        """The L2-normalised mean embedding `[G, D]` (float32 or wider, no gradient) of the
+        pixels `index [P]` (flat, into `[B * h * w]`) of every group (`group [P]` in `[0, G)`);
+        0 for a group without pixels.
+
+        With an affine tail the D-channel embeddings are never formed: each pixel's norm
+        `|W h + b|` is a quadratic form of its C-channel state `h`, so the sum of the normalised
+        embeddings of a group is `W (sum h / |W h + b|) + b (sum 1 / |W h + b|)`.
+        """
+        counts = torch.bincount(group, minlength=num_groups)
+        if self.affine is None:
+            rows = at_least_float32(self.at(index))
+            sums = rows.new_zeros(num_groups, rows.shape[1]).index_add_(0, group, rows)
+        else:
+            weight, bias = (at_least_float32(t) for t in self.affine)
+            h = at_least_float32(gather_pixels(self.hidden, index))  # [P, C]
+            square = ((h @ (weight.T @ weight)) * h).sum(1) + 2 * (h @ (weight.T @ bias)) + bias @ bias
+            inv = 1.0 / square.clamp_min(0).sqrt().clamp_min(1e-12)  # F.normalize's eps
+            sum_h = h.new_zeros(num_groups, h.shape[1]).index_add_(0, group, h * inv[:, None])
+            sum_inv = h.new_zeros(num_groups).index_add_(0, group, inv)
+            sums = sum_h @ weight.T + sum_inv[:, None] * bias
+        return F.normalize(sums / counts.clamp_min(1)[:, None].to(sums.dtype), dim=1)
+
     def zero(self) -> Tensor:
         """A 0 connected to every parameter of the head (for batches without anchors, so DDP
         sees no unused parameter)."""
@@ -72,7 +102,7 @@ class PixelEmbedding:
 
     def take(self, rows: slice) -> PixelEmbedding:
         """The embedding of the images `rows` (a slice without step)."""
-        return PixelEmbedding(self.hidden[rows], self.finish)
+        return PixelEmbedding(self.hidden[rows], self.finish, self.affine)
 
     @staticmethod
     def cat(parts: Sequence[PixelEmbedding]) -> PixelEmbedding:
@@ -80,7 +110,7 @@ class PixelEmbedding:
         share it; parts whose tails differ (a head whose tail holds the batch statistics of its
         own pass) keep each their own (`StackedEmbedding`)."""
         if all(p.finish == parts[0].finish for p in parts) and not any(isinstance(p, StackedEmbedding) for p in parts):
-            return PixelEmbedding(torch.cat([p.hidden for p in parts]), parts[0].finish)
+            return PixelEmbedding(torch.cat([p.hidden for p in parts]), parts[0].finish, parts[0].affine)
         pieces = [q for p in parts for q in (p.pieces if isinstance(p, StackedEmbedding) else [p])]
         return StackedEmbedding(pieces)
 

@@ -59,25 +59,28 @@ def pair_contrast(
     if denominator not in DENOMINATORS:
         raise ConfigError(f"contrast denominator must be one of {DENOMINATORS}, got {denominator!r}")
     anchors, keys = at_least_float32(anchors), at_least_float32(keys)
-    sim = anchors @ keys.T / temperature  # [N, M]
-    sim = sim - sim.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
+    # [N, M]; 1/τ on the N x D anchors, not the N x M matrix. No row-max shift: every quantity
+    # below is shift-invariant per row, and logsumexp / softplus are stable on their own.
+    sim = (anchors / temperature) @ keys.T
     same = anchor_labels[:, None] == key_labels[None, :]
-    not_self = torch.ones_like(same)
+    pos = same
     if keys_include_anchors:
         n = anchors.shape[0]
-        not_self[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=anchors.device)
-    pos = same & not_self
-    neg = ~same
+        pos = same.clone()
+        pos[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=anchors.device)
     minus_inf = torch.finfo(sim.dtype).min
     if denominator == "per_positive":
-        log_neg = torch.logsumexp(sim.masked_fill(~neg, minus_inf), dim=1, keepdim=True)  # [N, 1]
-        log_denom = torch.logaddexp(sim, log_neg)
+        log_neg = torch.logsumexp(sim.masked_fill(same, minus_inf), dim=1, keepdim=True)  # [N, 1]
+        # -(s_ip - log(e^{s_ip} + e^{log_neg})) = softplus(log_neg - s_ip): one pass over [N, M]
+        neg_log_prob = F.softplus(log_neg - sim)
     else:
-        log_denom = torch.logsumexp(sim.masked_fill(~not_self, minus_inf), dim=1, keepdim=True)
-    log_prob = (sim - log_denom).masked_fill(~pos, 0.0)
+        others = torch.ones_like(same)
+        if keys_include_anchors:
+            others[:, :n] = ~torch.eye(n, dtype=torch.bool, device=anchors.device)
+        neg_log_prob = torch.logsumexp(sim.masked_fill(~others, minus_inf), dim=1, keepdim=True) - sim
     n_pos = pos.sum(1)
     has_pos = n_pos > 0
-    loss = -(temperature / base_temperature) * log_prob.sum(1) / n_pos.clamp_min(1)
+    loss = (temperature / base_temperature) * torch.where(pos, neg_log_prob, 0.0).sum(1) / n_pos.clamp_min(1)
     return loss, has_pos
 
 
@@ -102,7 +105,7 @@ def sample_anchors(
     labels = labels_at(targets.reliable(), (h, w)).reshape(b, -1)
     with torch.no_grad():
         logits = output.logits_at((h, w)).detach()
-        preds = logits.argmax(1).reshape(b, -1)
+        preds = logits.max(1).indices.reshape(b, -1)  # argmax (the first maximum), several times faster on CPU
         probs = logits.softmax(1).reshape(b, logits.shape[1], -1) if getattr(sampler, "needs_probs", False) else None
     index = sampler(labels, preds, probs)
     return emb.at(index), labels.reshape(-1)[index], index
@@ -212,29 +215,25 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         """Fixed-size entries of this step (padded with label -1, so every rank gathers the same
         shapes): pixel `[B * K * freq, D]` (up to `freq` random pixels per image and class) and
         segment `[B * K, D]` (each image's L2-normalised class means) with their labels. Region
-        means need every pixel's embedding: the full map, computed here without a graph."""
+        means read every pixel (`PixelEmbedding.group_means`: for the usual heads without forming
+        the D-channel map), the pixel entries only the chosen ones; no graph."""
         b, (h, w) = target.shape[0], embedding.size
         k, f = self.num_classes, self.pixel_update_freq
+        device = target.device
         labels = labels_at(target, (h, w)).reshape(-1)
-        valid = (labels >= 0) & (labels < k)
-        rows = embedding.rows()[valid]  # [P, D]: every valid pixel's embedding
-        d = rows.shape[1]
-        image = torch.arange(b, device=rows.device).repeat_interleave(h * w)
-        pair = (image * k + labels.clamp(0, k - 1))[valid]  # (image, class) of every valid pixel
+        index = ((labels >= 0) & (labels < k)).nonzero().squeeze(1)  # flat indices of the valid pixels
+        pair = (index // (h * w)) * k + labels[index]  # (image, class) of every valid pixel
         counts = torch.bincount(pair, minlength=b * k)
-        # summed in float32: a region of many pixels overflows a float16 sum
-        wide = at_least_float32(rows)
-        sums = wide.new_zeros(b * k, d).index_add_(0, pair, wide)
-        seg = F.normalize(sums / counts.clamp_min(1)[:, None], dim=1)
-        slot_class = torch.arange(b * k, device=rows.device) % k
-        seg_lab = torch.where(counts > 0, slot_class, -1)
-        picked = first_per_group(pair, random_priority(pair.numel(), rows.device), torch.full_like(counts, f))
+        seg = embedding.group_means(index, pair, b * k)
+        seg_lab = torch.where(counts > 0, torch.arange(b * k, device=device) % k, -1)
+        picked = first_per_group(pair, random_priority(pair.numel(), device), torch.full_like(counts, f))
+        rows = embedding.at(index[picked])
         chosen = pair[picked]
         start = torch.cumsum(counts.clamp(max=f), 0) - counts.clamp(max=f)
-        slot = chosen * f + torch.arange(chosen.numel(), device=rows.device) - start[chosen]
-        pix = rows.new_zeros(b * k * f, d)
-        pix_lab = torch.full((b * k * f,), -1, dtype=torch.long, device=rows.device)
-        pix[slot] = rows[picked]
+        slot = chosen * f + torch.arange(chosen.numel(), device=device) - start[chosen]
+        pix = rows.new_zeros(b * k * f, rows.shape[1])
+        pix_lab = torch.full((b * k * f,), -1, dtype=torch.long, device=device)
+        pix[slot] = rows
         pix_lab[slot] = chosen % k
         return {"pixel": (pix, pix_lab), "segment": (seg, seg_lab)}
 
