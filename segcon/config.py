@@ -156,6 +156,9 @@ def _class_of(node: Mapping[str, Any], key: str, what: str) -> Any:
 
 def _check_losses(cfg: DictConfig) -> None:
     k, ignore = cfg.data.num_classes, cfg.data.ignore_index
+    if not any((cfg.get("loss") or {}).values()) and not any((cfg.get("contrast") or {}).values()):
+        raise ConfigError("the loss and contrast groups define no term: nothing would be trained. Choose a "
+                          "supervised loss (loss=ce) or a contrast term that supervises through the whole output")
     for key, spec in _loss_terms(cfg):
         cw = spec.get("class_weights")
         if cw is not None and len(cw) != k:

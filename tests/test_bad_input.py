@@ -135,6 +135,12 @@ def test_data_root_checked_before_training(tmp_path: Path) -> None:
         validate_cfg(_cfg("data=folder", "data.num_classes=3", f"data.root={tmp_path}/missing-dataset"))
 
 
+def test_a_run_without_any_term_is_refused_before_training() -> None:
+    with pytest.raises(ConfigError, match="the loss and contrast groups define no term"):
+        validate_cfg(_cfg("loss=none"), check_data=False)
+    validate_cfg(_cfg("loss=none", "contrast=pixel"), check_data=False)  # a term on the whole output may supervise
+
+
 def test_unknown_group_option_is_hydras_error() -> None:
     with pytest.raises(ConfigCompositionException, match="model"):
         _cfg("model=unet_r999")

@@ -13,7 +13,8 @@ from tests.conftest import compose_train
 CONF = config_dir()
 # Groups whose options are swapped one at a time on top of the default config. Files starting
 # with "_" are shared bases (e.g. data/_common.yaml), not options.
-GROUPS = ["data", "model", "loss", "contrast", "sampler", "method", "optim", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS = ["data", "model", "loss", "pseudo_loss", "contrast", "sampler", "method", "optim", "trainer", "logger", "callbacks",
+          "debug", "experiment"]
 
 
 def _options(group: str) -> list[str]:
@@ -33,6 +34,10 @@ def test_option_composes_resolves_and_validates(group: str, option: str, tmp_pat
     overrides = [f"{group}={option}"]
     if group == "data" and option == "folder":
         overrides.append("data.num_classes=3")
+    if group == "loss" and option == "none":  # a run needs a term: here one on the whole output
+        overrides.append("contrast=pixel")
+    if group == "pseudo_loss":
+        overrides.append("method=fixmatch")
     if group in ("data", "experiment"):
         overrides.append(f"data.root={tmp_path}")
     cfg = compose_train(overrides, output_dir=tmp_path / "run")
