@@ -338,7 +338,7 @@ def compare(args: argparse.Namespace, argv: list[str]) -> None:
             row += [f"{r['step_s']:.4f}", f"{r['peak_gib']:.2f}", f"{r['step_s'] / base['step_s']:.3f}",
                     f"{r['peak_gib'] / base['peak_gib']:.3f}"]
         table.add_row(*row)
-    Console().print(table)
+    Console(width=200).print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "child"},
                                                "checkouts": {t: str(p) for t, p in trees.items()},

@@ -136,13 +136,18 @@ def _module(tiny_cfg: Callable[..., DictConfig], *overrides: str):
     return module
 
 
+def _batch(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """A labeled batch of 2 images 64x64 with masks, 2 weak views, and a generator for more."""
+    g = torch.Generator().manual_seed(seed)
+    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
+    return labeled, torch.randn(2, 3, 64, 64, generator=g), g
+
+
 def test_contrast_target_is_labels_plus_confident_pseudo_labels(tiny_cfg: Callable[..., DictConfig]) -> None:
     module = _module(tiny_cfg, "method=mean_teacher", "method.cutmix_prob=0", "method.confidence.threshold=0.3",
                      "contrast=pixel", "sampler.max_views=5")
     captured = capture_contrast_target(module)
-    g = torch.Generator().manual_seed(0)
-    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
-    weak = torch.randn(2, 3, 64, 64, generator=g)
+    labeled, weak, _ = _batch(0)
     valid = torch.ones(2, 64, 64, dtype=torch.bool)
     valid[:, :, 50:] = False  # crop padding
     unlabeled = {"image": weak, "strong": weak[:, None].clone(), "valid": valid}
@@ -161,9 +166,7 @@ def test_low_confidence_pseudo_labels_reach_terms_with_their_confidence(tiny_cfg
     module = _module(tiny_cfg, "method=fixmatch", "method.cutmix_prob=0", "method.confidence.threshold=0.4",
                      "contrast=pixel")
     captured = capture_contrast_target(module)
-    g = torch.Generator().manual_seed(2)
-    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
-    weak = torch.randn(2, 3, 64, 64, generator=g)
+    labeled, weak, _ = _batch(2)
     valid = torch.ones(2, 64, 64, dtype=torch.bool)
     valid[:, 60:] = False
     module.unsupervised_step(labeled, {"image": weak, "strong": weak[:, None].clone(), "valid": valid})
@@ -188,9 +191,7 @@ def test_cutmix_mixes_images_pseudo_labels_and_confidences_with_the_same_boxes(
     module = _module(tiny_cfg, "method=mean_teacher", "method.cutmix_prob=1", "method.confidence.threshold=0.3",
                      "contrast=pixel")
     captured = capture_contrast_target(module)
-    g = torch.Generator().manual_seed(5)
-    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
-    weak = torch.randn(2, 3, 64, 64, generator=g)
+    labeled, weak, g = _batch(5)
     strong = weak + 0.5 * torch.randn(2, 3, 64, 64, generator=g)
     valid = torch.ones(2, 64, 64, dtype=torch.bool)
     torch.manual_seed(11)
@@ -225,9 +226,7 @@ def test_unimatch_loss_is_the_weighted_sum_of_its_branches(
                      f"method.strong_weight={strong_w}", f"method.fp_weight={fp_w}", f"method.loss_scale={scale}",
                      "contrast=pixel")
     captured = capture_contrast_target(module)  # a zero loss in place of the pixel contrast
-    g = torch.Generator().manual_seed(0)
-    labeled = {"image": torch.randn(2, 3, 64, 64, generator=g), "mask": torch.randint(0, 5, (2, 64, 64), generator=g)}
-    weak = torch.randn(2, 3, 64, 64, generator=g)
+    labeled, weak, g = _batch(0)
     strong = torch.stack([weak + 0.3 * torch.randn(2, 3, 64, 64, generator=g) for _ in range(2)], 1)
     valid = torch.ones(2, 64, 64, dtype=torch.bool)
     valid[:, :, 40:] = False
