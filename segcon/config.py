@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.utils.errors import ConfigError, DataError
@@ -95,6 +96,7 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True, training: bool = True
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model, dict)
     divisor = _class_of(model, "model", "segcon.models.base.SegModel").check_config(model)
+    _check_normalisation(cfg.data, model.get("input_norm"))
     if cfg.get("eval_ckpt", "best") not in EVAL_CKPTS:
         raise ConfigError(f"eval_ckpt must be one of {EVAL_CKPTS}, got {cfg.eval_ckpt!r}")
     if training:
@@ -109,6 +111,21 @@ def validate_cfg(cfg: DictConfig, check_data: bool = True, training: bool = True
                               "defines no term; choose one, e.g. pseudo_loss=ce")
     if check_data:
         _check_layout(cfg.data)
+
+
+def _check_normalisation(data: DictConfig, expected: Mapping[str, Any] | None) -> None:
+    """Warn when the data normalisation differs from the one the model's weights expect
+    (`model.input_norm`, which `data.mean`/`data.std` follow unless overridden)."""
+    if not expected:
+        return
+    for key in ("mean", "std"):
+        want, have = expected.get(key), list(data.get(key) or [])
+        if want is not None and [round(float(v), 6) for v in want] != [round(float(v), 6) for v in have]:
+            rank_zero_warn(
+                f"data.{key}={have} differs from model.input_norm.{key}={list(want)}, the normalisation "
+                "the model's pretrained weights were trained with; remove the data override unless "
+                "this is intended."
+            )
 
 
 def check_data_config(data: DictConfig) -> None:

@@ -17,6 +17,9 @@ evaluation, checkpoints and export only use what `SegModel` declares:
   returns the input divisor; `describe(config)` names the network in messages;
   `offline_config(config)` switches off every pretrained-weight source (rebuilding a model
   whose weights come from a checkpoint must neither download nor read other files).
+- Config key `input_norm: {mean, std}` (optional): the input normalisation a family's pretrained
+  weights expect; the data settings follow it (`data.mean`/`data.std` default to it). A family
+  whose config carries it accepts it as a constructor argument and may ignore it.
 
 tests/test_model_contract.py runs one shared contract test for every family.
 """

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Collection, Mapping
-from pathlib import Path
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from segcon.models.base import SegModel
@@ -23,7 +23,14 @@ from segcon.models.heads import (
 from segcon.models.output import SegOutput
 from segcon.utils.checkpoint import BRANCHES
 from segcon.utils.errors import ConfigError
-from segcon.utils.weights import load_checked, read_state_dict
+from segcon.utils.weights import (
+    LoadReport,
+    load_checked,
+    match_by_order,
+    read_state_dict,
+    resolve_weights_path,
+    skip_and_rename,
+)
 
 WEIGHT_BRANCH = "weight_branch"
 """The name of CAC's weight branch among the train-only heads."""
@@ -32,7 +39,10 @@ DEFAULT_PROJECTION = "projection"
 """The name of the projection head `model.projection` configures."""
 
 _OWN_KEYS = ("_target_", "arch", "encoder_name", "num_classes", "encoder_weights", "in_channels", "weights_path",
-             "weights_scope", "projection", "projections", "weight_branch")
+             "weights_scope", "weights_match", "weights_skip", "weights_rename", "input_norm", "projection",
+             "projections", "weight_branch")
+_SCOPES = ("auto", "full", "encoder")
+_MATCHES = ("name", "order")
 
 
 class SegNet(SegModel):
@@ -49,7 +59,17 @@ class SegNet(SegModel):
         encoder_weights: smp pretrained-weight name (downloads from a hub); None for random init.
         in_channels: image channels.
         weights_path: local file (.pt/.pth/.ckpt/.safetensors) with encoder or full-model weights.
-        weights_scope: "auto" (full model if every key is there, else encoder), "full" or "encoder".
+            `pkg://<package>/<file>` names a file shipped inside an installed package.
+        weights_scope: "auto" (by name: the full model if every key is there, else the encoder;
+            by order: the encoder), "full" or "encoder".
+        weights_match: "name" (keys, after `weights_rename`) or "order" (one to one in state-dict
+            order with every shape checked: weights saved by another library under other names).
+        weights_skip: prefixes of the tensor names stored in the file whose tensors are not
+            loaded (e.g. a classifier the encoder lacks).
+        weights_rename: `{stored-name prefix: model prefix}` replacements (longest prefix first)
+            before matching by name.
+        input_norm: the input normalisation these weights expect, `{mean, std}` on the 0..1 scale;
+            the data settings read it (`data.mean`/`data.std` default to it), the net does not.
         projection: the train-only projection head "projection", None for none (the contrast
             presets set it): `{source: decoder | encoder, dim: 256, kind: convmlp | linear |
             residual, stages: [2, 3, 4, 5]}`. source "decoder" reads the feature the classifier
@@ -74,6 +94,10 @@ class SegNet(SegModel):
         in_channels: int = 3,
         weights_path: str | None = None,
         weights_scope: str = "auto",
+        weights_match: str = "name",
+        weights_skip: Sequence[str] = (),
+        weights_rename: Mapping[str, str] | None = None,
+        input_norm: Mapping[str, Any] | None = None,
         projection: Mapping[str, Any] | None = None,
         projections: Mapping[str, Mapping[str, Any] | None] | None = None,
         weight_branch: Mapping[str, Any] | None = None,
@@ -84,7 +108,9 @@ class SegNet(SegModel):
                              classes=num_classes, **arch_kwargs)
         self.num_classes = num_classes
         if weights_path:
-            load_pretrained(self.model, Path(weights_path), weights_scope)
+            report = load_pretrained(self.model, str(weights_path), weights_scope, weights_match, weights_skip,
+                                     weights_rename)
+            rank_zero_info(f"model.weights_path: {report}")
         self.projections = _projection_specs(projection, projections)
         self.heads = nn.ModuleDict()
         for name, spec in self.projections.items():
@@ -161,8 +187,7 @@ class SegNet(SegModel):
         _projection_specs(config.get("projection"), config.get("projections"))
         if config.get("weight_branch"):
             weight_branch_depth(config["weight_branch"])
-        if config.get("weights_scope", "auto") not in ("auto", "full", "encoder"):
-            raise ConfigError(f"model.weights_scope must be auto, full or encoder, got {config['weights_scope']!r}")
+        _check_weight_settings(config)
         kwargs = {k: v for k, v in config.items() if k not in _OWN_KEYS}
         try:
             with torch.device("meta"):
@@ -178,6 +203,30 @@ class SegNet(SegModel):
     @classmethod
     def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         return {**config, "weights_path": None, "encoder_weights": None}
+
+
+def _check_weight_settings(config: Mapping[str, Any]) -> None:
+    """The pretrained-weight keys' types and values (before anything is read)."""
+    for key, valid, default in (("weights_scope", _SCOPES, "auto"), ("weights_match", _MATCHES, "name")):
+        if config.get(key, default) not in valid:
+            raise ConfigError(f"model.{key} must be one of {', '.join(valid)}, got {config.get(key)!r}")
+    skip = config.get("weights_skip") or []
+    if isinstance(skip, str) or not all(isinstance(p, str) and p for p in skip):
+        raise ConfigError(f"model.weights_skip must be a list of tensor-name prefixes, e.g. [fc.], got {skip!r}")
+    rename = config.get("weights_rename") or {}
+    if not isinstance(rename, Mapping) or not all(isinstance(v, str) for v in rename.values()):
+        raise ConfigError(f"model.weights_rename must map stored-name prefixes to model prefixes, got {rename!r}")
+    if rename and config.get("weights_match") == "order":
+        raise ConfigError("model.weights_rename renames for matching by name; with model.weights_match=order "
+                          "names are not matched: remove one of them")
+    norm = config.get("input_norm")
+    if norm is not None:
+        channels = int(config.get("in_channels", 3))
+        if not isinstance(norm, Mapping) or set(norm) != {"mean", "std"} or any(
+            len(norm[k]) != channels for k in ("mean", "std")
+        ) or any(float(v) <= 0 for v in norm["std"]):
+            raise ConfigError(f"model.input_norm must be {{mean: [...], std: [...]}} with {channels} values each "
+                              f"and std > 0, got {norm!r}")
 
 
 def _divisor(model: nn.Module) -> int:
@@ -260,29 +309,48 @@ def _strip(state: dict[str, Tensor], wanted: set[str]) -> dict[str, Tensor]:
     return best
 
 
-def load_pretrained(model: nn.Module, path: Path, scope: str = "auto") -> str:
-    """Load full-model or encoder weights from `path` into an smp `model`; return the scope used.
+def load_pretrained(
+    model: nn.Module,
+    path: str,
+    scope: str = "auto",
+    match: str = "name",
+    skip: Sequence[str] = (),
+    rename: Mapping[str, str] | None = None,
+) -> LoadReport:
+    """Load full-model or encoder weights from `path` (a file or `pkg://<package>/<file>`) into
+    an smp `model`; return what was loaded.
 
     scope: "full" (every model key), "encoder" (the `model.encoder` keys, with or without an
-    "encoder." prefix), or "auto" (full when every model key is present, else encoder).
+    "encoder." prefix), or "auto" (by name: full when every model key is present, else encoder;
+    by order: encoder). match: "name" (the keys, after `rename`'s prefix replacements) or
+    "order" (one to one in state-dict order, every shape checked). skip: file-name prefixes not
+    to load (a classifier the encoder does not have).
     """
-    if scope not in ("auto", "full", "encoder"):
-        raise ConfigError(f"model.weights_scope must be auto, full or encoder, got {scope!r}")
-    state = read_state_dict(path)
+    _check_weight_settings({"weights_scope": scope, "weights_match": match, "weights_skip": list(skip),
+                            "weights_rename": dict(rename or {})})
+    file = resolve_weights_path(path)
+    state, skipped = skip_and_rename(read_state_dict(file), skip, rename)
+    if match == "order":
+        target, what = (model, "model") if scope == "full" else (model.encoder, "encoder")
+        mapped, counters, examples = match_by_order(target, state, file, what)
+        target.load_state_dict({**mapped, **counters}, strict=True)
+        return LoadReport(file, what, match, tuple(mapped), skipped, len(counters), examples)
     full_keys = set(model.state_dict())
     full = _strip(state, full_keys)
     if scope == "full" or (scope == "auto" and full_keys <= full.keys()):
-        load_checked(model, full, path, "model", _FIX)
-        return "full"
+        load_checked(model, full, file, "model", _FIX)
+        return LoadReport(file, "model", match, tuple(full), skipped)
     encoder = model.encoder
     enc_keys = set(encoder.state_dict())
     enc_state = _strip(state, {f"encoder.{k}" for k in enc_keys} | enc_keys)
     enc_state = {k.removeprefix("encoder."): v for k, v in enc_state.items() if not k.startswith(("decoder.", "segmentation_head."))}
-    load_checked(encoder, enc_state, path, "encoder", _FIX)
-    return "encoder"
+    load_checked(encoder, enc_state, file, "encoder", _FIX)
+    return LoadReport(file, "encoder", match, tuple(enc_state), skipped)
+
 
 
 _FIX = (
     "Check model.arch, model.encoder_name and data.num_classes against the run that saved them, "
-    "or set model.weights_scope=encoder to load the backbone only."
+    "or set model.weights_scope=encoder to load the backbone only; for weights saved under other "
+    "names see model.weights_match=order, model.weights_rename and model.weights_skip."
 )
