@@ -16,7 +16,7 @@ from segcon.models.output import PixelEmbedding
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 
-PROJECTION_KINDS = ("convmlp", "linear", "residual")
+PROJECTION_KINDS = ("convmlp", "linear", "residual", "conv_relu_bn")
 PROJECTION_SOURCES = ("decoder", "encoder")
 PROJECTION_DEFAULTS: dict[str, Any] = {"source": "decoder", "dim": 256, "kind": "convmlp", "stages": [2, 3, 4, 5]}
 WEIGHT_BRANCH_DEPTHS = ("head", "decoder")
@@ -24,7 +24,8 @@ WEIGHT_BRANCH_DEPTHS = ("head", "decoder")
 
 def projection_spec(spec: Mapping[str, Any], key: str) -> dict[str, Any]:
     """A projection head's settings with the defaults filled in, checked (`key` names the config
-    node in errors): `{source: decoder | encoder, dim, kind: convmlp | linear | residual, stages}`."""
+    node in errors): `{source: decoder | encoder, dim, kind: convmlp | linear | residual |
+    conv_relu_bn, stages}`."""
     unknown = sorted(set(spec) - set(PROJECTION_DEFAULTS))
     if unknown:
         raise ConfigError(f"{key} has unknown key(s) {unknown}; it takes {sorted(PROJECTION_DEFAULTS)}")
@@ -70,7 +71,8 @@ class ProjectionHead(nn.Module):
 
     kind "convmlp" (ContrastiveSeg): 1x1 conv C->C, BN, ReLU | linear C->D;
     kind "linear": | linear C->D;
-    kind "residual" (CAC's head): 1x1 conv C->D, BN, ReLU | h + linear D->D.
+    kind "residual" (CAC's head): 1x1 conv C->D, BN, ReLU | h + linear D->D;
+    kind "conv_relu_bn" (Pissas et al.'s, Contextrast's): 1x1 conv C->C, ReLU, BN | linear C->D.
     The layers before "|" run over the whole map, the rest on gathered pixels; the output is
     L2-normalised.
 
@@ -92,8 +94,11 @@ class ProjectionHead(nn.Module):
             self.stem = nn.Identity()
             self.out = nn.Linear(in_channels, dim)
         else:
-            width = in_channels if kind == "convmlp" else dim
-            self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            width = dim if kind == "residual" else in_channels
+            if kind == "conv_relu_bn":
+                self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.ReLU(), nn.BatchNorm2d(width))
+            else:
+                self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
             self.out = nn.Linear(width, dim)
 
     @property

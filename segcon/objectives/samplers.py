@@ -131,3 +131,53 @@ class MarginalSampler(_PerClassSampler):
     def _priority(self, hard: Tensor, prob: Tensor | None, generator: torch.Generator | None) -> Tensor:
         assert prob is not None
         return torch.where(hard, -prob, prob)
+
+
+class ViewsSampler:
+    """Pissas et al.'s sampler (the one Contextrast follows; METHODS.md §2(e)).
+
+    The (image, class) pairs with at least `min_pixels` labelled pixels are kept; each gives the
+    same number of pixels, uniformly at random: `views = min(smallest kept pair's count,
+    max_views, max_total // pairs)`. The caps hold per call, i.e. per device in DDP (as in the
+    authors' code); `caps: global` divides `max_views` and `max_total` by the number of devices
+    (rounding up), so a run samples about as many pixels in all whatever its device count.
+    """
+
+    needs_probs = False
+
+    def __init__(
+        self, min_pixels: int = 5, max_views: int = 2500, max_total: int = 10000, caps: str = "device",
+        ignore_index: int = 255,
+    ) -> None:
+        if caps not in ("device", "global"):
+            raise ValueError(f"sampler caps must be device or global, got {caps!r}")
+        self.min_pixels, self.max_views, self.max_total, self.caps = min_pixels, max_views, max_total, caps
+        self.ignore_index = ignore_index
+
+    def limits(self) -> tuple[int, int]:
+        """(max_views, max_total) for this process."""
+        if self.caps == "device" or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.max_views, self.max_total
+        world = torch.distributed.get_world_size()
+        return -(-self.max_views // world), -(-self.max_total // world)
+
+    def __call__(
+        self, labels: Tensor, preds: Tensor | None = None, probs: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        b = labels.shape[0]
+        valid = labels != self.ignore_index
+        cls = labels.masked_fill(~valid, 0)
+        num_classes = int(cls.max()) + 1 if cls.numel() else 1
+        pair = (torch.arange(b, device=labels.device)[:, None] * num_classes + cls).reshape(-1)
+        valid = valid.reshape(-1)
+        counts = torch.bincount(pair[valid], minlength=b * num_classes)
+        kept = counts >= self.min_pixels
+        num_pairs = int(kept.sum())
+        if num_pairs == 0:
+            return labels.new_zeros(0, dtype=torch.long)
+        max_views, max_total = self.limits()
+        views = min(int(counts[kept].min()), max_views, max(1, max_total // num_pairs))
+        cand = (valid & kept[pair]).nonzero().squeeze(1)
+        quota = torch.full_like(counts, views)
+        return cand[first_per_group(pair[cand], random_priority(cand.numel(), labels.device, generator), quota)]

@@ -1,0 +1,199 @@
+"""Contextrast (Sung et al., CVPR 2024; METHODS.md §2): contextual contrast over several encoder
+layers, with boundary-aware error pixels (BANE).
+
+Per layer i (one projection head per encoder stage, listed from the finest to the deepest):
+- the kept labels (`targets.reliable()`: ground truth and the pseudo-labels a method's filter
+  keeps) and the main classifier's prediction (argmax at its own resolution, detached) are
+  nearest-resized to the layer's resolution;
+- the sampler picks the layer's pixels V_i; the anchor of class n is the mean of V_i's
+  embeddings of class n (`a_i^n`, optionally L2-normalised);
+- the contextual update moves the shallower layers' anchors toward the deepest layer's:
+  `â_i^n = w_l·a_i^n + w_h·a_I^n` for i < I (a class absent from layer I keeps `a_i^n`);
+- each anchor is the InfoNCE query against the layer's pixels, with the per-positive
+  denominator: `L_a(â, v+) = -log(e^{â·v+/τ} / (e^{â·v+/τ} + Σ_{v-} e^{â·v-/τ}))`, averaged over
+  the class's positives, then over the classes present (`1/N_i Σ_n`);
+- BANE adds, per class, the error pixels (ground truth n, predicted otherwise) nearest the edge
+  of their error region (`segcon.objectives.boundary.boundary_errors`): positives of their true
+  class's anchor, negatives of the anchor of the class they were predicted as
+  (`bane_negatives: predicted`) or of every other class's anchor (`other_classes`).
+The term is `Σ_i λ_i L_i`; its weight α and warm-up are the Objective's. Anchors keep their
+gradient (they are means of embeddings). The loss is computed per device, on the device's batch,
+as in the authors' code (anchors are not averaged across devices).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segcon.models.output import SegOutput
+from segcon.objectives.base import Targets, Term
+from segcon.objectives.boundary import boundary_errors
+from segcon.objectives.contrast import labels_at
+from segcon.utils.dtypes import at_least_float32
+from segcon.utils.errors import ConfigError
+
+LEVEL_ORDERS = ("deep_first", "fine_first")
+BANE_NEGATIVES = ("predicted", "other_classes")
+
+
+def anchor_contrast(
+    anchors: Tensor,
+    classes: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    temperature: float,
+    extra: Tensor | None = None,
+    extra_true: Tensor | None = None,
+    extra_negative_of: Tensor | None = None,
+) -> Tensor:
+    """Mean over the anchors of each anchor's mean per-positive InfoNCE loss.
+
+    anchors `[C, D]` with their classes `[C]` (distinct); keys `[N, D]` with labels `[N]`: key k is
+    a positive of anchor c when `key_labels[k] == classes[c]`, else a negative. `extra [E, D]`
+    (BANE pixels) are positives of the anchor of `extra_true [E]` and negatives of the anchors
+    where `extra_negative_of [C, E]` is True. An anchor without negatives contributes 0; one
+    without positives is not counted. Returns a scalar (a graph-connected 0 when no anchor has a
+    positive).
+    """
+    anchors, keys = at_least_float32(anchors), at_least_float32(keys)
+    pos = classes[:, None] == key_labels[None, :]
+    neg = ~pos
+    if extra is not None and extra.shape[0] > 0:
+        assert extra_true is not None and extra_negative_of is not None
+        keys = torch.cat([keys, at_least_float32(extra)])
+        pos = torch.cat([pos, classes[:, None] == extra_true[None, :]], 1)
+        neg = torch.cat([neg, extra_negative_of], 1)
+    sim = (anchors / temperature) @ keys.T  # [C, N + E]
+    log_neg = torch.logsumexp(sim.masked_fill(~neg, torch.finfo(sim.dtype).min), dim=1, keepdim=True)
+    log_neg = torch.where(neg.any(1, keepdim=True), log_neg, torch.full_like(log_neg, float("-inf")))
+    per_positive = F.softplus(log_neg - sim)  # -log(e^s / (e^s + Σ_neg e^s')), 0 without negatives
+    n_pos = pos.sum(1)
+    per_anchor = torch.where(pos, per_positive, 0.0).sum(1) / n_pos.clamp_min(1)
+    has_pos = n_pos > 0
+    return (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1)
+
+
+class ContextrastLoss(Term):
+    """Contextrast's anchor-to-pixel contrast over several encoder layers (see the module
+    docstring).
+
+    Args:
+        sampler: picks each layer's pixels (`sampler=views`, Pissas et al.'s, by default).
+        embeddings: the projection heads of the layers, from the finest (shallowest) to the
+            deepest; the last one is layer I of the contextual update.
+        level_weights: λ, listed from the end `level_weights_order` names: `deep_first` puts the
+            first value on the deepest layer (the paper's wording), `fine_first` on the finest
+            (Pissas et al.'s code).
+        temperature: τ.
+        context_weights: (w_l, w_h) of the contextual update.
+        normalize_anchors: L2-normalise the class means (the paper does not).
+        bane: add the boundary error pixels; bane_fraction (K), bane_max_per_class and
+            bane_negatives as in the module docstring.
+        ignore_index: the label of unknown pixels.
+    """
+
+    reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings"})
+
+    def __init__(
+        self,
+        sampler: Callable[..., Tensor],
+        embeddings: Sequence[str] = ("ctx_1", "ctx_2", "ctx_3", "ctx_4"),
+        level_weights: Sequence[float] = (1.0, 0.7, 0.4, 0.1),
+        level_weights_order: str = "deep_first",
+        temperature: float = 0.1,
+        context_weights: Sequence[float] = (0.3, 0.7),
+        normalize_anchors: bool = False,
+        bane: bool = True,
+        bane_fraction: float = 0.5,
+        bane_max_per_class: int = 256,
+        bane_negatives: str = "predicted",
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        names = list(embeddings)
+        if not names:
+            raise ConfigError("contrast.contextrast.embeddings must name at least one projection head")
+        if len(level_weights) != len(names):
+            raise ConfigError(f"contrast.contextrast.level_weights has {len(level_weights)} values for "
+                              f"{len(names)} embeddings {names}: give one per layer")
+        if level_weights_order not in LEVEL_ORDERS:
+            raise ConfigError(f"contrast.contextrast.level_weights_order must be one of {LEVEL_ORDERS}, "
+                              f"got {level_weights_order!r}")
+        if len(context_weights) != 2:
+            raise ConfigError(f"contrast.contextrast.context_weights must be [w_l, w_h], got {list(context_weights)}")
+        if bane_negatives not in BANE_NEGATIVES:
+            raise ConfigError(f"contrast.contextrast.bane_negatives must be one of {BANE_NEGATIVES}, "
+                              f"got {bane_negatives!r}")
+        if not 0.0 < bane_fraction <= 1.0:
+            raise ConfigError(f"contrast.contextrast.bane_fraction must be in (0, 1], got {bane_fraction}")
+        self.sampler = sampler
+        self.embeddings = names
+        weights = [float(w) for w in level_weights]
+        self.level_weights = weights[::-1] if level_weights_order == "deep_first" else weights  # finest first
+        self.temperature = temperature
+        self.w_low, self.w_high = (float(w) for w in context_weights)
+        self.normalize_anchors = normalize_anchors
+        self.bane, self.bane_fraction, self.bane_max = bane, bane_fraction, bane_max_per_class
+        self.bane_negatives = bane_negatives
+        self.ignore_index = ignore_index
+
+    def zero(self, output: SegOutput) -> Tensor:
+        name = type(self).__name__
+        return sum((output.embedding(e, name).zero() for e in self.embeddings), output.logits.new_zeros(()))
+
+    def _anchors(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Class means of the sampled embeddings `z [M, D]` with labels `y [M]`: (classes `[C]`,
+        anchors `[C, D]`)."""
+        classes, inverse = y.unique(return_inverse=True)
+        sums = z.new_zeros(classes.numel(), z.shape[1]).index_add(0, inverse, z)
+        counts = torch.bincount(inverse, minlength=classes.numel()).to(z.dtype)
+        anchors = sums / counts[:, None]
+        return classes, F.normalize(anchors, dim=1) if self.normalize_anchors else anchors
+
+    def forward(self, output: SegOutput, targets: Targets) -> Tensor:
+        name = type(self).__name__
+        labels = targets.reliable()
+        b = labels.shape[0]
+        with torch.no_grad():
+            own = output.decoder_logits if output.decoder_logits is not None else output.logits
+            preds = own.detach().max(1).indices  # argmax at the classifier's own resolution
+        layers = []
+        for emb_name in self.embeddings:
+            emb = output.embedding(emb_name, name)
+            size = emb.size
+            lab, pred = labels_at(labels, size), labels_at(preds, size)
+            index = self.sampler(lab.reshape(b, -1), pred.reshape(b, -1))
+            z, y = emb.at(index), lab.reshape(-1)[index]
+            bane = None
+            if self.bane:
+                b_index, b_true, b_pred = boundary_errors(lab, pred, self.ignore_index, self.bane_fraction, self.bane_max)
+                bane = (emb.at(b_index), b_true, b_pred)
+            layers.append((z, y, bane))
+        deep = layers[-1]
+        deep_classes, deep_anchors = self._anchors(deep[0], deep[1]) if deep[0].shape[0] else (None, None)
+        total = self.zero(output)
+        for (z, y, bane), weight, is_deep in zip(layers, self.level_weights,
+                                                [False] * (len(layers) - 1) + [True], strict=True):
+            if z.shape[0] == 0:
+                continue
+            classes, anchors = self._anchors(z, y)
+            if not is_deep and deep_classes is not None:
+                found = torch.searchsorted(deep_classes, classes).clamp(max=deep_classes.numel() - 1)
+                shared = deep_classes[found] == classes
+                contextual = self.w_low * anchors + self.w_high * deep_anchors[found]
+                anchors = torch.where(shared[:, None], contextual, anchors)
+            extra = extra_true = negative_of = None
+            if bane is not None:
+                extra, extra_true, extra_pred = bane
+                if self.bane_negatives == "predicted":
+                    negative_of = classes[:, None] == extra_pred[None, :]
+                else:
+                    negative_of = classes[:, None] != extra_true[None, :]
+            total = total + weight * anchor_contrast(anchors, classes, z, y, self.temperature,
+                                                     extra, extra_true, negative_of)
+        return total
