@@ -53,7 +53,7 @@ def _case() -> tuple[SegOutput, torch.Tensor]:
 
 
 def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: float, wh: float, tau: float,
-               bane: bool, negatives: str) -> float:
+               bane: bool, negatives: str, normalize: bool) -> float:
     """The loss by loops, float64, from the definitions (finest layer first in `lam`)."""
     lab = labels.numpy()
     pred_full = output.logits.detach().argmax(1).numpy()
@@ -73,6 +73,8 @@ def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: fl
         for n in sorted({cls for _, cls in pixels}):
             members = [vec[k] for k, cls in pixels if cls == n]
             anchors[n] = sum(members) / len(members)
+            if normalize:
+                anchors[n] = anchors[n] / np.linalg.norm(anchors[n])
         errors = []  # (key, true, pred)
         if bane:
             for n in sorted({int(v) for v in y[(y != IGNORE) & (y != p)]}):
@@ -88,6 +90,8 @@ def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: fl
         for n, a in anchors.items():
             if i < len(layers) - 1 and n in deep_anchors:
                 a = wl * a + wh * deep_anchors[n]
+                if normalize:
+                    a = a / np.linalg.norm(a)
             pos = [vec[k] for k, cls in pixels if cls == n] + [vec[k] for k, t, _ in errors if t == n]
             neg = [vec[k] for k, cls in pixels if cls != n]
             neg += [vec[k] for k, t, q in errors if (q == n if negatives == "predicted" else t != n)]
@@ -98,19 +102,23 @@ def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: fl
     return total
 
 
-@pytest.mark.parametrize(("order", "bane", "negatives"), [
-    ("deep_first", True, "predicted"), ("fine_first", True, "predicted"),
-    ("deep_first", True, "other_classes"), ("deep_first", False, "predicted"),
+@pytest.mark.parametrize(("order", "bane", "negatives", "normalize"), [
+    ("deep_first", True, "predicted", False), ("fine_first", True, "predicted", False),
+    ("deep_first", True, "other_classes", False), ("deep_first", False, "predicted", False),
+    ("fine_first", True, "predicted", True),
 ])
-def test_contextrast_equals_a_float64_loop_reference(order: str, bane: bool, negatives: str) -> None:
+def test_contextrast_equals_a_float64_loop_reference(order: str, bane: bool, negatives: str, normalize: bool) -> None:
     output, labels = _case()
+    # logits at the decoder's own resolution that disagree with the main ones: BANE and the
+    # samplers use the main logits (METHODS.md §2(b)), so they must change nothing
+    output.decoder_logits = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     term = ContextrastLoss(every_valid_pixel, embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2],
                            level_weights_order=order, temperature=0.5, context_weights=[0.4, 0.6], bane=bane,
                            bane_fraction=1.0, bane_max_per_class=10_000, bane_negatives=negatives,
-                           ignore_index=IGNORE)
+                           normalize_anchors=normalize)
     got = term(output, Targets(labels, IGNORE))
     lam = [0.2, 0.6, 1.0] if order == "deep_first" else [1.0, 0.6, 0.2]
-    expected = _reference(output, labels, lam, 0.4, 0.6, 0.5, bane, negatives)
+    expected = _reference(output, labels, lam, 0.4, 0.6, 0.5, bane, negatives, normalize)
     assert got.dtype == torch.float64
     assert got.item() == pytest.approx(expected, rel=1e-12)
     # the case covers what it claims: class 2 is one pixel at the finest layer only, and image 1
@@ -124,7 +132,7 @@ def test_contextrast_equals_a_float64_loop_reference(order: str, bane: bool, neg
 def test_bane_pixels_change_the_loss_and_the_fraction_selects_among_them() -> None:
     """(Which pixels K % keeps is tested in tests/test_boundary.py.)"""
     output, labels = _case()
-    kwargs = dict(embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2], ignore_index=IGNORE)
+    kwargs = dict(embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2])
     values = [ContextrastLoss(every_valid_pixel, bane=bane, bane_fraction=fraction, **kwargs)(output, Targets(labels, IGNORE)).item()
               for bane, fraction in ((False, 1.0), (True, 1.0), (True, 0.2))]
     assert len({round(v, 9) for v in values}) == 3
@@ -149,14 +157,34 @@ def test_gradients_reach_every_layer_head_and_the_encoder_but_not_the_classifier
 
 def test_degenerate_batches_give_a_connected_zero() -> None:
     output, labels = _case()
-    term = ContextrastLoss(every_valid_pixel, embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2],
-                           ignore_index=IGNORE)
+    term = ContextrastLoss(every_valid_pixel, embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2])
     nothing = term(output, Targets(torch.full_like(labels, IGNORE), IGNORE))
     one_class = term(output, Targets(torch.ones_like(labels), IGNORE))  # no negatives
     for value in (nothing, one_class):
         assert value.item() == 0.0
         value.backward()
     assert all(e.hidden.grad is not None and torch.isfinite(e.hidden.grad).all() for e in output.embeddings.values())
+
+
+def test_any_sampler_works_the_order_is_checked_and_mixed_precision_stays_float32() -> None:
+    from segcon.objectives.samplers import MarginalSampler
+    from segcon.utils.errors import ConfigError
+
+    output, labels = _case()
+    kwargs = dict(embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2])
+    marginal = ContextrastLoss(MarginalSampler(max_samples=200, max_views=20, ignore_index=IGNORE), **kwargs)
+    assert torch.isfinite(marginal(output, Targets(labels, IGNORE)))
+    with pytest.raises(ConfigError, match="from the finest layer to the deepest"):
+        ContextrastLoss(every_valid_pixel, embeddings=["l2", "l1", "l0"], level_weights=[1.0, 0.6, 0.2])(
+            output, Targets(labels, IGNORE))
+    single = SegOutput(logits=output.logits.float(),
+                       embeddings={k: PixelEmbedding.from_dense(e.hidden.detach().float()) for k, e in output.embeddings.items()})
+    term = ContextrastLoss(every_valid_pixel, bane=False, **kwargs)
+    full = term(single, Targets(labels, IGNORE))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = term(single, Targets(labels, IGNORE))
+    assert mixed.dtype == torch.float32
+    assert mixed.item() == pytest.approx(full.item(), rel=1e-5)
 
 
 def test_views_sampler_takes_the_same_count_from_every_kept_pair() -> None:
@@ -173,3 +201,15 @@ def test_views_sampler_takes_the_same_count_from_every_kept_pair() -> None:
     assert capped.numel() == 60  # 60 // 3 pairs = 20 each
     assert ViewsSampler(max_views=7, ignore_index=IGNORE)(labels, labels).numel() == 21
     assert len(set(index.tolist())) == index.numel()
+
+
+def test_views_sampler_global_caps_divide_by_the_device_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from segcon.utils.errors import ConfigError
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
+    assert ViewsSampler(max_views=2500, max_total=10_000, caps="global").limits() == (625, 2500)
+    assert ViewsSampler(max_views=10, max_total=30, caps="global").limits() == (3, 8)  # rounded up
+    assert ViewsSampler(max_views=2500, max_total=10_000, caps="device").limits() == (2500, 10_000)
+    with pytest.raises(ConfigError, match="caps must be device or global"):
+        ViewsSampler(caps="node")

@@ -396,3 +396,21 @@ def test_contrast_labels_are_nearest_resized_never_blended() -> None:
     rows, cols = index // 8, index % 8
     assert len(index) > 0 and torch.equal(y, target[0, 2 * rows, 2 * cols])
     assert set(y.tolist()) <= {0, 2}  # the even columns hold 0, the rows 5-8 band 2
+
+
+def test_pair_and_cac_similarities_stay_float32_under_mixed_precision() -> None:
+    """Autocast would run the similarity matmul in bfloat16 (about 1e-2 relative error in the
+    loss); the contrast terms compute it in float32."""
+    from segcon.objectives.cac import cac_per_anchor
+    from segcon.objectives.contrast import pair_contrast
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1)
+    q = torch.randn(300, 5, generator=g)
+    y = torch.randint(0, 5, (300,), generator=g)
+    plain = (pair_contrast(z, y, z, y, 0.1, 0.07)[0], cac_per_anchor(z, y, q, 0.1, 0.07))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = (pair_contrast(z, y, z, y, 0.1, 0.07)[0], cac_per_anchor(z, y, q, 0.1, 0.07))
+    for a, b in zip(plain, mixed, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)

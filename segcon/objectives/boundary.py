@@ -9,7 +9,7 @@ The squared distance separates exactly over the two axes:
 `D²(y, x) = min_{x'} [ g(y, x')² + (x - x')² ]`, where `g(y, x')` is the distance along column x'
 from row y to the nearest False pixel of that column. The column pass is two running maxima
 (nearest False above and below); the row pass is a min-plus product over each row, done in
-chunks of rows so that at most `chunk_elements` values are held at once. Work is O(B·H·W²):
+chunks of images and rows so that about `chunk_elements` values are held at once. Work is O(B·H·W²):
 meant for feature-map resolutions (e.g. 128 × 256), not for full images.
 
 `boundary_errors` uses it to pick Contextrast's boundary-aware error pixels (BANE, METHODS.md §2(d)).
@@ -34,10 +34,11 @@ def _column_distance(mask: Tensor) -> Tensor:
     return torch.minimum(rows - above, below - rows)
 
 
-def edt(mask: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
-    """Exact Euclidean distance of every True pixel of `mask [B, H, W]` (bool) to the nearest False
-    pixel of its image; float32 `[B, H, W]` (0 on False pixels, inf in an image with no False
-    pixel). Runs on `mask`'s device."""
+def squared_edt(mask: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """Exact squared Euclidean distance of every True pixel of `mask [B, H, W]` (bool) to the
+    nearest False pixel of its image; float32 `[B, H, W]` of whole numbers (0 on False pixels, inf
+    in an image with no False pixel). Runs on `mask`'s device; the row pass holds at most about
+    `chunk_elements` values at once (chunks of images and rows)."""
     if mask.dim() != 3 or mask.dtype != torch.bool:
         raise ValueError(f"edt expects a bool [B, H, W] mask, got {mask.dtype} {tuple(mask.shape)}")
     b, h, w = mask.shape
@@ -45,11 +46,21 @@ def edt(mask: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
     cols = torch.arange(w, device=mask.device, dtype=torch.float32)
     offsets = (cols.view(w, 1) - cols.view(1, w)).square()  # [W, W']: (x - x')²
     out = torch.empty(b, h, w, device=mask.device, dtype=torch.float32)
-    step = max(1, chunk_elements // max(1, b * w * w))
-    for start in range(0, h, step):
-        part = g2[:, start:start + step]  # [B, r, W']
-        out[:, start:start + step] = (part.unsqueeze(2) + offsets).amin(dim=-1)  # [B, r, W, W'] -> [B, r, W]
-    return out.sqrt()
+    per_image_row = w * w
+    images = max(1, min(b, chunk_elements // per_image_row))
+    rows = max(1, chunk_elements // (images * per_image_row))
+    for i in range(0, b, images):
+        for r in range(0, h, rows):
+            part = g2[i:i + images, r:r + rows]  # [b', r', W']
+            out[i:i + images, r:r + rows] = (part.unsqueeze(2) + offsets).amin(dim=-1)  # [b', r', W, W'] -> [b', r', W]
+    return out
+
+
+def edt(mask: Tensor, chunk_elements: int = 1 << 24) -> Tensor:
+    """Exact Euclidean distance of every True pixel of `mask [B, H, W]` (bool) to the nearest False
+    pixel of its image; float32 `[B, H, W]` (0 on False pixels, inf in an image with no False
+    pixel), as `scipy.ndimage.distance_transform_edt` gives per image."""
+    return squared_edt(mask, chunk_elements).sqrt()
 
 
 def boundary_errors(
@@ -64,7 +75,8 @@ def boundary_errors(
 
     For each class n, its error region is the valid pixels of ground truth n predicted as another
     class; every error pixel gets its Euclidean distance to the edge of its region (`edt` of the
-    region's mask: 1 on the edge). Per class over the batch, the ceil(`fraction` × count) error
+    region's mask: 1 on the edge; ignore pixels, like any pixel outside the region, count as
+    outside). Per class over the batch, the ceil(`fraction` × count) error
     pixels nearest the edge are kept (ties broken at random), then at most `max_per_class` of them
     at random.
 
@@ -80,8 +92,11 @@ def boundary_errors(
         empty = labels.new_zeros(0, dtype=torch.long)
         return empty, empty, empty
     classes = labels.reshape(-1)[flat_error].unique()  # [C]
-    masks = error.unsqueeze(0) & (labels.unsqueeze(0) == classes.view(-1, 1, 1, 1))  # [C, B, H, W]
-    dist2 = torch.where(masks, edt(masks.flatten(0, 1)).view(masks.shape).square(), 0).sum(0)  # one region per pixel
+    masks = (error.unsqueeze(0) & (labels.unsqueeze(0) == classes.view(-1, 1, 1, 1))).flatten(0, 1)  # [C·B, H, W]
+    regions = masks.flatten(1).any(1).nonzero().squeeze(1)  # the (class, image) maps with errors
+    dist2 = torch.zeros(masks.shape, device=labels.device)
+    dist2[regions] = torch.where(masks[regions], squared_edt(masks[regions]), 0)
+    dist2 = dist2.view(classes.numel(), *labels.shape).sum(0)  # each error pixel is in one region
     # a region filling its whole image has no edge in it (inf): farther than any real distance
     dist2 = dist2.clamp(max=float(sum(labels.shape[-2:]) ** 2))
     true = labels.reshape(-1)[flat_error]

@@ -61,7 +61,8 @@ def cac_per_anchor(
     w = pair_weights(q, y)
     if detach_pair_weights:
         w = w.detach()
-    s = z @ z.T / temperature
+    with torch.autocast(z.device.type, enabled=False):  # float32 similarities under mixed precision
+        s = z @ z.T / temperature
     s = s - s.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
     pos = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
     log_partition = torch.log((w * s.exp()).sum(1, keepdim=True) + 1e-16)

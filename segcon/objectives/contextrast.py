@@ -17,8 +17,11 @@ Per layer i (one projection head per encoder stage, listed from the finest to th
   class's anchor, negatives of the anchor of the class they were predicted as
   (`bane_negatives: predicted`) or of every other class's anchor (`other_classes`).
 The term is `Σ_i λ_i L_i`; its weight α and warm-up are the Objective's. Anchors keep their
-gradient (they are means of embeddings). The loss is computed per device, on the device's batch,
-as in the authors' code (anchors are not averaged across devices).
+gradient (they are means of embeddings), so the shallower layers' losses also reach the deepest
+layer's head through `w_h·a_I`. A boundary error pixel that the sampler also picked counts in
+both roles. The loss is computed per device, on the device's batch, as in the authors' code
+(anchors are not averaged across devices). Similarities are computed in float32 also under
+mixed precision.
 """
 
 from __future__ import annotations
@@ -60,12 +63,26 @@ def anchor_contrast(
     without positives is not counted. Returns a scalar (a graph-connected 0 when no anchor has a
     positive).
     """
-    anchors, keys = at_least_float32(anchors), at_least_float32(keys)
+    with torch.autocast(anchors.device.type, enabled=False):  # float32 similarities under mixed precision
+        return _anchor_contrast(at_least_float32(anchors), classes, at_least_float32(keys), key_labels, temperature,
+                                None if extra is None else at_least_float32(extra), extra_true, extra_negative_of)
+
+
+def _anchor_contrast(
+    anchors: Tensor,
+    classes: Tensor,
+    keys: Tensor,
+    key_labels: Tensor,
+    temperature: float,
+    extra: Tensor | None,
+    extra_true: Tensor | None,
+    extra_negative_of: Tensor | None,
+) -> Tensor:
     pos = classes[:, None] == key_labels[None, :]
     neg = ~pos
     if extra is not None and extra.shape[0] > 0:
         assert extra_true is not None and extra_negative_of is not None
-        keys = torch.cat([keys, at_least_float32(extra)])
+        keys = torch.cat([keys, extra])
         pos = torch.cat([pos, classes[:, None] == extra_true[None, :]], 1)
         neg = torch.cat([neg, extra_negative_of], 1)
     sim = (anchors / temperature) @ keys.T  # [C, N + E]
@@ -91,10 +108,10 @@ class ContextrastLoss(Term):
             (Pissas et al.'s code).
         temperature: τ.
         context_weights: (w_l, w_h) of the contextual update.
-        normalize_anchors: L2-normalise the class means (the paper does not).
+        normalize_anchors: L2-normalise the class means, and the contextually updated anchors
+            again (the paper does not normalise).
         bane: add the boundary error pixels; bane_fraction (K), bane_max_per_class and
             bane_negatives as in the module docstring.
-        ignore_index: the label of unknown pixels.
     """
 
     reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings"})
@@ -112,7 +129,6 @@ class ContextrastLoss(Term):
         bane_fraction: float = 0.5,
         bane_max_per_class: int = 256,
         bane_negatives: str = "predicted",
-        ignore_index: int = 255,
     ) -> None:
         super().__init__()
         names = list(embeddings)
@@ -140,7 +156,6 @@ class ContextrastLoss(Term):
         self.normalize_anchors = normalize_anchors
         self.bane, self.bane_fraction, self.bane_max = bane, bane_fraction, bane_max_per_class
         self.bane_negatives = bane_negatives
-        self.ignore_index = ignore_index
 
     def zero(self, output: SegOutput) -> Tensor:
         name = type(self).__name__
@@ -156,36 +171,52 @@ class ContextrastLoss(Term):
         return classes, F.normalize(anchors, dim=1) if self.normalize_anchors else anchors
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
+        """`Σ_i λ_i L_i` over the layers (see the module docstring): a scalar, a graph-connected
+        0 when no layer has a sampled pixel. Reads the embeddings `[B, D, h_i, w_i]` named by
+        `embeddings`, the kept labels `[B, H, W]` and the main logits `[B, K, H, W]`."""
         name = type(self).__name__
-        labels = targets.reliable()
+        labels, ignore = targets.reliable(), targets.ignore_index
         b = labels.shape[0]
         with torch.no_grad():
-            own = output.decoder_logits if output.decoder_logits is not None else output.logits
-            preds = own.detach().max(1).indices  # argmax at the classifier's own resolution
+            logits = output.logits.detach()
+            preds = logits.max(1).indices  # argmax of the main logits, nearest-resized per layer like the labels
         layers = []
+        previous: tuple[int, int] | None = None
         for emb_name in self.embeddings:
             emb = output.embedding(emb_name, name)
             size = emb.size
+            if previous is not None and (size[0] > previous[0] or size[1] > previous[1]):
+                raise ConfigError(f"contrast.contextrast.embeddings must run from the finest layer to the deepest; "
+                                  f"{emb_name} is {size}, finer than the layer before it ({previous})")
+            previous = size
             lab, pred = labels_at(labels, size), labels_at(preds, size)
-            index = self.sampler(lab.reshape(b, -1), pred.reshape(b, -1))
+            probs = None
+            if getattr(self.sampler, "needs_probs", False):
+                with torch.no_grad():
+                    probs = output.logits_at(size).detach().softmax(1).reshape(b, logits.shape[1], -1)
+            index = self.sampler(lab.reshape(b, -1), pred.reshape(b, -1), probs)
             z, y = emb.at(index), lab.reshape(-1)[index]
             bane = None
-            if self.bane:
-                b_index, b_true, b_pred = boundary_errors(lab, pred, self.ignore_index, self.bane_fraction, self.bane_max)
+            if self.bane and z.shape[0] > 0:
+                b_index, b_true, b_pred = boundary_errors(lab, pred, ignore, self.bane_fraction, self.bane_max)
                 bane = (emb.at(b_index), b_true, b_pred)
             layers.append((z, y, bane))
-        deep = layers[-1]
-        deep_classes, deep_anchors = self._anchors(deep[0], deep[1]) if deep[0].shape[0] else (None, None)
+        anchors_per_layer = [self._anchors(z, y) if z.shape[0] else None for z, y, _ in layers]
+        deep = anchors_per_layer[-1]
         total = self.zero(output)
-        for (z, y, bane), weight, is_deep in zip(layers, self.level_weights,
-                                                [False] * (len(layers) - 1) + [True], strict=True):
-            if z.shape[0] == 0:
+        for i, ((z, y, bane), weight, found_anchors) in enumerate(
+            zip(layers, self.level_weights, anchors_per_layer, strict=True)
+        ):
+            if found_anchors is None:
                 continue
-            classes, anchors = self._anchors(z, y)
-            if not is_deep and deep_classes is not None:
+            classes, anchors = found_anchors
+            if i < len(layers) - 1 and deep is not None:
+                deep_classes, deep_anchors = deep
                 found = torch.searchsorted(deep_classes, classes).clamp(max=deep_classes.numel() - 1)
                 shared = deep_classes[found] == classes
                 contextual = self.w_low * anchors + self.w_high * deep_anchors[found]
+                if self.normalize_anchors:
+                    contextual = F.normalize(contextual, dim=1)
                 anchors = torch.where(shared[:, None], contextual, anchors)
             extra = extra_true = negative_of = None
             if bane is not None:

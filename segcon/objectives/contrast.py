@@ -61,7 +61,8 @@ def pair_contrast(
     anchors, keys = at_least_float32(anchors), at_least_float32(keys)
     # [N, M]; 1/τ on the N x D anchors, not the N x M matrix. No row-max shift: every quantity
     # below is shift-invariant per row, and logsumexp / softplus are stable on their own.
-    sim = (anchors / temperature) @ keys.T
+    with torch.autocast(anchors.device.type, enabled=False):  # float32 similarities under mixed precision
+        sim = (anchors / temperature) @ keys.T
     same = anchor_labels[:, None] == key_labels[None, :]
     pos = same
     if keys_include_anchors:

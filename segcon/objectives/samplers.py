@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from segcon.utils.errors import ConfigError
+
 
 def random_priority(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """`n` uniform random priorities on `device` (drawn from `generator`, a CPU generator, when
@@ -150,7 +152,10 @@ class ViewsSampler:
         ignore_index: int = 255,
     ) -> None:
         if caps not in ("device", "global"):
-            raise ValueError(f"sampler caps must be device or global, got {caps!r}")
+            raise ConfigError(f"sampler.caps must be device or global, got {caps!r}")
+        if min(min_pixels, max_views, max_total) < 1:
+            raise ConfigError(f"sampler.min_pixels, max_views and max_total must be >= 1, got "
+                              f"{min_pixels}, {max_views}, {max_total}")
         self.min_pixels, self.max_views, self.max_total, self.caps = min_pixels, max_views, max_total, caps
         self.ignore_index = ignore_index
 
@@ -165,6 +170,9 @@ class ViewsSampler:
         self, labels: Tensor, preds: Tensor | None = None, probs: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
+        """Flat indices `[M]` into `[B * N]` of the chosen pixels of `labels [B, N]` (`preds` and
+        `probs` are not read). At least one pixel per kept pair, even where `max_total` is below
+        the number of pairs."""
         b = labels.shape[0]
         valid = labels != self.ignore_index
         cls = labels.masked_fill(~valid, 0)
