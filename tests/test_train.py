@@ -175,7 +175,8 @@ def test_tensorboard_overlays_and_mixed_precision(tiny_cfg: Callable[..., DictCo
 @pytest.mark.parametrize("overrides", [
     ("contrast=cac", "model.projection.kind=residual", "contrast.cac.warmup_steps=0"),
     ("contrast=pixel_memory", "contrast.pixel_memory.warmup_steps=0", "method=fixmatch", "data.labeled_count=4"),
-], ids=["cac-residual", "fixmatch-memory"])
+    ("contrast=contextrast", "contrast.contextrast.warmup_steps=0"),
+], ids=["cac-residual", "fixmatch-memory", "contextrast"])
 def test_a_16_mixed_run_trains_with_float16_autocast_and_a_grad_scaler(
     overrides: tuple[str, ...], tiny_cfg: Callable[..., DictConfig]
 ) -> None:
@@ -218,11 +219,13 @@ def test_profile_preset_writes_a_report(tiny_cfg: Callable[..., DictConfig]) -> 
 
 def test_contrast_terms_train_end_to_end(tiny_cfg: Callable[..., DictConfig]) -> None:
     runs = (["contrast=pixel", "sampler=hard_easy"], ["contrast=pixel_memory", "sampler=random"],
-            ["contrast=pixel", "sampler=marginal"], ["contrast=cac", "sampler=hard_easy"], ["contrast=cac", "loss=ohem"])
-    for overrides in runs:
+            ["contrast=pixel", "sampler=marginal"], ["contrast=cac", "sampler=hard_easy"], ["contrast=cac", "loss=ohem"],
+            ["contrast=contextrast", "method=fixmatch", "data.labeled_count=4"])
+    for i, overrides in enumerate(runs):
         term = overrides[0].split("=")[1]
         cfg = tiny_cfg(*overrides, "sampler.max_views=20", "trainer.max_steps=3", "trainer.max_epochs=1",
                        f"contrast.{term}.warmup_steps=0")
+        cfg.paths.output_dir = str(Path(cfg.paths.output_dir).parent / f"run{i}")  # no file of an earlier run read
         name = next(iter(cfg.contrast))
         train(cfg)
         rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
@@ -230,7 +233,8 @@ def test_contrast_terms_train_end_to_end(tiny_cfg: Callable[..., DictConfig]) ->
             values = [float(r[f"train/loss_{term}"]) for r in rows if r.get(f"train/loss_{term}")]
             assert len(values) == 3 and all(v > 0 for v in values), (overrides, term)
         state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-        assert any(k.startswith("net.heads.projection.") for k in state)
+        heads = [f"ctx_{i}" for i in range(1, 5)] if name == "contextrast" else ["projection"]
+        assert all(any(k.startswith(f"net.heads.{h}.") for k in state) for h in heads), heads
         assert any(k.startswith("net.heads.weight_branch.") for k in state) == (name == "cac")
         if name == "pixel_memory":
             assert int(state["objective.contrast.pixel_memory.memories.segment.count"].sum()) > 0
