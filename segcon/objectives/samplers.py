@@ -43,6 +43,19 @@ def first_per_group(group: Tensor, priority: Tensor, quota: Tensor) -> Tensor:
     return order[rank < quota[sorted_group]]
 
 
+def pair_counts(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """For `labels [B, N]`: each pixel's (image, class) id `[B * N]` (image b, class c ->
+    b * C + c, with C = the largest label + 1), which pixels are labelled `[B * N]`, and the
+    labelled pixel count of every id `[B * C]`."""
+    b = labels.shape[0]
+    valid = labels != ignore_index
+    cls = labels.masked_fill(~valid, 0)
+    num_classes = int(cls.max()) + 1 if cls.numel() else 1
+    pair = (torch.arange(b, device=labels.device)[:, None] * num_classes + cls).reshape(-1)
+    valid = valid.reshape(-1)
+    return pair, valid, torch.bincount(pair[valid], minlength=b * num_classes)
+
+
 def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: int) -> tuple[Tensor, Tensor]:
     """How many hard and easy pixels to take per (image, class), ContrastiveSeg's rule, for
     every group at once (`[P]` counts). Where num_hard + num_easy > n_view, at least one set
@@ -68,14 +81,8 @@ class _PerClassSampler:
     def __call__(
         self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        b, n = labels.shape
-        device = labels.device
-        valid = labels != self.ignore_index
-        cls = labels.masked_fill(~valid, 0)
-        num_classes = int(cls.max()) + 1 if cls.numel() else 1
-        pair = (torch.arange(b, device=device)[:, None] * num_classes + cls).reshape(-1)  # (image, class) id
-        valid = valid.reshape(-1)
-        counts = torch.bincount(pair[valid], minlength=b * num_classes)
+        n = labels.shape[1]
+        pair, valid, counts = pair_counts(labels, self.ignore_index)
         eligible = counts > self.max_views
         num_pairs = int(eligible.sum())
         if num_pairs == 0:
@@ -173,13 +180,7 @@ class ViewsSampler:
         """Flat indices `[M]` into `[B * N]` of the chosen pixels of `labels [B, N]` (`preds` and
         `probs` are not read). At least one pixel per kept pair, even where `max_total` is below
         the number of pairs."""
-        b = labels.shape[0]
-        valid = labels != self.ignore_index
-        cls = labels.masked_fill(~valid, 0)
-        num_classes = int(cls.max()) + 1 if cls.numel() else 1
-        pair = (torch.arange(b, device=labels.device)[:, None] * num_classes + cls).reshape(-1)
-        valid = valid.reshape(-1)
-        counts = torch.bincount(pair[valid], minlength=b * num_classes)
+        pair, valid, counts = pair_counts(labels, self.ignore_index)
         kept = counts >= self.min_pixels
         num_pairs = int(kept.sum())
         if num_pairs == 0:
