@@ -210,6 +210,8 @@ def _check_layout(data: DictConfig) -> None:
             "(labeled.txt [+ unlabeled.txt]) or a labeled list file"
         )
     dataset_cls = get_class(data.dataset._target_)
-    for disk_split in (data.get("splits") or {}).values():
+    for split_name, disk_split in (data.get("splits") or {}).items():
         if disk_split is not None:
-            dataset_cls.check_layout(Path(str(data.root)).expanduser(), str(disk_split))
+            # the unlabeled pool is images only: its masks are neither needed nor looked for
+            labeled = split_name != "unlabeled"
+            dataset_cls.check_layout(Path(str(data.root)).expanduser(), str(disk_split), labeled)

@@ -15,7 +15,7 @@ from segcon.data.folder import FolderDataset
 from segcon.data.splits import make_split
 from segcon.data.ssl import CyclingSampler, UnlabeledViews
 from segcon.data.transforms import SegTransform
-from segcon.utils.errors import ConfigError
+from segcon.utils.errors import ConfigError, DataError, find_user_error
 from tests.fake_datasets import make_folder_dataset
 
 MEAN, STD = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]  # to_tensor = value / 255; padding fills with 0
@@ -82,9 +82,10 @@ def test_cycling_sampler_repeats_passes_and_splits_ranks() -> None:
     assert list(again) != ranks[0]
 
 
-def _ssl_datamodule(root: Path, **kwargs) -> SegDataModule:
+def _ssl_datamodule(root: Path, unlabeled_folder: str | None = None, **kwargs) -> SegDataModule:
+    splits = {"train": "train", "val": "val", "unlabeled": unlabeled_folder}
     return SegDataModule(
-        dataset={"_target_": "segcon.data.folder.FolderDataset"}, root=str(root), splits={"train": "train", "val": "val"},
+        dataset={"_target_": "segcon.data.folder.FolderDataset"}, root=str(root), splits=splits,
         num_classes=3, ignore_index=255, mean=[0.5] * 3, std=[0.25] * 3,
         train_transform=[{"random_crop": {"size": [32, 32]}}], batch_size=2, val_batch_size=2, num_workers=0,
         weak_transform=[{"random_crop": {"size": [32, 32]}}, {"hflip": {"p": 0.5}}],
@@ -130,3 +131,49 @@ def test_on_the_fly_split_draws_labels_from_the_pool_list(tmp_path: Path) -> Non
     dm.setup("fit")
     assert set(dm.split.labeled) <= set(pool) and len(dm.split.labeled) == 3
     assert len(dm.split.unlabeled) == 11 and dm.split == make_split(expected.ids["train"], 3, 0, pool)
+
+
+def _unlabeled_folder(root: Path, n: int, size: tuple[int, int]) -> list[str]:
+    """`images/unlabeled/` with `n` images of (H, W) `size` and no masks folder at all."""
+    (root / "images/unlabeled").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for k in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / f"images/unlabeled/u_{k}.png")
+    return [f"u_{k}" for k in range(n)]
+
+
+def test_an_unlabeled_folder_without_masks_joins_the_unlabeled_stream(tmp_path: Path) -> None:
+    # a landscape train split and portrait images without masks in one stream, as in CrackForest
+    expected = make_folder_dataset(tmp_path, num_classes=3, splits={"train": 6, "val": 2}, size=(32, 48))
+    pool_ids = _unlabeled_folder(tmp_path, 4, (48, 32))
+    dm = _ssl_datamodule(tmp_path, "unlabeled", labeled_count=2, unlabeled=True, unlabeled_batch_size=2)
+    dm.setup("fit")
+    split = make_split(expected.ids["train"], 2, seed=0)
+    info = dm.split_info()
+    assert info["unlabeled_stream_images"] == 4 + 4 and info["unlabeled_without_mask"] == 4
+    seen, scored = [], 0
+    for batch, _, _ in dm.train_dataloader():
+        unl = batch["unlabeled"]
+        for i, image_id in enumerate(unl["id"]):
+            seen.append(image_id)
+            gt = unl["gt"][i][unl["valid"][i]]
+            if image_id in pool_ids:  # no mask: its ground truth is ignore everywhere
+                assert (gt == 255).all()
+            else:
+                assert (gt != 255).any()
+                scored += 1
+    assert sorted(seen) == sorted([*split.unlabeled, *pool_ids]) and scored == 4
+
+    # every training image labeled: the folder alone is the unlabeled stream (no split needed)
+    dm = _ssl_datamodule(tmp_path, "unlabeled", unlabeled=True, unlabeled_batch_size=2)
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 6 and len(dm.datasets["unlabeled"]) == 4
+
+
+def test_a_missing_unlabeled_folder_is_named(tmp_path: Path) -> None:
+    make_folder_dataset(tmp_path, num_classes=3, splits={"train": 6, "val": 2})
+    dm = _ssl_datamodule(tmp_path, "extra", labeled_count=2, unlabeled=True)
+    with pytest.raises(Exception) as info:  # noqa: PT011 - Hydra wraps it; the user sees the cause
+        dm.setup("fit")
+    err = find_user_error(info.value)
+    assert isinstance(err, DataError) and "missing" in str(err) and str(tmp_path / "images/extra") in str(err)

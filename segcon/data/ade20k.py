@@ -24,7 +24,7 @@ class ADE20K(SegDataset):
     fixed_num_classes = NUM_CLASSES
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
         return [root / "images" / split, root / "annotations" / split]
 
     def find_samples(self, split: str) -> list[Sample]:

@@ -163,7 +163,7 @@ class SegDataset(Dataset):
         self.ignore_index = ignore_index
         self.transform = transform
         self.labeled = labeled
-        self.check_layout(self.root, split)
+        self.check_layout(self.root, split, labeled)
         self.samples = self.find_samples(split)
         if not self.samples:
             raise DataError(
@@ -181,8 +181,9 @@ class SegDataset(Dataset):
         raise NotImplementedError
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
-        """Directories that must exist for `split`; checked before any file is listed."""
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
+        """Directories that must exist for `split` (read with or without masks); checked before
+        any file is listed."""
         return [root]
 
     @classmethod
@@ -208,8 +209,17 @@ class SegDataset(Dataset):
             part._check_masks_exist()
         return part
 
+    def joined(self, others: Sequence[SegDataset]) -> SegDataset:
+        """A copy holding this dataset's samples followed by those of `others` (same format)."""
+        part = copy.copy(self)
+        for other in others:
+            if type(other) is not type(self):
+                raise TypeError(f"cannot join a {type(other).__name__} to a {type(self).__name__}")
+        part.samples = list(self.samples) + [s for other in others for s in other.samples]
+        return part
+
     @classmethod
-    def check_layout(cls, root: Path, split: str) -> None:
+    def check_layout(cls, root: Path, split: str, labeled: bool = True) -> None:
         """Raise one DataError naming what was looked for when the layout is not under `root`."""
         root = Path(root).expanduser()
         if not root.is_dir():
@@ -217,7 +227,7 @@ class SegDataset(Dataset):
                 f"data root {root} does not exist (key data.root). Expected the {cls.__name__} "
                 f"layout there: {cls.layout}. Pass data.root=<dir> or set SEGCON_DATA_DIR."
             )
-        missing = [d for d in cls.expected_dirs(root, split) if not d.exists()]
+        missing = [d for d in cls.expected_dirs(root, split, labeled) if not d.exists()]
         if missing:
             raise DataError(
                 f"{root} does not have the {cls.__name__} layout for split {split!r}: missing "

@@ -21,7 +21,7 @@ class CamVid(SegDataset):
     fixed_num_classes = NUM_CLASSES
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
         return [root / split, root / f"{split}annot"]
 
     def find_samples(self, split: str) -> list[Sample]:

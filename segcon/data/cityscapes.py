@@ -33,7 +33,7 @@ class Cityscapes(SegDataset):
     decides)."""
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
         return [root / "leftImg8bit" / split, root / "gtFine" / split]
 
     def find_samples(self, split: str) -> list[Sample]:

@@ -32,7 +32,7 @@ class COCOStuff(SegDataset):
     """True when this split's masks are the `*_labelTrainIds.png` files (find_samples decides)."""
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
         return [root / "images" / split, root / "annotations" / split]
 
     def find_samples(self, split: str) -> list[Sample]:

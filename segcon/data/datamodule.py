@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
 
-from segcon.data.base import SegDataset, read_id_list
+from segcon.data.base import Sample, SegDataset, read_id_list
 from segcon.data.splits import Split, labeled_count, make_split, read_split
 from segcon.data.ssl import CyclingSampler, UnlabeledViews
 from segcon.data.transforms import SegTransform
@@ -148,10 +148,11 @@ class SegDataModule(L.LightningDataModule):
                                 ("labeled_count", labeled_count)) if v is not None]
         if len(given) > 1:
             raise ConfigError(f"set only one of data.split, data.labeled_fraction, data.labeled_count (got {given})")
-        if unlabeled and not given:
+        if unlabeled and not given and not self.splits.get("unlabeled"):
             raise ConfigError(
                 "a teacher-student method needs unlabeled images: set data.split=<dir> (segcon-data split) "
-                "or data.labeled_fraction=1/16 or data.labeled_count=<n>"
+                "or data.labeled_fraction=1/16 or data.labeled_count=<n>, or point data.splits.unlabeled "
+                "at a folder of images without masks"
             )
         self.split_source, self.split_amount, self.split_seed = split, labeled_fraction or labeled_count, split_seed
         self.labeled_pool = labeled_pool
@@ -169,7 +170,7 @@ class SegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.splits.{split} is not set for this dataset")
         steps = self.train_steps if train else self.val_steps
         transform = SegTransform(steps, self.mean, self.std, self.ignore_index)
-        transform.set_seed(self.seed + SPLITS.index(split))
+        transform.set_seed(self.seed + (SPLITS + ("unlabeled",)).index(split))
         return instantiate(
             self.dataset_cfg,
             root=self.root,
@@ -187,7 +188,7 @@ class SegDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit") and "train" not in self.datasets:
-            if self.split_source is None and self.split_amount is None:
+            if self.split_source is None and self.split_amount is None and not self.unlabeled:
                 self.datasets["train"] = self._limit("train", self.build_dataset("train", train=True))
             else:
                 self._setup_split()
@@ -209,18 +210,15 @@ class SegDataModule(L.LightningDataModule):
         ids = [sample.id for sample in full.samples]
         if self.split_source is not None:
             self.split = read_split(Path(str(self.split_source)), ids, type(full).id_from_path)
-        else:
+        elif self.split_amount is not None:
             pool = read_id_list(Path(self.labeled_pool).expanduser()) if self.labeled_pool else None
             n = labeled_count(self.split_amount, len(pool if pool is not None else ids))
             self.split = make_split(ids, n, int(self.split_seed), pool)
+        else:  # every training image labeled; the unlabeled stream is data.splits.unlabeled alone
+            self.split = Split(tuple(sorted(ids)), ())
         self.datasets["train"] = self._limit("train", full.select(self.split.labeled, labeled=True))
         if self.unlabeled:
-            if not self.split.unlabeled:
-                raise ConfigError("the split leaves no unlabeled image; lower the labeled amount")
-            base = full.select(self.split.unlabeled, labeled=False)
-            # masks of unlabeled images, where they all exist, only feed the pseudo-label accuracy
-            base.labeled = all(s.mask is not None and s.mask.is_file() for s in base.samples)
-            base.transform = None
+            base = self._unlabeled_pool(full)
             weak = SegTransform(self.weak_steps, self.mean, self.std, self.ignore_index)
             strong = SegTransform(self.strong_steps, self.mean, self.std, self.ignore_index,
                                   photometric_only="data.strong_transform")
@@ -228,12 +226,41 @@ class SegDataModule(L.LightningDataModule):
             views.set_seed(self.seed + 7)
             self.datasets["unlabeled"] = self._limit("train", views)
 
+    def _unlabeled_pool(self, full: SegDataset) -> SegDataset:
+        """The unlabeled stream's images: the split's unlabeled training images, then the images
+        of `data.splits.unlabeled` (a split of images without masks, e.g. `images/unlabeled/`).
+
+        Masks, where an image has one, only feed the pseudo-label accuracy (the ground truth of
+        images without one is all ignore there); training never reads them.
+        """
+        parts = [full.select(self.split.unlabeled, labeled=False)] if self.split.unlabeled else []
+        if self.splits.get("unlabeled"):
+            parts.append(self.build_dataset("unlabeled", labeled=False))
+        if not parts:
+            raise ConfigError(
+                "the split leaves no unlabeled image; lower the labeled amount or point "
+                "data.splits.unlabeled at a folder of images without masks"
+            )
+        pool = parts[0].joined(parts[1:])
+        pool.samples = [s if s.mask is not None and s.mask.is_file() else Sample(s.id, s.image, None)
+                        for s in pool.samples]
+        pool.labeled = any(s.mask is not None for s in pool.samples)
+        pool.transform = None
+        return pool
+
     def split_info(self) -> dict[str, Any]:
-        """What was trained on: the split's hash and counts (empty without a split)."""
+        """What was trained on: the split's hash and counts (empty without a split); with an
+        unlabeled stream, how many of its images have no mask at all."""
         if self.split is None:
             return {}
-        return {"split_hash": self.split.hash, "labeled_images": len(self.split.labeled),
+        info = {"split_hash": self.split.hash, "labeled_images": len(self.split.labeled),
                 "unlabeled_images": len(self.split.unlabeled)}
+        if "unlabeled" in self.datasets:
+            pool = self.datasets["unlabeled"]
+            pool = pool.dataset if isinstance(pool, Subset) else pool
+            info["unlabeled_stream_images"] = len(pool)
+            info["unlabeled_without_mask"] = sum(s.mask is None for s in pool.dataset.samples)
+        return info
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1

@@ -62,8 +62,8 @@ class FolderDataset(SegDataset):
             self._warn_if_foreground_is_ignore()
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
-        return [root / "images" / split, root / "masks" / split]
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
+        return [root / "images" / split] + ([root / "masks" / split] if labeled else [])
 
     def _warn_if_foreground_is_ignore(self, probe: int = 4) -> None:
         """Warn when the first masks hold only 0 and the ignore value (a 0/255 binary layout)."""

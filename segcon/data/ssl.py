@@ -24,7 +24,8 @@ class UnlabeledViews(Dataset):
 
     Items: `image` `[3, h, w]` (weak view), `strong` `[num_strong, 3, h, w]`, `valid` `[h, w]`
     bool (False where the crop padded the image), `gt` `[h, w]` (ground truth, only when the
-    dataset has masks; used for pseudo-label accuracy, never for training), `id`.
+    dataset is read with masks; all ignore for an image that has none; used for pseudo-label
+    accuracy, never for training), `id`.
     """
 
     def __init__(self, dataset: SegDataset, weak: SegTransform, strong: SegTransform, num_strong: int = 1) -> None:
@@ -40,6 +41,8 @@ class UnlabeledViews(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image, gt = self.dataset.load(index)
+        if gt is None and self.dataset.labeled:  # an image without a mask in a pool with some
+            gt = np.full(image.shape[:2], self.weak.ignore_index, np.int64)
         marker = np.zeros(image.shape[:2], np.int64)  # becomes ignore wherever the crop pads
         weak, masks = self.weak.augment(image, [marker] if gt is None else [marker, gt])
         strong = [self.strong.to_tensor(self.strong.augment(weak)[0]) for _ in range(self.num_strong)]

@@ -27,7 +27,7 @@ class VOC(SegDataset):
     list_dir = "ImageSets/Segmentation"
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
         return [root / "JPEGImages", root / cls.mask_dir, root / cls.list_dir / f"{split}.txt"]
 
     def split_ids(self, split: str) -> list[str]:
@@ -67,7 +67,7 @@ class VOCAug(VOC):
     mask_dir = "SegmentationClassAug"
 
     @classmethod
-    def expected_dirs(cls, root: Path, split: str) -> list[Path]:
+    def expected_dirs(cls, root: Path, split: str, labeled: bool = True) -> list[Path]:
         lists = root / cls.list_dir
         split_list = lists / f"{split}.txt"
         if split == TRAIN_AUG and not split_list.is_file():

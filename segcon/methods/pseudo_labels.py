@@ -135,17 +135,18 @@ def pseudo_label_stats(
         right = (label == gt) & (gt != ignore_index)
         scored = valid & (gt != ignore_index)
         confident = (keep & scored).sum()
-        logs["pl_acc_all"] = (right & scored).sum() / scored.sum().clamp_min(1)
         gt_counts = torch.bincount(gt[scored].flatten(), minlength=k)[:k]
         hits = torch.bincount(gt[scored & right & keep].flatten(), minlength=k)[:k]
-        denominators += [confident.view(1), gt_counts]
+        denominators += [confident.view(1), scored.sum().view(1), gt_counts]
     counts = torch.cat(denominators).tolist()
     if counts[0] > 0:
         logs.update({f"pl_share/{name}": shares[c] / counts[0] for c, name in enumerate(class_names)})
     if gt is not None:
         if counts[1] > 0:
             logs["pl_acc"] = (right & keep).sum() / confident
-        for c, (name, n) in enumerate(zip(class_names, counts[2:], strict=True)):
+        if counts[2] > 0:  # images without masks (all-ignore ground truth) score nothing
+            logs["pl_acc_all"] = (right & scored).sum() / counts[2]
+        for c, (name, n) in enumerate(zip(class_names, counts[3:], strict=True)):
             if n > 0:
                 logs[f"pl_recall/{name}"] = hits[c] / n
     return logs
