@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from segcon.config import config_dir
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# counted label statistics (loss=imbalance) go to a temporary folder, not the user's cache
+os.environ["SEGCON_CACHE_DIR"] = tempfile.mkdtemp(prefix="segcon-test-cache-")
 
 # A small synthetic dataset shared by the whole session: 16 train / 6 val images of 64x64.
 TINY_SYNTHETIC = [

@@ -173,7 +173,7 @@ def test_an_unlabeled_folder_without_masks_joins_the_unlabeled_stream(tmp_path: 
 def test_a_missing_unlabeled_folder_is_named(tmp_path: Path) -> None:
     make_folder_dataset(tmp_path, num_classes=3, splits={"train": 6, "val": 2})
     dm = _ssl_datamodule(tmp_path, "extra", labeled_count=2, unlabeled=True)
-    with pytest.raises(Exception) as info:  # noqa: PT011 - Hydra wraps it; the user sees the cause
+    with pytest.raises(Exception) as info:  # Hydra wraps the DataError; the user sees the cause
         dm.setup("fit")
     err = find_user_error(info.value)
     assert isinstance(err, DataError) and "missing" in str(err) and str(tmp_path / "images/extra") in str(err)

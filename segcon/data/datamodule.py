@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +21,29 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from segcon.data.base import Sample, SegDataset, read_id_list
 from segcon.data.splits import Split, labeled_count, make_split, read_split
 from segcon.data.ssl import CyclingSampler, UnlabeledViews
+from segcon.data.stats import split_stats
 from segcon.data.transforms import SegTransform
-from segcon.utils.errors import ConfigError
+from segcon.utils.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ClassFrequencies:
+    """Pixel counts `[K]` of each class over `images` labeled images; `path`: the cache file."""
+
+    class_pixels: list[int]
+    images: int
+    path: Path | None
+    from_cache: bool
+
+    @property
+    def frequencies(self) -> list[float]:
+        """Each class's share of the labeled pixels `[K]` (sums to 1)."""
+        total = sum(self.class_pixels)
+        if total == 0:
+            raise DataError("the labeled training images hold no labeled pixel: class frequencies are undefined")
+        return [n / total for n in self.class_pixels]
 
 
 class ShardSampler(Sampler[int]):
@@ -101,6 +124,7 @@ class SegDataModule(L.LightningDataModule):
             unlabeled images with the labeled ones repeated.
         weak_transform, strong_transform, num_strong: the unlabeled views (segcon.data.ssl).
         unlabeled_batch_size: per-device unlabeled batch (default: batch_size).
+        cache_dir: where counted label statistics are kept (`class_frequencies`); None: not kept.
     """
 
     def __init__(
@@ -130,6 +154,7 @@ class SegDataModule(L.LightningDataModule):
         strong_transform: Sequence[Mapping[str, Any]] = (),
         num_strong: int = 1,
         unlabeled_batch_size: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.dataset_cfg = dataset
@@ -160,6 +185,7 @@ class SegDataModule(L.LightningDataModule):
         self.weak_steps, self.strong_steps = list(weak_transform or []), list(strong_transform or [])
         self.num_strong = num_strong
         self.unlabeled_batch_size = unlabeled_batch_size or batch_size
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.split: Split | None = None
         self.datasets: dict[str, Dataset] = {}
 
@@ -170,7 +196,7 @@ class SegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.splits.{split} is not set for this dataset")
         steps = self.train_steps if train else self.val_steps
         transform = SegTransform(steps, self.mean, self.std, self.ignore_index)
-        transform.set_seed(self.seed + (SPLITS + ("unlabeled",)).index(split))
+        transform.set_seed(self.seed + (*SPLITS, "unlabeled").index(split))
         return instantiate(
             self.dataset_cfg,
             root=self.root,
@@ -261,6 +287,46 @@ class SegDataModule(L.LightningDataModule):
             info["unlabeled_stream_images"] = len(pool)
             info["unlabeled_without_mask"] = sum(s.mask is None for s in pool.dataset.samples)
         return info
+
+    def class_frequencies(self) -> ClassFrequencies:
+        """Each class's pixel count over the labeled training images — after the split and
+        `subset`, never an unlabeled image — from every mask at full size (no augmentation).
+
+        Kept in `cache_dir/class_frequencies/<key>.json`, the key hashing the dataset format,
+        root, split name, label mapping and the sorted labeled ids (so a split of its own hash
+        has its own file), and read back from there. Bad masks are one DataError listing them.
+        """
+        if "train" not in self.datasets:
+            self.setup("fit")
+        labeled = self.datasets["train"]
+        base = labeled.dataset if isinstance(labeled, Subset) else labeled
+        assert isinstance(base, SegDataset)
+        ids = sorted(base.samples[i].id for i in (labeled.indices if isinstance(labeled, Subset) else range(len(base))))
+        key_fields = {
+            "format": f"{type(base).__module__}.{type(base).__qualname__}", "root": str(base.root.resolve()),
+            "split": base.split, "num_classes": self.num_classes, "ignore_index": self.ignore_index,
+            "label_lut": hashlib.sha256(base._lut.tobytes()).hexdigest()[:16],
+            "labeled_ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16],
+        }
+        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+        path = None if self.cache_dir is None else self.cache_dir / "class_frequencies" / f"{key}.json"
+        if path is not None and path.is_file():
+            cached = json.loads(path.read_text())
+            if cached.get("key") == key_fields and len(cached.get("class_pixels", ())) == self.num_classes:
+                return ClassFrequencies(cached["class_pixels"], cached["images"], path, from_cache=True)
+        stats = split_stats(base.select(ids, labeled=True), workers=max(1, self.num_workers))
+        if stats.problems:
+            raise DataError(f"counting class frequencies: {len(stats.problems)} label file(s) have problems: "
+                            + "; ".join(stats.problems[:3]))
+        counted = ClassFrequencies(stats.class_pixels, stats.images, path, from_cache=False)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"key": key_fields, "split_hash": self.split.hash if self.split else None,
+                      "images": stats.images, "class_pixels": stats.class_pixels, "frequencies": counted.frequencies}
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks may write at once
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, path)
+        return counted
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer is not None else 1

@@ -89,6 +89,7 @@ class SupervisedModule(L.LightningModule):
         self.last_scores: dict[str, SegScores] = {}
         self._overlay_batch: dict[str, Tensor] | None = None
         self._restored_split: dict[str, Any] = {}
+        self._class_frequencies: dict[str, float] = {}
 
     # -- training ------------------------------------------------------------------------
 
@@ -245,11 +246,33 @@ class SupervisedModule(L.LightningModule):
         info = datamodule.split_info() if hasattr(datamodule, "split_info") else {}
         return info or self._restored_split
 
+    def setup(self, stage: str) -> None:
+        """Before fitting: give the terms that weigh classes by frequency (loss=imbalance) the
+        class frequencies of the labeled training images (the datamodule counts them)."""
+        if stage != "fit" or self.objective is None:
+            return
+        terms = [(name, t) for name, t in self.objective.terms() if getattr(t, "needs_class_frequencies", False)]
+        if not terms:
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "class_frequencies"):
+            raise ConfigError(f"the terms {[n for n, _ in terms]} need the labeled images' class frequencies, which "
+                              f"{type(datamodule).__name__} cannot count; give them as <term>.frequencies=[...]")
+        counted = datamodule.class_frequencies()
+        for _, term in terms:
+            term.set_class_frequencies(counted.frequencies)
+        shares = ", ".join(f"{c} {100 * f:.3f} %" for c, f in zip(self.class_names, counted.frequencies, strict=True))
+        source = f"read from {counted.path}" if counted.from_cache else "counted" + (f", kept in {counted.path}" if counted.path else "")
+        rank_zero_info(f"class frequencies of the {counted.images} labeled images ({source}): {shares}")
+        self._class_frequencies = {f"class_frequency/{c}": f for c, f in zip(self.class_names, counted.frequencies, strict=True)}
+
     def on_fit_start(self) -> None:
         info = self._split_info()
         if info:
             rank_zero_info(f"split {info['split_hash']}: {info['labeled_images']} labeled, "
                            f"{info['unlabeled_images']} unlabeled training images")
+        info = {**info, **self._class_frequencies}
+        if info:
             for logger in self.loggers:
                 logger.log_hyperparams(info)
 

@@ -27,7 +27,7 @@ def match_size(logits: Tensor, target: Tensor) -> Tensor:
     return logits
 
 
-def _weighted_mean(values: Tensor, weights: Tensor, extra: Tensor | None = None) -> Tensor:
+def weighted_mean(values: Tensor, weights: Tensor, extra: Tensor | None = None) -> Tensor:
     """sum(values * weights * extra) / sum(weights), and a graph-connected 0 when every weight
     is 0. `extra` (per-pixel weights, see the module docstring) scales the numerator only.
 
@@ -80,7 +80,7 @@ class CrossEntropyLoss(PixelLoss):
         ce = F.cross_entropy(
             logits, target.masked_fill(~valid, 0), reduction="none", label_smoothing=self.label_smoothing
         )
-        return _weighted_mean(ce, self._pixel_weights(target, valid), weight)
+        return weighted_mean(ce, self._pixel_weights(target, valid), weight)
 
 
 class OhemCrossEntropyLoss(PixelLoss):
@@ -125,7 +125,7 @@ class OhemCrossEntropyLoss(PixelLoss):
                 threshold = valid_p.kthvalue(k + 1).values.clamp_min(self.thresh)
                 keep &= p_true < threshold
         ce = F.cross_entropy(logits, safe_target, reduction="none")
-        return _weighted_mean(ce, self._pixel_weights(target, keep), weight)
+        return weighted_mean(ce, self._pixel_weights(target, keep), weight)
 
 
 class DiceLoss(PixelLoss):
@@ -139,17 +139,25 @@ class DiceLoss(PixelLoss):
         self.smooth = smooth
 
     def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
-        logits = match_size(logits, target)
-        valid = (target != self.ignore_index).unsqueeze(1)
-        mask = valid if weight is None else valid * weight.unsqueeze(1)
-        prob = logits.softmax(1) * mask
-        onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), logits.shape[1]).permute(0, 3, 1, 2)
-        onehot = onehot.to(prob.dtype) * mask
-        inter = (prob * onehot).sum((0, 2, 3))
-        card = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
-        dice = (2 * inter + self.smooth) / (card + self.smooth)
-        present = (onehot.sum((0, 2, 3)) > 0).to(dice.dtype)
-        return _weighted_mean(1 - dice, present)
+        dice, present = soft_dice(match_size(logits, target), target, self.ignore_index, weight, self.smooth)
+        return weighted_mean(1 - dice, present.to(dice.dtype))
+
+
+def soft_dice(
+    logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None, smooth: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-class soft Dice `[K]` of the softmax probabilities of `logits [B, K, H, W]` against the
+    one-hot `target [B, H, W]` over the valid pixels of the whole batch, and which classes the
+    target holds (`[K]` bool). Per-pixel `weight`s scale both the probabilities and the one-hot
+    target of each pixel (a soft region)."""
+    valid = (target != ignore_index).unsqueeze(1)
+    mask = valid if weight is None else valid * weight.unsqueeze(1)
+    prob = logits.softmax(1) * mask
+    onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), logits.shape[1]).permute(0, 3, 1, 2)
+    onehot = onehot.to(prob.dtype) * mask
+    inter = (prob * onehot).sum((0, 2, 3))
+    card = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return (2 * inter + smooth) / (card + smooth), onehot.sum((0, 2, 3)) > 0
 
 
 class FocalLoss(PixelLoss):
@@ -168,4 +176,4 @@ class FocalLoss(PixelLoss):
         safe_target = target.masked_fill(~valid, 0)
         logp = logits.log_softmax(1).gather(1, safe_target.unsqueeze(1)).squeeze(1)
         focal = -((1 - logp.exp()) ** self.gamma) * logp
-        return _weighted_mean(focal, self._pixel_weights(target, valid), weight)
+        return weighted_mean(focal, self._pixel_weights(target, valid), weight)
