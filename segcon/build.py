@@ -74,6 +74,7 @@ def _data_kwargs(cfg: DictConfig) -> dict[str, Any]:
         "std": list(d.std),
         "run_config": plain(cfg),
         "inference": plain(d.get("eval")),
+        "detailed_metrics": bool(d.get("detailed_metrics", False)),
     }
 
 

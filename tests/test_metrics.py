@@ -1,4 +1,4 @@
-"""Dataset-level confusion-matrix metrics against an independent numpy computation."""
+"""Confusion-matrix metrics (dataset level and per image) against independent computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from segcon.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores
+from segcon.evaluation.metrics import ConfusionMatrix, confusion_matrix, scores, scores_of
 
 
 def numpy_confusion(preds: list[np.ndarray], targets: list[np.ndarray], k: int, ignore: int) -> np.ndarray:
@@ -46,7 +46,7 @@ def test_confusion_matrix_and_miou_match_numpy(seed: int) -> None:
     metric = ConfusionMatrix(k, ignore)
     for p, t in zip(preds, targets, strict=True):
         metric.update(torch.from_numpy(p), torch.from_numpy(t))
-    cm = metric.compute().numpy()
+    cm = metric.compute()["confusion"].numpy()
     ref = numpy_confusion(preds, targets, k, ignore)
     np.testing.assert_array_equal(cm, ref)
 
@@ -76,6 +76,10 @@ def test_a_class_predicted_but_absent_from_the_ground_truth_counts_with_iou_0() 
     assert s.iou[3] == 0 and math.isnan(float(s.iou[2]))
     assert s.acc[0] == pytest.approx(3 / 4) and s.acc[1] == pytest.approx(1 / 2)
     assert math.isnan(float(s.acc[2])) and math.isnan(float(s.acc[3]))
+    # precision TP / predicted pixels; F1 2 TP / (ground-truth + predicted pixels)
+    assert s.precision.tolist()[:2] == pytest.approx([3 / 4, 1.0]) and s.precision[3] == 0
+    assert s.f1.tolist()[:2] == pytest.approx([6 / 8, 2 / 3]) and s.f1[3] == 0
+    assert math.isnan(float(s.precision[2])) and math.isnan(float(s.f1[2]))
 
 
 def test_dataset_level_not_per_image_average() -> None:
@@ -87,6 +91,23 @@ def test_dataset_level_not_per_image_average() -> None:
     cm = confusion_matrix(p1, t1, 2, 255) + confusion_matrix(p2, t2, 2, 255)
     # dataset level: class 0 IoU 3/4, class 1 IoU 4/5 -> mean 0.775
     assert scores(cm).miou == pytest.approx((3 / 4 + 4 / 5) / 2)
+    # per image (labelled image_*): image 1 has class 0 IoU 3/4, F1 6/7 and class 1 IoU 0, F1 0
+    # (a missed class counts); image 2 has class 1 only (IoU 1, F1 1; class 0 is undefined there)
+    for batched in (False, True):
+        metric = ConfusionMatrix(2, 255)
+        if batched:  # one batch, image 1 padded with ignore to image 2's size
+            metric.update(torch.stack([torch.cat([p1, p1]), torch.cat([p2, p2])]),
+                          torch.stack([torch.cat([t1, torch.full_like(t1, 255)]), torch.cat([t2, t2])]))
+            t2_pixels = 8
+        else:
+            metric.update(p1[None], t1[None])
+            metric.update(p2[None], t2[None])
+            t2_pixels = 4
+        s = scores_of(metric.compute())
+        assert s.images == 2 and s.image_miou == pytest.approx(((3 / 4 + 0) / 2 + 1) / 2)
+        assert s.image_iou.tolist() == pytest.approx([3 / 4, (0 + 1) / 2])
+        assert s.image_f1.tolist() == pytest.approx([6 / 7, (0 + 1) / 2])
+        assert int(s.gt_pixels[1]) == 1 + t2_pixels
 
 
 def test_ignore_pixels_never_counted_and_other_ignore_values() -> None:

@@ -28,9 +28,10 @@ def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def _independent_miou(cfg: DictConfig, ckpt: Path) -> float:
+def _independent_miou(cfg: DictConfig, ckpt: Path) -> tuple[float, float, int]:
     """Evaluate a checkpoint with a plain loop (no Lightning): load weights, predict every val
-    image, sum one confusion matrix."""
+    image, sum one confusion matrix; and the mean over images of each image's mIoU (over the
+    classes in its ground truth or prediction); and the number of images."""
     module = build_module(cfg)
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
@@ -39,12 +40,15 @@ def _independent_miou(cfg: DictConfig, ckpt: Path) -> float:
     dm.setup("validate")
     ds = dm.datasets["val"]
     cm = torch.zeros(cfg.data.num_classes, cfg.data.num_classes, dtype=torch.long)
+    image_mious = []
     with torch.no_grad():
         for i in range(len(ds)):
             item = ds[i]
             pred = module.net(item["image"][None]).argmax(1)
-            cm += confusion_matrix(pred, item["mask"][None], cfg.data.num_classes, cfg.data.ignore_index)
-    return scores(cm).miou
+            one = confusion_matrix(pred, item["mask"][None], cfg.data.num_classes, cfg.data.ignore_index)
+            cm += one
+            image_mious.append(scores(one).miou)
+    return scores(cm).miou, sum(image_mious) / len(image_mious), len(image_mious)
 
 
 def test_fast_run_writes_metrics_checkpoints_overlays(tiny_cfg: Callable[..., DictConfig]) -> None:
@@ -73,17 +77,30 @@ def test_fast_run_writes_metrics_checkpoints_overlays(tiny_cfg: Callable[..., Di
     # the last validation of the training run (here the only one) is reported next to the best
     fit_vals = [float(r["val/mIoU"]) for r in logged if r.get("val/mIoU")][:-1]  # the last row: final eval
     assert len(fit_vals) == 1 and m["val/mIoU_last"] == pytest.approx(fit_vals[-1])
-    # the reported mIoU is the checkpoint's, recomputed here without Lightning
-    assert _independent_miou(cfg, best) == pytest.approx(m["val/mIoU"], abs=1e-12)
+    # the reported mIoU is the checkpoint's, recomputed here without Lightning, and so is the
+    # per-image mIoU; F1 = 2 IoU / (1 + IoU) per class, recall = the accuracy column
+    miou, image_miou, images = _independent_miou(cfg, best)
+    assert miou == pytest.approx(m["val/mIoU"], abs=1e-12) and image_miou == pytest.approx(m["val/image_mIoU"], abs=1e-12)
+    for c, iou in m["val/IoU"].items():
+        if not math.isnan(iou):
+            assert m["val/F1"][c] == pytest.approx(2 * iou / (1 + iou), abs=1e-6)
+    assert [float(r["acc"] or "nan") for r in rows] == pytest.approx(list(m["val/recall"].values()), nan_ok=True)
+    assert set(rows[0]) >= {"precision", "f1", "image_iou", "image_f1"} and m["val/images"] == images
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     assert ckpt["segcon"]["config"]["data"]["num_classes"] == 5
 
 
 def test_eval_last_checkpoint(tiny_cfg: Callable[..., DictConfig]) -> None:
-    cfg = tiny_cfg("eval_ckpt=last", "trainer.max_steps=4")
+    cfg = tiny_cfg("eval_ckpt=last", "trainer.max_steps=4", "data.detailed_metrics=true")
     train(cfg)
     m = _metrics(Path(cfg.paths.output_dir))
     assert m["val/checkpoint"].endswith("last.ckpt") and m["val/checkpoint_kind"] == "last"
+    # data.detailed_metrics: the logger gets precision / recall / F1 and the per-image scores too
+    logged = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
+    last = [r for r in logged if r.get("val/image_mIoU")][-1]
+    assert float(last["val/image_mIoU"]) == pytest.approx(m["val/image_mIoU"])
+    for c in cfg.data.class_names:
+        assert f"val/F1/{c}" in last and f"val/image_F1/{c}" in last and f"val/precision/{c}" in last
 
 
 def test_overfit_one_batch_drives_the_loss_down(tiny_cfg: Callable[..., DictConfig]) -> None:
@@ -155,7 +172,7 @@ def test_ddp_sim_miou_equals_single_process_evaluation(data_dir: Path, tmp_path:
     m = _metrics(tmp_path / "ddp")
     assert m["val/checkpoint_step"] == 4  # 16 images / (4 x 2 ranks) = 2 steps per epoch, 2 epochs
     cfg = tiny_cfg("data.subset.val=5")
-    assert _independent_miou(cfg, Path(m["val/checkpoint"])) == pytest.approx(m["val/mIoU"], abs=1e-12)
+    assert _independent_miou(cfg, Path(m["val/checkpoint"]))[0] == pytest.approx(m["val/mIoU"], abs=1e-12)
 
 
 def test_tensorboard_overlays_and_mixed_precision(tiny_cfg: Callable[..., DictConfig]) -> None:

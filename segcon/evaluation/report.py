@@ -24,22 +24,32 @@ def _pct(x: float) -> str:
 
 
 def iou_table(scores: SegScores, class_names: Sequence[str], title: str) -> Table:
-    """A rich table: class, IoU, accuracy, ground-truth and predicted pixels; mIoU in the footer."""
+    """A rich table: class, IoU, accuracy (recall), precision, F1, per-image IoU and F1, ground-
+    truth and predicted pixels; mIoU, pixel accuracy and per-image mIoU in the footer."""
     table = Table(title=title, show_footer=True)
     table.add_column("class", footer="mean")
     table.add_column("IoU %", justify="right", footer=_pct(scores.miou))
     table.add_column("Acc %", justify="right", footer=f"pixel acc {_pct(scores.pixel_acc)}")
+    table.add_column("Prec %", justify="right")
+    table.add_column("F1 %", justify="right")
+    table.add_column("img IoU %", justify="right", footer=f"img mIoU {_pct(scores.image_miou)}")
+    table.add_column("img F1 %", justify="right")
     table.add_column("GT pixels", justify="right")
     table.add_column("pred pixels", justify="right")
     for k, name in enumerate(class_names):
         table.add_row(
             name,
-            _pct(float(scores.iou[k])),
-            _pct(float(scores.acc[k])),
+            *(_pct(float(v[k])) for v in (scores.iou, scores.acc, scores.precision, scores.f1,
+                                          scores.image_iou, scores.image_f1)),
             f"{int(scores.gt_pixels[k]):,}",
             f"{int(scores.pred_pixels[k]):,}",
         )
     return table
+
+
+CSV_FIELDS = ["class", "iou", "acc", "precision", "f1", "image_iou", "image_f1", "gt_pixels", "pred_pixels"]
+"""Per-class CSV columns: dataset-level IoU, accuracy (= recall), precision and F1; per-image IoU
+and F1 averaged over the images where the class is in the ground truth or the prediction."""
 
 
 def per_class_records(scores: SegScores, class_names: Sequence[str]) -> list[dict[str, Any]]:
@@ -48,6 +58,10 @@ def per_class_records(scores: SegScores, class_names: Sequence[str]) -> list[dic
             "class": name,
             "iou": float(scores.iou[k]),
             "acc": float(scores.acc[k]),
+            "precision": float(scores.precision[k]),
+            "f1": float(scores.f1[k]),
+            "image_iou": float(scores.image_iou[k]),
+            "image_f1": float(scores.image_f1[k]),
             "gt_pixels": int(scores.gt_pixels[k]),
             "pred_pixels": int(scores.pred_pixels[k]),
         }
@@ -55,9 +69,22 @@ def per_class_records(scores: SegScores, class_names: Sequence[str]) -> list[dic
     ]
 
 
+def detailed_scores(split: str, scores: SegScores, class_names: Sequence[str]) -> dict[str, Any]:
+    """metrics.json's entries besides IoU: `<split>/precision`, `/recall`, `/F1` (dataset level,
+    class name -> value), `<split>/image_IoU`, `/image_F1` (per image, averaged) and
+    `<split>/image_mIoU`, `<split>/images`."""
+    named = {"precision": scores.precision, "recall": scores.acc, "F1": scores.f1,
+             "image_IoU": scores.image_iou, "image_F1": scores.image_f1}
+    out: dict[str, Any] = {f"{split}/{key}": {c: float(v[k]) for k, c in enumerate(class_names)}
+                           for key, v in named.items()}
+    out[f"{split}/image_mIoU"] = scores.image_miou
+    out[f"{split}/images"] = scores.images
+    return out
+
+
 def write_per_class_csv(path: Path, scores: SegScores, class_names: Sequence[str]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["class", "iou", "acc", "gt_pixels", "pred_pixels"])
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     writer.writeheader()
     for row in per_class_records(scores, class_names):
         writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
@@ -74,13 +101,15 @@ def write_metrics(
     """Write `<out_dir>/metrics.json` (merged with what is there) and `<split>_per_class.csv`.
 
     metrics.json keys: `<split>/mIoU`, `<split>/pixel_acc`, `<split>/IoU` (class name -> IoU),
-    plus everything in `extra` (best mIoU, checkpoint, wall time, ...).
+    the `detailed_scores` (precision, recall, F1, per-image IoU / F1 / mIoU), plus everything in
+    `extra` (best mIoU, checkpoint, wall time, ...).
     """
     path = out_dir / "metrics.json"
     data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     data[f"{split}/mIoU"] = scores.miou
     data[f"{split}/pixel_acc"] = scores.pixel_acc
     data[f"{split}/IoU"] = {name: float(scores.iou[k]) for k, name in enumerate(class_names)}
+    data.update(detailed_scores(split, scores, class_names))
     data.update(extra)
     atomic_write_json(path, data)
     write_per_class_csv(out_dir / f"{split}_per_class.csv", scores, class_names)

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from segcon.evaluation.inference import InferenceSettings, infer
-from segcon.evaluation.metrics import ConfusionMatrix, SegScores, scores
+from segcon.evaluation.metrics import ConfusionMatrix, SegScores, scores_of
 from segcon.evaluation.visualize import denormalize, panel
 from segcon.methods.optim import build_optimizer, poly_factor
 from segcon.models.base import SegModel
@@ -45,9 +45,13 @@ class SupervisedModule(L.LightningModule):
         run_config: the resolved run config, stored in every checkpoint (for segcon-eval & co).
         inference: how validation and test predict (`data.eval`: whole | slide | ms_flip and
             their settings, see segcon.evaluation.inference); None is `whole`.
+        detailed_metrics: also log precision, recall, F1 and the per-image scores of every
+            class (`data.detailed_metrics`; metrics.json and the CSV always hold them).
 
     Logged: `train/loss` and `train/loss_<term>` every step; `val/mIoU`, `val/mIoU_best`,
-    `val/pixel_acc` and `val/IoU/<class>` every validation (same names under `test/`).
+    `val/pixel_acc` and `val/IoU/<class>` every validation (same names under `test/`); with
+    `detailed_metrics`, also `val/{precision,recall,F1,image_IoU,image_F1}/<class>` and
+    `val/image_mIoU`.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class SupervisedModule(L.LightningModule):
         num_overlays: int = 4,
         run_config: Mapping[str, Any] | None = None,
         inference: Mapping[str, Any] | None = None,
+        detailed_metrics: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
@@ -77,6 +82,7 @@ class SupervisedModule(L.LightningModule):
         self.num_overlays = num_overlays
         self.run_config = dict(run_config or {})
         self.inference = InferenceSettings.from_config(inference)
+        self.detailed_metrics = detailed_metrics
         self.metrics = torch.nn.ModuleDict(
             {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
         )
@@ -179,12 +185,11 @@ class SupervisedModule(L.LightningModule):
         fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
         for prefix in self.evaluated_networks(split):
             metric = self._metric(split, prefix)
-            cm = metric.compute()  # summed over ranks
+            s = scores_of(metric.compute())  # summed over ranks
             metric.reset()
-            s = scores(cm)
             self.last_scores[metric_key(split, prefix)] = s
             # The value is already global: every rank logs the same number, no further reduction.
-            logs.update(_score_logs(f"{split}/{prefix}", s, self.class_names))
+            logs.update(_score_logs(f"{split}/{prefix}", s, self.class_names, self.detailed_metrics))
             if split == "val":
                 if not self.trainer.sanity_checking and not np.isnan(s.miou):
                     self.bests[prefix] = running_best(self.bests.get(prefix, float("nan")), s.miou)
@@ -238,7 +243,7 @@ class SupervisedModule(L.LightningModule):
                 extras.setdefault(f"val/{prefix}mIoU_best", self.bests.get(prefix, float("nan")))
                 other = self.last_scores.get(metric_key(split, prefix))
                 if prefix and other is not None:
-                    extras.update(_score_logs(f"val/{prefix}", other, self.class_names))
+                    extras.update(_score_logs(f"val/{prefix}", other, self.class_names, self.detailed_metrics))
         return extras
 
     def _split_info(self) -> dict[str, Any]:
@@ -303,8 +308,14 @@ def best_key(prefix: str) -> str:
     return "best_miou" if not prefix else f"best_{prefix.rstrip('/')}_miou"
 
 
-def _score_logs(name: str, s: SegScores, class_names: Sequence[str]) -> dict[str, float]:
-    """`<name>mIoU`, `<name>pixel_acc` and `<name>IoU/<class>`."""
+def _score_logs(name: str, s: SegScores, class_names: Sequence[str], detailed: bool = False) -> dict[str, float]:
+    """`<name>mIoU`, `<name>pixel_acc` and `<name>IoU/<class>`; `detailed`: also
+    `<name>{precision,recall,F1,image_IoU,image_F1}/<class>` and `<name>image_mIoU`."""
     logs = {f"{name}mIoU": s.miou, f"{name}pixel_acc": s.pixel_acc}
-    logs.update({f"{name}IoU/{c}": float(s.iou[k]) for k, c in enumerate(class_names)})
+    named = {"IoU": s.iou}
+    if detailed:
+        named.update(precision=s.precision, recall=s.acc, F1=s.f1, image_IoU=s.image_iou, image_F1=s.image_f1)
+        logs[f"{name}image_mIoU"] = s.image_miou
+    for key, values in named.items():
+        logs.update({f"{name}{key}/{c}": float(values[k]) for k, c in enumerate(class_names)})
     return logs
