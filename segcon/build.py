@@ -80,7 +80,8 @@ def _data_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 def build_objective_of(cfg: DictConfig) -> Objective:
     """The Objective of the `loss`, `contrast` and `pseudo_loss` groups."""
-    return build_objective(plain(cfg.get("loss")), plain(cfg.get("contrast")), plain(cfg.get("pseudo_loss")))
+    return build_objective(plain(cfg.get("loss")), plain(cfg.get("contrast")), plain(cfg.get("pseudo_loss")),
+                           plain(cfg.model.get("side_weights")))
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

@@ -31,9 +31,13 @@ FAMILIES = {
             "projection": {"dim": 8, "kind": "residual"}, "weight_branch": {"depth": "head"},
             "projections": {"enc": {"source": "encoder", "stages": [2, 3], "dim": 8}}},
     "tiny": {"_target_": "tests.toy_model.TinyNet", "num_classes": K, "width": 6, "projection": {"dim": 8}},
+    "fusion": {"_target_": "segcon.models.segnet.SegNet", "arch": "fusion", "encoder_name": "resnet18",
+               "num_classes": K, "side_stages": [1, 2, 3, 4, 5], "side_weights": [1.0] * 5,
+               "projection": {"dim": 8, "source": "encoder", "stages": [2, 3, 4, 5]}},
 }
-# two input sizes per family, multiples of its divisor (1, 32, 4)
-SIZES = {"unet": [(48, 40), (37, 53)], "fpn": [(64, 96), (96, 64)], "tiny": [(36, 44), (44, 28)]}
+# two input sizes per family, multiples of its divisor (1, 32, 4, 32)
+SIZES = {"unet": [(48, 40), (37, 53)], "fpn": [(64, 96), (96, 64)], "tiny": [(36, 44), (44, 28)],
+         "fusion": [(64, 96), (96, 64)]}
 
 
 @pytest.fixture(params=list(FAMILIES), scope="module")

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from segcon.models.base import SegModel
+from segcon.models.fusion import FusionModel
 from segcon.models.heads import (
     ProjectionHead,
     WeightBranch,
@@ -32,6 +33,9 @@ from segcon.utils.weights import (
     skip_and_rename,
 )
 
+FUSION = "fusion"
+"""segcon's multi-stage fusion architecture (segcon.models.fusion), next to smp's."""
+
 WEIGHT_BRANCH = "weight_branch"
 """The name of CAC's weight branch among the train-only heads."""
 
@@ -40,7 +44,7 @@ DEFAULT_PROJECTION = "projection"
 
 _OWN_KEYS = ("_target_", "arch", "encoder_name", "num_classes", "encoder_weights", "in_channels", "weights_path",
              "weights_scope", "weights_match", "weights_skip", "weights_rename", "input_norm", "projection",
-             "projections", "weight_branch")
+             "projections", "weight_branch", "side_weights")
 _SCOPES = ("auto", "full", "encoder")
 _MATCHES = ("name", "order")
 
@@ -53,7 +57,9 @@ class SegNet(SegModel):
     the smp model, so train-only heads cost nothing at inference.
 
     Args:
-        arch: smp architecture name (unet, fpn, deeplabv3plus, segformer, upernet, dpt, ...).
+        arch: smp architecture name (unet, fpn, deeplabv3plus, segformer, upernet, dpt, ...), or
+            `fusion` (segcon.models.fusion: side outputs of every encoder stage, fused; takes
+            `side_stages`; its side outputs are `SegOutput.aux["side_logits"]`).
         encoder_name: smp encoder name; `tu-<name>` for any timm encoder (e.g. tu-hrnet_w48).
         num_classes: K.
         encoder_weights: smp pretrained-weight name (downloads from a hub); None for random init.
@@ -82,6 +88,8 @@ class SegNet(SegModel):
             `{depth: head | decoder}` — a fresh copy of the segmentation head, or of decoder and
             head, fed with detached features; its logits are `SegOutput.aux["weight_logits"]`
             (and `aux["weight_decoder_logits"]` at the decoder's resolution when the head upsamples).
+        side_weights: arch `fusion`: the weight of each side output's deep supervision (read by
+            the Objective, one per side output).
         **arch_kwargs: passed to the smp architecture (decoder_channels, encoder_depth, ...).
     """
 
@@ -101,6 +109,7 @@ class SegNet(SegModel):
         projection: Mapping[str, Any] | None = None,
         projections: Mapping[str, Mapping[str, Any] | None] | None = None,
         weight_branch: Mapping[str, Any] | None = None,
+        side_weights: Sequence[float] | None = None,
         **arch_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -154,11 +163,15 @@ class SegNet(SegModel):
             decoder = self.model.decoder(*decoder_inputs)
         logits, decoder_logits = head_scores(self.model.segmentation_head, decoder)
         out = SegOutput(logits=logits, decoder_logits=decoder_logits, features=list(stages), decoder=decoder)
+        if isinstance(self.model, FusionModel):
+            out.aux["side_logits"] = self.model.decoder.split(decoder)
         if perturb > 0:
             b = x.shape[0]
             out.aux["perturbed_logits"] = logits[b:]
             out.logits, out.decoder = logits[:b], decoder[:b]
             out.decoder_logits = None if decoder_logits is None else decoder_logits[:b]
+            if "side_logits" in out.aux:
+                out.aux["side_logits"] = [side[:b] for side in out.aux["side_logits"]]
         wanted = set(self.heads) if heads is None else set(heads) & set(self.heads)
         for name, spec in self.projections.items():
             if name in wanted:
@@ -180,8 +193,8 @@ class SegNet(SegModel):
         memory, no weights); returns the encoder's output stride (1 for architectures that take
         any size)."""
         arch, encoder = str(config.get("arch")), str(config.get("encoder_name"))
-        archs = sorted(smp.MODEL_ARCHITECTURES_MAPPING)
-        if arch.lower() not in smp.MODEL_ARCHITECTURES_MAPPING:
+        archs = sorted([*smp.MODEL_ARCHITECTURES_MAPPING, FUSION])
+        if arch.lower() not in archs:
             raise ConfigError(f"model.arch={arch!r} is not an smp architecture; valid: {', '.join(archs)}")
         _check_encoder(encoder)
         _projection_specs(config.get("projection"), config.get("projections"))
@@ -194,6 +207,7 @@ class SegNet(SegModel):
                 model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
         except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
             model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
+        _check_side_weights(model, config.get("side_weights"))
         return _divisor(model)
 
     @classmethod
@@ -229,6 +243,21 @@ def _check_weight_settings(config: Mapping[str, Any]) -> None:
                               f"and std > 0, got {norm!r}")
 
 
+def _check_side_weights(model: nn.Module, weights: Sequence[float] | None) -> None:
+    """model.side_weights: one number per side output of a fusion model, absent otherwise."""
+    if not isinstance(model, FusionModel):
+        if weights is not None:
+            raise ConfigError("model.side_weights weighs a fusion model's side outputs; this architecture has none "
+                              "(use model.arch=fusion or remove the key)")
+        return
+    sides = len(model.decoder.stages)
+    if weights is None or isinstance(weights, str | int | float) or len(weights) != sides or any(
+        float(w) < 0 for w in weights
+    ):
+        raise ConfigError(f"model.side_weights must list {sides} weights >= 0, one per side output (stages "
+                          f"{model.decoder.stages}); got {weights!r}")
+
+
 def _divisor(model: nn.Module) -> int:
     """What an smp model needs its input sizes divisible by: its encoder's output stride (1 for
     architectures that take any size)."""
@@ -238,8 +267,11 @@ def _divisor(model: nn.Module) -> int:
 
 
 def _create(arch: str, encoder_name: str, **kwargs: Any) -> nn.Module:
-    """`smp.create_model`, its errors turned into ConfigErrors naming the key."""
+    """`smp.create_model` (or segcon's own `fusion` architecture), its errors turned into
+    ConfigErrors naming the key."""
     try:
+        if arch.lower() == FUSION:
+            return FusionModel(encoder_name=encoder_name, **kwargs)
         return smp.create_model(arch, encoder_name=encoder_name, **kwargs)
     except KeyError as err:
         text = str(err).strip("\"'")

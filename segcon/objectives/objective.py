@@ -14,7 +14,7 @@ ramp_steps, <term kwargs>}`:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +74,11 @@ class Objective(nn.Module):
     is not computed: the Objective adds the term's connected zero (`Term.zero`) instead, so DDP
     still sees every parameter used and nothing is spent on it. Logged per step: `loss_<name>`
     (unweighted) for every computed term, `weight_<name>` for scheduled terms, `loss` (the total).
+
+    Deep supervision: when the output carries side outputs (`aux["side_logits"]`, a fusion
+    network's), each supervised PixelLoss term also applies to every side output s with weight
+    `side_weights[s]`; `loss_<name>_side` logs that weighted sum, which joins the term's value
+    (and its schedule).
     """
 
     def __init__(
@@ -81,8 +86,10 @@ class Objective(nn.Module):
         supervised: TermGroup | Mapping[str, nn.Module] | None = None,
         contrast: TermGroup | Mapping[str, nn.Module] | None = None,
         pseudo: TermGroup | Mapping[str, nn.Module] | None = None,
+        side_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.side_weights = None if side_weights is None else [float(w) for w in side_weights]
         self.supervised, self.contrast, self.pseudo = _as_group(supervised), _as_group(contrast), _as_group(pseudo)
         clash = sorted(set(self.supervised) & set(self.contrast))
         if clash:
@@ -124,8 +131,9 @@ class Objective(nn.Module):
         return total, {**logs, **con_logs, "loss": total.detach()}
 
     def supervised_loss(self, output: SegOutput, targets: Targets, step: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """The weighted `loss` terms (ground truth) and their logs."""
-        return self._group(self.supervised, output, targets, step)
+        """The weighted `loss` terms (ground truth, and the side outputs' deep supervision) and
+        their logs."""
+        return self._group(self.supervised, output, targets, step, sides=True)
 
     def contrast_loss(self, output: SegOutput, targets: Targets, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted `contrast` terms (0 without any) and their logs."""
@@ -153,17 +161,34 @@ class Objective(nn.Module):
         label: Callable[[str], str] = str,
         suffix: str = "",
         always_weight: bool = False,
+        sides: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         logs: dict[str, Tensor] = {}
         total: Tensor | None = None
+        side_logits = self._side_logits(output) if sides else []
         for name, term in terms.items():
             schedule = terms.schedules[name]
             weight = schedule(step)
             value = self._value(term, output, targets, weight, logs, f"{label(name)}{suffix}")
+            if side_logits and isinstance(term, PixelLoss) and weight != 0.0:
+                side = sum(w * term(s, targets.labels, targets.weight)
+                           for w, s in zip(self.side_weights, side_logits, strict=True))
+                logs[f"loss_{label(name)}_side{suffix}"] = side.detach()
+                value = value + side
             if always_weight or schedule.warmup_steps or schedule.ramp_steps:
                 logs[f"weight_{label(name)}"] = value.new_tensor(weight).detach()
             total = weight * value if total is None else total + weight * value
         return (output.logits.new_zeros(()) if total is None else total), logs
+
+    def _side_logits(self, output: SegOutput) -> list[Tensor]:
+        """The output's side outputs, checked against `side_weights` (none without them)."""
+        sides = list(output.aux.get("side_logits") or [])
+        if not sides:
+            return []
+        if self.side_weights is None or len(self.side_weights) != len(sides):
+            raise ConfigError(f"the model returns {len(sides)} side outputs; model.side_weights must give one weight "
+                              f"each (got {self.side_weights})")
+        return sides
 
     @staticmethod
     def _value(
@@ -205,7 +230,12 @@ def build_terms(group: Mapping[str, Any] | None, key: str) -> TermGroup:
 
 
 def build_objective(
-    loss: Mapping[str, Any] | None, contrast: Mapping[str, Any] | None = None, pseudo: Mapping[str, Any] | None = None
+    loss: Mapping[str, Any] | None,
+    contrast: Mapping[str, Any] | None = None,
+    pseudo: Mapping[str, Any] | None = None,
+    side_weights: Sequence[float] | None = None,
 ) -> Objective:
-    """An Objective from the `loss`, `contrast` and `pseudo_loss` config groups."""
-    return Objective(build_terms(loss, "loss"), build_terms(contrast, "contrast"), build_terms(pseudo, "pseudo_loss"))
+    """An Objective from the `loss`, `contrast` and `pseudo_loss` config groups (and the
+    model's deep-supervision weights)."""
+    return Objective(build_terms(loss, "loss"), build_terms(contrast, "contrast"), build_terms(pseudo, "pseudo_loss"),
+                     side_weights)
