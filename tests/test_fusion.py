@@ -62,7 +62,7 @@ def test_side_settings_are_checked() -> None:
     assert SegNet.check_config({**base, "side_weights": [1.0] * 5}) == 32
     with pytest.raises(ConfigError, match="must list 5 weights"):
         SegNet.check_config({**base, "side_weights": [1.0] * 4})
-    with pytest.raises(ConfigError, match="side_stages=.*must be among"):
+    with pytest.raises(ConfigError, match=r"side_stages=.*must be among"):
         SegNet.check_config({**base, "side_stages": [0, 6], "side_weights": [1.0, 1.0]})
     with pytest.raises(ConfigError, match="this architecture has none"):
         SegNet.check_config({"arch": "unet", "encoder_name": "resnet18", "num_classes": K, "side_weights": [1.0]})
