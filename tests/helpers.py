@@ -14,7 +14,7 @@ from segcon.objectives.memory import MemoryUser
 
 class DumpMemory(L.Callback):
     """Per rank: record every step's own pending memory entries, and at the end save them with
-    the rank's final memory buffers to `<run dir>/memory_rank<r>.pt`."""
+    the memory term's final buffers (its state dict) to `<run dir>/memory_rank<r>.pt`."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
@@ -28,7 +28,7 @@ class DumpMemory(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         term = self._term(pl_module)
-        state = {k: v.clone() for k, v in term.memories.state_dict().items()}
+        state = {k: v.clone() for k, v in term.state_dict().items()}  # memories, prototypes, ...
         path = Path(trainer.default_root_dir) / f"memory_rank{trainer.global_rank}.pt"
         torch.save({"steps": self.steps, "memory": state}, path)
 

@@ -283,11 +283,13 @@ def test_group_means_equal_the_means_of_the_finished_embeddings(kind: str, dim: 
     index = torch.tensor([0, 3, 4, 9, 21, 22, 39])
     group = torch.tensor([0, 0, 2, 2, 2, 3, 0])
     means = emb.group_means(index, group, 5)
+    plain = emb.group_means(index, group, 5, normalize=False)
     rows = emb.dense().permute(0, 2, 3, 1).reshape(-1, dim)[index]
     for g in range(5):
         members = rows[group == g]
-        expected = F.normalize(members.mean(0), dim=0) if len(members) else torch.zeros(dim, dtype=torch.float64)
-        torch.testing.assert_close(means[g], expected, atol=1e-12, rtol=0)
+        mean = members.mean(0) if len(members) else torch.zeros(dim, dtype=torch.float64)
+        torch.testing.assert_close(means[g], F.normalize(mean, dim=0), atol=1e-12, rtol=0)
+        torch.testing.assert_close(plain[g], mean, atol=1e-12, rtol=0)
 
 
 def test_folded_stem_statistics_do_not_overflow_float16() -> None:

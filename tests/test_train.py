@@ -273,13 +273,13 @@ def test_ddp_sim_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_ent
         assert torch.equal(v, ranks[1]["memory"][k]), k
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == 3
     for name in ("pixel", "segment"):
-        expected = ClassMemory(5, size, ranks[0]["memory"][f"{name}.feats"].shape[-1])
+        expected = ClassMemory(5, size, ranks[0]["memory"][f"memories.{name}.feats"].shape[-1])
         for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
             expected.push(torch.cat([s0[name][0], s1[name][0]]), torch.cat([s0[name][1], s1[name][1]]))
         for buf in ("feats", "ptr", "count"):
-            assert torch.equal(getattr(expected, buf), ranks[0]["memory"][f"{name}.{buf}"]), (name, buf)
+            assert torch.equal(getattr(expected, buf), ranks[0]["memory"][f"memories.{name}.{buf}"]), (name, buf)
         own = sum(int((s[name][1] >= 0).sum()) for s in ranks[0]["steps"])
-        assert int(ranks[0]["memory"][f"{name}.count"].sum()) > min(own, size)  # more than rank 0 alone
+        assert int(ranks[0]["memory"][f"memories.{name}.count"].sum()) > min(own, size)  # more than rank 0 alone
 
 
 @pytest.mark.ddp

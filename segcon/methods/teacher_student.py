@@ -130,6 +130,8 @@ class TeacherStudentModule(SupervisedModule):
         """One semi-supervised step: the loss and its logs. By default the mean-teacher /
         FixMatch step on the weak views' probabilities (`weak_probs`): `strong_view_step`."""
         probs, teacher = self.weak_probs(unlabeled["image"])
+        if teacher is not None:
+            teacher.aux["valid"] = unlabeled["valid"]
         return self.strong_view_step(labeled, unlabeled, probs, teacher)
 
     def weak_probs(self, weak: Tensor) -> tuple[Tensor, SegOutput | None]:
@@ -143,9 +145,15 @@ class TeacherStudentModule(SupervisedModule):
         return self.global_step - (self._warmup_end_step or 0)
 
     @torch.no_grad()
-    def teacher_output(self, weak: Tensor) -> SegOutput | None:
-        """The teacher's output on the weak views, when a term reads it (else None)."""
-        return self.teacher.forward_features(weak) if self.objective.reads_teacher else None
+    def teacher_output(self, weak: Tensor, valid: Tensor | None = None) -> SegOutput | None:
+        """The teacher's output on the weak views, when a term reads it (else None), with the
+        views' valid pixels `[B, H, W]` (False on crop padding) as `aux["valid"]` when given."""
+        if not self.objective.reads_teacher:
+            return None
+        out = self.teacher.forward_features(weak)
+        if valid is not None:
+            out.aux["valid"] = valid
+        return out
 
     def pseudo_labels(
         self, probs: Tensor, labeled: dict[str, Any], unlabeled: dict[str, Any]

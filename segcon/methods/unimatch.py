@@ -95,7 +95,7 @@ class UniMatch(FixMatch):
         output = labeled_output
         if self.objective.contrast:
             output = SegOutput.cat([labeled_output, second], only=self.objective.contrast_reads())
-        teacher = self.teacher_output(unlabeled["image"])
+        teacher = self.teacher_output(unlabeled["image"], unlabeled["valid"])
         loss, logs = self.combine(output, labeled["mask"], unsup, Targets.cat([t1, t2]), logs, teacher, labeled_output)
         loss = loss * self.loss_scale
         return loss, {**logs, "loss": loss.detach()}

@@ -72,17 +72,19 @@ class PixelEmbedding:
         return self.rows().reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
     @torch.no_grad()
-    def group_means(self, index: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    def group_means(self, index: Tensor, group: Tensor, num_groups: int, normalize: bool = True) -> Tensor:
         """The L2-normalised mean embedding `[G, D]` (float32 or wider, no gradient) of the
         pixels `index [P]` (flat, into `[B * h * w]`) of every group (`group [P]` in `[0, G)`);
-        0 for a group without pixels.
+        0 for a group without pixels. `normalize=False`: the plain mean of the (normalised)
+        pixel embeddings.
 
-        With an affine tail the D-channel embeddings are never formed: each pixel's norm
-        `|W h + b|` is a quadratic form of its C-channel state `h`, so the sum of the normalised
-        embeddings of a group is `W (sum h / |W h + b|) + b (sum 1 / |W h + b|)`.
+        With an affine tail widening C channels to D >= C the D-channel embeddings are never
+        formed: each pixel's norm `|W h + b|` is a quadratic form of its C-channel state `h`, so
+        the sum of the normalised embeddings of a group is `W (sum h / |W h + b|) + b (sum 1 /
+        |W h + b|)`, at P C^2 instead of P C D operations (a narrowing tail forms the rows).
         """
         counts = torch.bincount(group, minlength=num_groups)
-        if self.affine is None:
+        if self.affine is None or self.affine[0].shape[0] < self.affine[0].shape[1]:
             rows = at_least_float32(self.at(index))
             sums = rows.new_zeros(num_groups, rows.shape[1]).index_add_(0, group, rows)
         else:
@@ -93,7 +95,8 @@ class PixelEmbedding:
             sum_h = h.new_zeros(num_groups, h.shape[1]).index_add_(0, group, h * inv[:, None])
             sum_inv = h.new_zeros(num_groups).index_add_(0, group, inv)
             sums = sum_h @ weight.T + sum_inv[:, None] * bias
-        return F.normalize(sums / counts.clamp_min(1)[:, None].to(sums.dtype), dim=1)
+        means = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
+        return F.normalize(means, dim=1) if normalize else means
 
     def zero(self) -> Tensor:
         """A 0 connected to every parameter of the head (for batches without anchors, so DDP

@@ -40,7 +40,8 @@ class Targets:
             low-confidence pseudo-labels, which keep their label and confidence); None: all.
         labeled: `[B]` bool, the rows with ground truth; None: all rows.
         teacher: the teacher's output on the weak views of the step's unlabeled images (in their
-            batch order; before CutMix), when the method has a teacher and a term reads it.
+            batch order; before CutMix), when the method has a teacher and a term reads it; its
+            `aux["valid"]` `[B_u, H, W]` marks the views' real pixels (False on crop padding).
     """
 
     labels: Tensor
