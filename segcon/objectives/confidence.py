@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from segcon.models.output import PixelEmbedding, SegOutput
 from segcon.objectives.base import Targets, Term
