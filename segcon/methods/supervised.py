@@ -274,8 +274,10 @@ class SupervisedModule(L.LightningModule):
     def on_fit_start(self) -> None:
         info = self._split_info()
         if info:
+            extra = info.get("unlabeled_stream_images", 0) - info["unlabeled_images"]
             rank_zero_info(f"split {info['split_hash']}: {info['labeled_images']} labeled, "
-                           f"{info['unlabeled_images']} unlabeled training images")
+                           f"{info['unlabeled_images']} unlabeled training images"
+                           + (f", and {extra} more images in the unlabeled stream (data.splits.unlabeled)" if extra else ""))
         info = {**info, **self._class_frequencies}
         if info:
             for logger in self.loggers:
@@ -293,7 +295,8 @@ class SupervisedModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("segcon", {})
         self.bests = {prefix: float(state.get(best_key(prefix), float("nan"))) for prefix in self.evaluated_networks("val")}
-        self._restored_split = {k: state[k] for k in ("split_hash", "labeled_images", "unlabeled_images") if k in state}
+        self._restored_split = {k: state[k] for k in ("split_hash", "labeled_images", "unlabeled_images", "unlabeled_stream_images",
+                                                                     "unlabeled_without_mask") if k in state}
 
 
 def metric_key(split: str, prefix: str) -> str:
