@@ -295,8 +295,8 @@ class SupervisedModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("segcon", {})
         self.bests = {prefix: float(state.get(best_key(prefix), float("nan"))) for prefix in self.evaluated_networks("val")}
-        self._restored_split = {k: state[k] for k in ("split_hash", "labeled_images", "unlabeled_images", "unlabeled_stream_images",
-                                                                     "unlabeled_without_mask") if k in state}
+        keys = ("split_hash", "labeled_images", "unlabeled_images", "unlabeled_stream_images", "unlabeled_without_mask")
+        self._restored_split = {k: state[k] for k in keys if k in state}
 
 
 def metric_key(split: str, prefix: str) -> str:
