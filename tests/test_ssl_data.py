@@ -177,3 +177,25 @@ def test_a_missing_unlabeled_folder_is_named(tmp_path: Path) -> None:
         dm.setup("fit")
     err = find_user_error(info.value)
     assert isinstance(err, DataError) and "missing" in str(err) and str(tmp_path / "images/extra") in str(err)
+
+
+def test_landscape_and_portrait_images_in_one_split(tmp_path: Path) -> None:
+    """CrackForest holds 480x320 and 320x480 images in one split: training crops them to one size;
+    evaluation batches pad each to the batch's largest height and width with ignore."""
+    make_folder_dataset(tmp_path, num_classes=3, splits={"train": 4, "val": 2}, size=(32, 48))
+    make_folder_dataset(tmp_path / "portrait", num_classes=3, splits={"train": 2, "val": 1}, size=(48, 32), seed=1)
+    for kind in ("images", "masks"):
+        for split in ("train", "val"):
+            for f in (tmp_path / "portrait" / kind / split).iterdir():
+                f.rename(tmp_path / kind / split / f"p_{f.name}")
+    dm = _ssl_datamodule(tmp_path, labeled_count=4, unlabeled=True, unlabeled_batch_size=2)
+    dm.setup("fit")
+    for batch, _, _ in dm.train_dataloader():
+        assert batch["labeled"]["image"].shape[-2:] == batch["unlabeled"]["image"].shape[-2:] == (32, 32)
+    (val,) = list(dm.val_dataloader())[:1]  # 3 images, batch 2: a landscape and a portrait one padded
+    first = dm.datasets["val"]
+    sizes = [tuple(first[i]["image"].shape[-2:]) for i in range(2)]
+    assert sizes == [(48, 32), (32, 48)] and val["image"].shape[-2:] == (48, 48)
+    for i, (h, w) in enumerate(sizes):
+        assert (val["mask"][i, h:] == 255).all() and (val["mask"][i, :, w:] == 255).all()
+        assert (val["mask"][i, :h, :w] != 255).any()
