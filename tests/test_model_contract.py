@@ -34,10 +34,13 @@ FAMILIES = {
     "fusion": {"_target_": "segcon.models.segnet.SegNet", "arch": "fusion", "encoder_name": "resnet18",
                "num_classes": K, "side_stages": [1, 2, 3, 4, 5], "side_weights": [1.0] * 5,
                "projection": {"dim": 8, "source": "encoder", "stages": [2, 3, 4, 5]}},
+    "maskformer": {"_target_": "segcon.models.maskformer.MaskFormer", "encoder_name": "resnet18", "num_classes": K,
+                   "num_queries": 6, "hidden_dim": 16, "mask_dim": 16, "conv_dim": 16, "dec_layers": 2, "nheads": 2,
+                   "dim_feedforward": 32, "projection": {"dim": 8}},
 }
 # two input sizes per family, multiples of its divisor (1, 32, 4, 32)
 SIZES = {"unet": [(48, 40), (37, 53)], "fpn": [(64, 96), (96, 64)], "tiny": [(36, 44), (44, 28)],
-         "fusion": [(64, 96), (96, 64)]}
+         "fusion": [(64, 96), (96, 64)], "maskformer": [(64, 96), (96, 64)]}
 
 
 @pytest.fixture(params=list(FAMILIES), scope="module")

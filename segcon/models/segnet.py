@@ -120,7 +120,7 @@ class SegNet(SegModel):
             report = load_pretrained(self.model, str(weights_path), weights_scope, weights_match, weights_skip,
                                      weights_rename)
             rank_zero_info(f"model.weights_path: {report}")
-        self.projections = _projection_specs(projection, projections)
+        self.projections = projection_specs(projection, projections)
         self.heads = nn.ModuleDict()
         for name, spec in self.projections.items():
             self.heads[name] = ProjectionHead(self._projection_channels(spec), int(spec["dim"]), spec["kind"])
@@ -196,8 +196,8 @@ class SegNet(SegModel):
         archs = sorted([*smp.MODEL_ARCHITECTURES_MAPPING, FUSION])
         if arch.lower() not in archs:
             raise ConfigError(f"model.arch={arch!r} is not an smp architecture; valid: {', '.join(archs)}")
-        _check_encoder(encoder)
-        _projection_specs(config.get("projection"), config.get("projections"))
+        check_encoder(encoder)
+        projection_specs(config.get("projection"), config.get("projections"))
         if config.get("weight_branch"):
             weight_branch_depth(config["weight_branch"])
         _check_weight_settings(config)
@@ -282,7 +282,7 @@ def _create(arch: str, encoder_name: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"model: smp cannot build {arch} / {encoder_name} with these settings: {err}") from None
 
 
-def _check_encoder(name: str) -> None:
+def check_encoder(name: str) -> None:
     """A ConfigError naming the closest smp encoders when `name` is neither one of them nor
     `tu-<a timm model>`."""
     if name.startswith("tu-"):
@@ -303,7 +303,7 @@ def _check_encoder(name: str) -> None:
         )
 
 
-def _projection_specs(
+def projection_specs(
     projection: Mapping[str, Any] | None, projections: Mapping[str, Mapping[str, Any] | None] | None
 ) -> dict[str, dict[str, Any]]:
     """Every projection head's full settings by name: `projection` as "projection", then the
