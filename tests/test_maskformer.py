@@ -83,7 +83,7 @@ def _focal(x: float, y: float) -> float:
 
 
 def test_mask_costs_against_a_loop() -> None:
-    cls, masks, labels = _setup(1)
+    _, masks, labels = _setup(1)
     (target, _) = semantic_targets(labels, IGNORE, (4, 4))
     focal, dice = mask_costs(masks[0].detach().flatten(1), target)
     flat, valid = labels[0].flatten(), labels[0].flatten() != IGNORE
