@@ -31,23 +31,25 @@ class PseudoLabels:
         confidence: `[B, H, W]` the top probability.
         keep: `[B, H, W]` bool, the pixels the confidence filter trusts (never on padding).
         ignore_index: the label value of padding.
+        boxes: `[B, H, W]` bool, the CutMix boxes these labels were mixed with (None: unmixed).
     """
 
     label: Tensor
     confidence: Tensor
     keep: Tensor
     ignore_index: int
+    boxes: Tensor | None = None
 
     def targets(self) -> Targets:
         """As the `Targets` of unlabeled rows."""
         labeled = torch.zeros(self.label.shape[0], dtype=torch.bool, device=self.label.device)
-        return Targets(self.label, self.ignore_index, self.confidence, self.keep, labeled)
+        return Targets(self.label, self.ignore_index, self.confidence, self.keep, labeled, mix_boxes=self.boxes)
 
     def mixed(self, boxes: Tensor) -> PseudoLabels:
         """CutMixed with `boxes [B, H, W]` (the box content from the next image of the batch), as
         the strong view is."""
         label, confidence, keep = (cutmix(boxes, t, t.roll(1, dims=0)) for t in (self.label, self.confidence, self.keep))
-        return PseudoLabels(label, confidence, keep, self.ignore_index)
+        return PseudoLabels(label, confidence, keep, self.ignore_index, boxes)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,9 @@ class Targets:
         teacher: the teacher's output on the weak views of the step's unlabeled images (in their
             batch order; before CutMix), when the method has a teacher and a term reads it; its
             `aux["valid"]` `[B_u, H, W]` marks the views' real pixels (False on crop padding).
+        mix_boxes: `[B, H, W]` bool, where CutMix pasted into a row the content of the previous
+            unlabeled image of its view's batch (`roll(1)`); None without CutMix. A term that
+            reads the teacher's maps mixes them with these boxes to align them with the rows.
     """
 
     labels: Tensor
@@ -50,6 +53,7 @@ class Targets:
     keep: Tensor | None = None
     labeled: Tensor | None = None
     teacher: SegOutput | None = None
+    mix_boxes: Tensor | None = None
 
     @property
     def valid(self) -> Tensor:
@@ -70,7 +74,8 @@ class Targets:
     @staticmethod
     def cat(parts: Sequence[Targets]) -> Targets:
         """The targets of several batches as one, in order; a part without confidence, keep or
-        labeled rows counts as ground truth (confidence 1, every valid label kept, labeled)."""
+        labeled rows counts as ground truth (confidence 1, every valid label kept, labeled), one
+        without boxes as unmixed."""
         ignore = parts[0].ignore_index
         if any(p.ignore_index != ignore for p in parts):
             raise ValueError("Targets.cat: the parts use different ignore values")
@@ -86,6 +91,7 @@ class Targets:
             confidence=field("confidence", lambda p: torch.ones(p.labels.shape, device=p.labels.device)),
             keep=field("keep", lambda p: p.valid),
             labeled=field("labeled", lambda p: torch.ones(p.labels.shape[0], dtype=torch.bool, device=p.labels.device)),
+            mix_boxes=field("mix_boxes", lambda p: torch.zeros(p.labels.shape, dtype=torch.bool, device=p.labels.device)),
         )
 
 

@@ -145,10 +145,16 @@ class SetCriterion(Term):
                 matches.append(hungarian(-c_class * prob + c_focal * focal + c_dice * dice))
         return matches
 
-    def layer_losses(self, mask_cls: Tensor, mask_logits: Tensor, targets: Sequence[ImageTargets]) -> dict[str, Tensor]:
+    def layer_losses(
+        self,
+        mask_cls: Tensor,
+        mask_logits: Tensor,
+        targets: Sequence[ImageTargets],
+        matches: Sequence[tuple[Tensor, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
         """CE, focal and dice (unweighted) of one decoder layer's `mask_cls [B, N, K+1]` and
-        `mask_logits [B, N, h, w]`."""
-        matches = self.match(mask_cls, mask_logits, targets)
+        `mask_logits [B, N, h, w]` (matched here unless `matches` are given)."""
+        matches = self.match(mask_cls, mask_logits, targets) if matches is None else matches
         b, n = mask_cls.shape[:2]
         target_classes = torch.full((b, n), self.num_classes, dtype=torch.long, device=mask_cls.device)
         focal = dice = mask_logits.sum() * 0.0

@@ -1,0 +1,215 @@
+"""RC²L's region-level consistency and contrast (`contrast=rc2l`): our reconstruction of Zhang et
+al., IJCAI 2022 (METHODS.md §4(c)-(d)); no code was published.
+
+On every unlabeled row (a strong view) the teacher's targets are its semantic masks: for each
+class c present among the confident pixels (`Targets.confidence >= δ`) of the (CutMixed) pseudo-
+label map at the mask resolution, the mask `M_c = [Ŷ = c]`, pixels below δ ignored, regions with
+fewer than `min_area` confident pixels dropped; its teacher region feature `r_c` is the mean of
+the teacher's mask features `F^t` (CutMixed with the same boxes) over the region. The student's
+queries are matched to the regions as MaskFormer matches (segcon.objectives.set_loss), then:
+
+- RCC: CE of every query's class logits against its region's class, "no object" if unmatched
+  (no-object weight 0.1);
+- SMC: focal (20) + dice (1) of each matched mask against its region's mask (ignore excluded);
+- RMC: `−log softmax_k(d(σ(p_j), M_k) / τ_m)[j]` over the image's regions, d the Dice similarity
+  `(2 Σ a b + 1) / (Σ a + Σ b + 1)` on the valid pixels;
+- RFC: `−log softmax_k(⟨r^s_j, r^t_k⟩ / τ_f)[j]`, r^s_j the student's mask features pooled by
+  `σ(p_j)` over the valid pixels, both L2-normalised (or a projection head's embeddings pooled,
+  `embedding`); with `cross_image`, the teacher regions of the other images whose class differs
+  join as negatives.
+
+RCC and SMC are normalised as MaskFormer's criterion is (RCC: the class-weighted mean over every
+query of the unlabeled rows; SMC: summed over the matched regions of the batch, divided by their
+number); RMC and RFC are averaged over the regions of an image, then over the images with at least
+one region. An image with one region gives RMC and RFC a zero (one candidate) without NaN; an
+image without regions teaches its queries "no object". Labeled rows are left to the supervised
+loss.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segcon.methods.mixing import cutmix
+from segcon.models.output import SegOutput
+from segcon.objectives.base import Targets, Term
+from segcon.objectives.contrast import labels_at
+from segcon.objectives.set_loss import ImageTargets, SetCriterion
+from segcon.utils.dtypes import at_least_float32
+from segcon.utils.errors import ConfigError
+
+TERMS = ("rcc", "smc", "rmc", "rfc")
+
+
+def dice_similarity(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
+    """`(2 Σ a b + 1) / (Σ a + Σ b + 1)` over the valid pixels, for masks `a [N, P]`, `b [M, P]`
+    and `valid [P]`: `[N, M]`."""
+    v = valid.to(a.dtype)
+    a, b = a * v, b.to(a.dtype) * v
+    return (2 * a @ b.T + 1) / (a.sum(1)[:, None] + b.sum(1)[None, :] + 1)
+
+
+def masked_average(features: Tensor, masks: Tensor) -> Tensor:
+    """Mask average pooling: `Σ_x m(x) F(x) / (Σ_x m(x) + ε)` for features `[C, P]` and masks
+    `[N, P]`: `[N, C]`."""
+    masks = masks.to(features.dtype)
+    return (masks @ features.T) / (masks.sum(1)[:, None] + 1e-6)
+
+
+class RegionConsistencyContrast(Term):
+    """RC²L's four terms on the unlabeled rows (see the module docstring); returns
+    `{"rcc", "smc", "rmc", "rfc"}`, each with its weight applied.
+
+    Args:
+        num_classes: K.
+        confidence_threshold: δ; teacher pixels below it are ignored.
+        min_area: regions with fewer confident pixels at the mask resolution are dropped.
+        rcc_weight, smc_weight, rmc_weight, rfc_weight: λ of each term (1, 1, 0.1, 0.1).
+        mask_temperature, feature_temperature: τ_m and τ_f (0.1, 0.1).
+        cross_image: RFC also takes the other images' teacher regions of other classes as negatives.
+        embedding: None pools the mask features (the model's `decoder`); a projection head's name
+            pools its per-pixel embeddings instead (student and teacher; the teacher keeps it via
+            method.teacher_heads).
+        no_object_weight, focal_weight, dice_weight, cost_class, cost_focal, cost_dice: the
+            matcher and SMC/RCC settings, as MaskFormer's set criterion (0.1, 20, 1, 1, 20, 1).
+    """
+
+    reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder", "aux", "embeddings"})
+    reads_teacher: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_classes: int,
+        confidence_threshold: float = 0.7,
+        min_area: int = 16,
+        rcc_weight: float = 1.0,
+        smc_weight: float = 1.0,
+        rmc_weight: float = 0.1,
+        rfc_weight: float = 0.1,
+        mask_temperature: float = 0.1,
+        feature_temperature: float = 0.1,
+        cross_image: bool = False,
+        embedding: str | None = None,
+        no_object_weight: float = 0.1,
+        focal_weight: float = 20.0,
+        dice_weight: float = 1.0,
+        cost_class: float = 1.0,
+        cost_focal: float = 20.0,
+        cost_dice: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= confidence_threshold <= 1.0:
+            raise ConfigError(f"contrast rc2l: confidence_threshold={confidence_threshold} must lie in [0, 1]")
+        if min(mask_temperature, feature_temperature) <= 0 or min_area < 1:
+            raise ConfigError("contrast rc2l: temperatures must be > 0 and min_area >= 1")
+        self.num_classes, self.threshold, self.min_area = num_classes, confidence_threshold, min_area
+        self.weights = dict(zip(TERMS, (rcc_weight, smc_weight, rmc_weight, rfc_weight), strict=True))
+        self.tau_m, self.tau_f = mask_temperature, feature_temperature
+        self.cross_image, self.embedding = cross_image, embedding
+        self.set_loss = SetCriterion(num_classes, no_object_weight, 1.0, focal_weight, dice_weight, cost_class,
+                                     cost_focal, cost_dice, deep_supervision=False)
+
+    def zero(self, output: SegOutput) -> Tensor:
+        zero = self.set_loss.zero(output) + output.decoder.sum() * 0.0
+        if self.embedding is not None:
+            zero = zero + output.embedding(self.embedding, type(self).__name__).zero()
+        return zero
+
+    # -- targets ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def regions(self, targets: Targets, size: tuple[int, int]) -> list[ImageTargets]:
+        """Per row: the teacher's region targets at `size` (classes, masks, valid = confident)."""
+        labels = labels_at(targets.labels, size)
+        if targets.confidence is None:
+            confidence = torch.ones(labels.shape, device=labels.device)
+        else:
+            confidence = F.interpolate(targets.confidence[:, None].float(), size=size, mode="nearest")[:, 0]
+        out = []
+        for label, conf in zip(labels.flatten(1), confidence.flatten(1), strict=True):
+            valid = (label != targets.ignore_index) & (conf >= self.threshold)
+            classes, counts = label[valid].unique(return_counts=True)
+            classes = classes[counts >= self.min_area]
+            out.append(ImageTargets(classes, (label[None] == classes[:, None]).float(), valid))
+        return out
+
+    def _teacher_maps(self, targets: Targets, rows: Tensor, size: tuple[int, int]) -> Tensor:
+        """The teacher's pooled maps `[R, C, P]` for the unlabeled `rows` (in order), CutMixed with
+        their boxes (the box content from the previous teacher row of the same view batch)."""
+        teacher = targets.teacher
+        assert teacher is not None
+        maps = self._pooled_maps(teacher).detach()
+        if maps.shape[-2:] != size:
+            maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        n = maps.shape[0]
+        index = torch.arange(rows.numel(), device=maps.device) % n
+        own, previous = maps[index], maps[(index - 1) % n]
+        if targets.mix_boxes is not None:
+            boxes = labels_at(targets.mix_boxes[rows].long(), size).bool()
+            own = cutmix(boxes, own, previous)
+        return own.flatten(2)
+
+    def _pooled_maps(self, output: SegOutput) -> Tensor:
+        """The per-pixel features region features pool: mask features, or a projection head's."""
+        if self.embedding is None:
+            if output.decoder is None:
+                raise ConfigError("contrast rc2l pools the mask features: use model=maskformer_*")
+            return output.decoder
+        return output.embedding(self.embedding, type(self).__name__).dense()
+
+    # -- the terms -------------------------------------------------------------------------
+
+    def forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
+        if "mask_cls" not in output.aux:
+            raise ConfigError("contrast rc2l reads a mask-classification head's outputs: use model=maskformer_*")
+        if targets.teacher is None:
+            raise ConfigError("contrast rc2l reads the teacher's mask features: train it with a teacher-student "
+                              "method (method=rc2l)")
+        if targets.labeled is None:  # every row is ground truth
+            rows = torch.zeros(0, dtype=torch.long, device=targets.labels.device)
+        else:
+            rows = (~targets.labeled).nonzero().squeeze(1)
+        zero = self.zero(output)
+        if rows.numel() == 0:
+            return dict.fromkeys(TERMS, zero)
+        mask_cls, mask_logits = output.aux["mask_cls"][rows], output.aux["mask_logits"][rows]
+        size = tuple(mask_logits.shape[-2:])
+        regions = self.regions(Targets(targets.labels[rows], targets.ignore_index,
+                                       None if targets.confidence is None else targets.confidence[rows]), size)
+        matches = self.set_loss.match(mask_cls, mask_logits, regions)
+        set_terms = self.set_loss.layer_losses(mask_cls, mask_logits, regions, matches)
+        student = self._pooled_maps(output)[rows]
+        if student.shape[-2:] != size:
+            student = F.interpolate(student, size=size, mode="bilinear", align_corners=False)
+        teacher = self._teacher_maps(targets, rows, size)
+        student = student.flatten(2)
+        teacher_regions = [F.normalize(masked_average(at_least_float32(t), r.masks * r.valid), dim=1)
+                           for t, r in zip(teacher, regions, strict=True)]
+        rmc, rfc = [], []
+        for i, ((queries, tgt), region) in enumerate(zip(matches, regions, strict=True)):
+            if queries.numel() == 0:
+                continue
+            probs = at_least_float32(mask_logits[i].flatten(1)[queries]).sigmoid()  # [T, P], target order
+            sim = dice_similarity(probs, region.masks, region.valid) / self.tau_m
+            rmc.append(F.cross_entropy(sim, tgt))
+            pooled = F.normalize(masked_average(at_least_float32(student[i]), probs * region.valid), dim=1)
+            keys, key_classes = teacher_regions[i], region.classes
+            if self.cross_image:
+                others = [(t, r.classes) for j, (t, r) in enumerate(zip(teacher_regions, regions, strict=True)) if j != i]
+                if others:
+                    keys = torch.cat([keys, *(t for t, _ in others)])
+                    key_classes = torch.cat([key_classes, *(c for _, c in others)])
+            logits = pooled @ keys.T / self.tau_f
+            foreign = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
+            foreign[region.classes.numel():] = True
+            same_class = key_classes[None, :] == region.classes[tgt][:, None]
+            logits = logits.masked_fill(foreign[None, :] & same_class, float("-inf"))  # other images: other classes only
+            rfc.append(F.cross_entropy(logits, tgt))
+        values = {"rcc": set_terms["ce"], "smc": set_terms["focal"] * self.set_loss.weights[1]
+                  + set_terms["dice"] * self.set_loss.weights[2],
+                  "rmc": torch.stack(rmc).mean() if rmc else zero, "rfc": torch.stack(rfc).mean() if rfc else zero}
+        return {k: self.weights[k] * (v + zero) for k, v in values.items()}

@@ -1,0 +1,174 @@
+"""contrast=rc2l: the teacher's region targets on a constructed case, RCC / SMC as the set loss on
+those targets, RMC and RFC against float64 loops (CutMix and cross-image negatives included), one
+region without NaN, and rc2l runs (single process and ddp_sim)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from segcon.models.output import SegOutput
+from segcon.objectives.base import Targets
+from segcon.objectives.region import RegionConsistencyContrast
+from segcon.objectives.set_loss import SetCriterion
+from segcon.utils.errors import ConfigError
+
+IGNORE, K, N, C = 255, 3, 5, 4
+
+
+def test_teacher_regions_keep_confident_classes_above_the_minimum_area() -> None:
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 2, 1, 1], [0, 0, 1, IGNORE], [2, 2, 2, 2]]])
+    confidence = torch.full((1, 4, 4), 0.9)
+    confidence[0, 3, 1:] = 0.5  # the row of class 2 is mostly unsure: 2 confident pixels of class 2 are left
+    targets = Targets(labels, IGNORE, confidence)
+    (region,) = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2).regions(targets, (4, 4))
+    assert region.classes.tolist() == [0, 1, 2]  # class 2: exactly min_area confident pixels
+    valid = (labels[0] != IGNORE) & (confidence[0] >= 0.7)
+    assert torch.equal(region.valid, valid.flatten())
+    for mask, c in zip(region.masks, [0, 1, 2], strict=True):
+        assert torch.equal(mask.bool(), (labels[0] == c).flatten())
+    (region,) = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=3).regions(targets, (4, 4))
+    assert region.classes.tolist() == [0, 1]
+
+
+def _case(seed: int, mixed: bool = False):
+    """2 labeled + 3 unlabeled rows at 4x4 (the mask resolution) and the teacher's 3 weak views."""
+    g = torch.Generator().manual_seed(seed)
+    out = SegOutput(logits=torch.zeros(5, K, 4, 4, dtype=torch.float64),
+                    decoder=torch.randn(5, C, 4, 4, generator=g, dtype=torch.float64, requires_grad=True),
+                    aux={"mask_cls": torch.randn(5, N, K + 1, generator=g, dtype=torch.float64, requires_grad=True),
+                         "mask_logits": torch.randn(5, N, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)})
+    labels = torch.randint(0, K, (5, 4, 4), generator=g)
+    labels[3, :] = 1  # the second unlabeled image: one region only
+    confidence = torch.rand(5, 4, 4, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    boxes = None
+    if mixed:
+        boxes = torch.zeros(5, 4, 4, dtype=torch.bool)
+        boxes[2, :2, :2] = True
+    teacher = SegOutput(logits=torch.zeros(3, K, 4, 4, dtype=torch.float64),
+                        decoder=torch.randn(3, C, 4, 4, generator=g, dtype=torch.float64))
+    targets = Targets(labels, IGNORE, confidence, labeled=torch.tensor([True, True, False, False, False]),
+                      teacher=teacher, mix_boxes=boxes)
+    return out, targets
+
+
+def _reference(term: RegionConsistencyContrast, out: SegOutput, targets: Targets, cross_image: bool) -> tuple[float, float]:
+    """RMC and RFC by loops, with the term's matching (tested against brute force elsewhere)."""
+    rows = [2, 3, 4]
+    regions = term.regions(Targets(targets.labels[rows], IGNORE, targets.confidence[rows]), (4, 4))
+    matches = term.set_loss.match(out.aux["mask_cls"][rows], out.aux["mask_logits"][rows], regions)
+    teacher = targets.teacher.decoder.clone()
+    mixed = teacher.clone()
+    if targets.mix_boxes is not None:
+        for i, r in enumerate(rows):
+            box = targets.mix_boxes[r]
+            mixed[i][:, box] = teacher[(i - 1) % 3][:, box]
+
+    def pool(features: torch.Tensor, weights: list[float]) -> torch.Tensor:
+        total = sum(weights)
+        v = sum(w * features[:, p // 4, p % 4] for p, w in enumerate(weights)) / (total + 1e-6)
+        return v / v.norm()
+
+    t_feats = []
+    for i, region in enumerate(regions):
+        t_feats.append([pool(mixed[i], [float(m[p]) * float(region.valid[p]) for p in range(16)]) for m in region.masks])
+    rmc, rfc = [], []
+    for i, ((queries, tgt), region) in enumerate(zip(matches, regions, strict=True)):
+        if queries.numel() == 0:
+            continue
+        valid = region.valid.tolist()
+        l_rmc, l_rfc = [], []
+        for j, q in enumerate(queries.tolist()):
+            a = [1 / (1 + math.exp(-float(out.aux["mask_logits"][rows[i], q].flatten()[p]))) for p in range(16)]
+            sims = []
+            for m in region.masks:
+                inter = sum(a[p] * float(m[p]) for p in range(16) if valid[p])
+                sims.append((2 * inter + 1) / (sum(a[p] for p in range(16) if valid[p])
+                                               + sum(float(m[p]) for p in range(16) if valid[p]) + 1) / 0.1)
+            k = int(tgt[j])
+            l_rmc.append(-sims[k] + math.log(sum(math.exp(s) for s in sims)))
+            s_feat = pool(out.decoder[rows[i]].detach(), [a[p] * valid[p] for p in range(16)])
+            keys = [float(s_feat @ t) / 0.1 for t in t_feats[i]]
+            if cross_image:
+                c = int(region.classes[k])
+                keys += [float(s_feat @ t) / 0.1 for o in range(3) if o != i
+                         for t, oc in zip(t_feats[o], regions[o].classes.tolist(), strict=True) if oc != c]
+            l_rfc.append(-keys[k] + math.log(sum(math.exp(s) for s in keys)))
+        rmc.append(sum(l_rmc) / len(l_rmc))
+        rfc.append(sum(l_rfc) / len(l_rfc))
+    return sum(rmc) / len(rmc), sum(rfc) / len(rfc)
+
+
+@pytest.mark.parametrize(("mixed", "cross_image"), [(False, False), (True, False), (True, True)])
+def test_rmc_and_rfc_against_loops(mixed: bool, cross_image: bool) -> None:
+    out, targets = _case(0, mixed)
+    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, rmc_weight=1.0, rfc_weight=1.0,
+                                     cross_image=cross_image)
+    values = term(out, targets)
+    rmc, rfc = _reference(term, out, targets, cross_image)
+    assert values["rmc"].item() == pytest.approx(rmc, rel=1e-10)
+    assert values["rfc"].item() == pytest.approx(rfc, rel=1e-10)
+    sum(values.values()).backward()
+    assert out.decoder.grad is not None and out.aux["mask_logits"].grad is not None
+
+
+def test_rcc_and_smc_are_the_set_loss_on_the_teachers_confident_masks() -> None:
+    out, targets = _case(1)
+    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1)
+    values = term(out, targets)
+    rows = slice(2, 5)
+    masked = targets.labels[rows].masked_fill(targets.confidence[rows] < 0.6, IGNORE)
+    reference = SetCriterion(K, deep_supervision=False, ignore_index=IGNORE)(
+        SegOutput(logits=out.logits[rows], aux={"mask_cls": out.aux["mask_cls"][rows],
+                                                "mask_logits": out.aux["mask_logits"][rows]}), Targets(masked, IGNORE))
+    assert values["rcc"].item() == pytest.approx(reference["ce"].item(), rel=1e-12)
+    assert values["smc"].item() == pytest.approx((reference["focal"] + reference["dice"]).item(), rel=1e-12)
+
+
+def test_an_image_with_one_region_gives_zero_contrast_without_nan() -> None:
+    out, targets = _case(2)
+    targets.labeled = torch.tensor([True, True, True, False, True])  # only the one-region image is unlabeled
+    values = RegionConsistencyContrast(K, confidence_threshold=0.0, min_area=1)(out, targets)
+    assert values["rmc"].item() == 0.0 and values["rfc"].item() == 0.0
+    assert all(torch.isfinite(v) for v in values.values())
+
+
+def test_rc2l_trains_with_maskformer(tiny_cfg: Callable[..., DictConfig]) -> None:
+    from segcon.train import train
+    from tests.test_teacher_student import SSL, _rows, _values
+
+    cfg = tiny_cfg("model=maskformer_r18_light", "loss=mask_set", "method=rc2l", "contrast=rc2l",
+                   "pseudo_loss.ce.weight=0", "contrast.rc2l.confidence_threshold=0.0", "contrast.rc2l.min_area=1", *SSL)
+    train(cfg)
+    rows = _rows(Path(cfg.paths.output_dir))
+    for key in ("rcc", "smc", "rmc", "rfc"):
+        values = _values(rows, f"train/loss_rc2l/{key}")
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), key
+    assert all(v > 0 for v in _values(rows, "train/loss_rc2l/smc"))
+
+
+@pytest.mark.ddp
+def test_ddp_sim_rc2l_trains(data_dir: Path, tmp_path: Path) -> None:
+    from tests.test_train import _cli, _tiny_cli_args
+
+    extra = ["trainer=ddp_sim", "model=maskformer_r18_light", "loss=mask_set", "method=rc2l", "contrast=rc2l",
+             "pseudo_loss.ce.weight=0", "contrast.rc2l.confidence_threshold=0.0", "contrast.rc2l.min_area=1",
+             "data.labeled_count=4", "data.unlabeled_batch_size=2", "trainer.max_steps=2"]
+    proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "ddp" / "metrics.json").is_file()
+
+
+def test_rc2l_needs_a_mask_classification_head_and_a_teacher() -> None:
+    out, targets = _case(3)
+    term = RegionConsistencyContrast(K)
+    with pytest.raises(ConfigError, match="maskformer"):
+        term(SegOutput(logits=out.logits, decoder=out.decoder), targets)
+    targets.teacher = None
+    with pytest.raises(ConfigError, match="method=rc2l"):
+        term(out, targets)
