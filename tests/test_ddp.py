@@ -1,0 +1,75 @@
+"""Two-process DDP on CPU (trainer=ddp_sim): one run of FixMatch with distribution alignment and
+the pixel memory bank, shared by the checks of what crosses ranks (spawning the pair costs more
+than the steps): memory bank, teacher, and the all-reduced evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from segcon.objectives.memory import ClassMemory
+from tests.test_train import _cli, _independent_miou, _metrics, _tiny_cli_args
+
+SIZE, STEPS = 16, 4
+OVERRIDES = [
+    "method=fixmatch", "method.distribution_alignment=true", "data.labeled_count=4", "data.unlabeled_batch_size=2",
+    "contrast=pixel_memory", "sampler.max_views=20", f"contrast.pixel_memory.memory_size={SIZE}",
+    "contrast.pixel_memory.warmup_steps=0", "contrast.pixel_memory.pixel_update_freq=2",
+    # 5 val images over 2 ranks (3 + 2, no padding)
+    "data.subset.val=5", "data.val_batch_size=1", "trainer.limit_val_batches=1.0",
+]
+pytestmark = pytest.mark.ddp
+
+
+@pytest.fixture(scope="module")
+def ddp_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    extra = ["trainer=ddp_sim", *OVERRIDES, f"trainer.max_steps={STEPS}", "eval_ckpt=last",
+             "+callbacks.dump_memory._target_=tests.helpers.DumpMemory",
+             "+callbacks.dump_teacher._target_=tests.helpers.DumpTeacher"]
+    proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={run}"], Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def test_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_entries(ddp_run: Path) -> None:
+    ranks = [torch.load(ddp_run / f"memory_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for k, v in ranks[0]["memory"].items():
+        assert torch.equal(v, ranks[1]["memory"][k]), k
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == STEPS
+    for name in ("pixel", "segment"):
+        expected = ClassMemory(5, SIZE, ranks[0]["memory"][f"memories.{name}.feats"].shape[-1])
+        for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
+            expected.push(torch.cat([s0[name][0], s1[name][0]]), torch.cat([s0[name][1], s1[name][1]]))
+        for buf in ("feats", "ptr", "count"):
+            assert torch.equal(getattr(expected, buf), ranks[0]["memory"][f"memories.{name}.{buf}"]), (name, buf)
+        own = sum(int((s[name][1] >= 0).sum()) for s in ranks[0]["steps"])
+        assert int(ranks[0]["memory"][f"memories.{name}.count"].sum()) > min(own, SIZE)  # more than rank 0 alone
+
+
+def test_teacher_is_identical_on_both_ranks(ddp_run: Path) -> None:
+    """The teacher's parameters (an EMA of all-reduced student parameters) are equal on both
+    ranks. BatchNorm statistics are not compared at the end: each rank's last EMA step averages
+    its own student statistics, and DDP makes every rank use rank 0's at the next forward (it
+    broadcasts the module's buffers), as it does for the student's; the checkpoint is rank 0's."""
+    ranks = [torch.load(ddp_run / f"teacher_end_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    start = torch.load(ddp_run / "teacher_start_rank0.pt", weights_only=True)
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    compared = [k for k in ranks[0] if not k.endswith(statistics)]
+    assert len(compared) > 80  # the Unet-R18 parameters
+    for k in compared:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+    assert any(not torch.equal(ranks[0][k], start[k]) for k in compared)
+
+
+def test_miou_equals_single_process_evaluation(ddp_run: Path, tiny_cfg: Callable[..., DictConfig]) -> None:
+    """The all-reduced mIoU of the two ranks equals a single-process evaluation of the same
+    checkpoint (every val image counted once)."""
+    m = _metrics(ddp_run)
+    assert m["val/checkpoint_step"] == STEPS
+    cfg = tiny_cfg(*OVERRIDES)
+    assert _independent_miou(cfg, Path(m["val/checkpoint"]))[0] == pytest.approx(m["val/mIoU"], abs=1e-12)
