@@ -158,7 +158,7 @@ def test_ddp_sim_rc2l_trains(data_dir: Path, tmp_path: Path) -> None:
 
     extra = ["trainer=ddp_sim", "model=maskformer_r18_light", "loss=mask_set", "method=rc2l", "contrast=rc2l",
              "pseudo_loss.ce.weight=0", "contrast.rc2l.confidence_threshold=0.0", "contrast.rc2l.min_area=1",
-             "data.labeled_count=4", "data.unlabeled_batch_size=2", "trainer.max_steps=2"]
+             "data.labeled_count=4", "data.unlabeled_batch_size=2", "trainer.max_steps=2", "data.subset.val=2"]
     proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "metrics.json").is_file()
