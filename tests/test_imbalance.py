@@ -17,6 +17,7 @@ from segcon.data.splits import make_split
 from segcon.objectives.imbalance import ImbalanceLoss, imbalance_class_weights
 from segcon.utils.errors import ConfigError
 from tests.fake_datasets import make_folder_dataset
+from tests.test_losses import _pixels as loss_pixels
 
 IGNORE = 255
 
@@ -44,13 +45,9 @@ def _inputs(seed: int, k: int, absent: int | None = None, b: int = 2, h: int = 5
 
 def _pixels(logits, target, weight):
     """(probabilities [K], label, pixel weight) of every valid pixel, one at a time."""
-    b, _, h, w = logits.shape
-    for i in range(b):
-        for y in range(h):
-            for x in range(w):
-                t = int(target[i, y, x])
-                if t != IGNORE:
-                    yield logits[i, :, y, x].softmax(0), t, float(weight[i, y, x])
+    weights = weight[target != IGNORE].tolist()  # the loop's (image, row, column) order
+    for (logp, t), wt in zip(loss_pixels(logits, target), weights, strict=True):
+        yield logp.exp(), t, wt
 
 
 def _dice(pixels, c: int):
