@@ -199,3 +199,24 @@ def test_landscape_and_portrait_images_in_one_split(tmp_path: Path) -> None:
     for i, (h, w) in enumerate(sizes):
         assert (val["mask"][i, h:] == 255).all() and (val["mask"][i, :, w:] == 255).all()
         assert (val["mask"][i, :h, :w] != 255).any()
+
+
+def test_fixmatch_trains_with_an_unlabeled_folder_without_masks(tmp_path: Path) -> None:
+    """Every training image labeled, the unlabeled stream a folder of images only: a teacher-
+    student run trains, and metrics.json counts the images without masks."""
+    import json
+
+    from segcon.train import train
+    from tests.conftest import compose_train
+
+    make_folder_dataset(tmp_path / "data", num_classes=3, splits={"train": 4, "val": 2}, size=(32, 48))
+    _unlabeled_folder(tmp_path / "data", 4, (48, 32))
+    cfg = compose_train(["data=folder", f"data.root={tmp_path / 'data'}", "data.num_classes=3", "data.crop_size=[32,32]",
+                         "data.splits.unlabeled=unlabeled", "data.batch_size=2", "data.unlabeled_batch_size=2",
+                         "data.num_workers=0", "method=fixmatch", "trainer.max_steps=2", "logger=csv",
+                         "callbacks.rich_progress_bar=null", "callbacks.model_summary=null"], output_dir=tmp_path / "run")
+    train(cfg)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["labeled_images"] == 4 and metrics["unlabeled_images"] == 0
+    assert metrics["unlabeled_stream_images"] == metrics["unlabeled_without_mask"] == 4
+    assert metrics["val/checkpoint_step"] == 2
