@@ -90,7 +90,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     # Called directly, not through instantiate: run_config holds _target_ nodes of its own.
     method_cls = get_class(method.pop("_target_"))
     return method_cls(net=build_model(cfg), objective=build_objective_of(cfg), optim=plain(cfg.optim),
-                      **_data_kwargs(cfg), **method)
+                      divergence=plain(cfg.get("divergence")), **_data_kwargs(cfg), **method)
 
 
 def build_evaluator(cfg: DictConfig, net: SegModel) -> SupervisedModule:

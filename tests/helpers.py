@@ -10,6 +10,7 @@ import torch
 
 from segcon.data.datamodule import SegDataModule
 from segcon.objectives.memory import MemoryUser
+from segcon.objectives.supervised import PixelLoss
 
 
 class DumpMemory(L.Callback):
@@ -91,3 +92,19 @@ class ExtraKeyDataModule(SegDataModule):
     def __init__(self, *args: Any, shards: int = 1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.shards = shards
+
+
+class NanAfter(PixelLoss):
+    """A test loss term: a connected 0 until its `calls`-th call (1-based), then for `times` calls
+    a NaN value (`mode: value`) or a finite value whose gradient is NaN (`mode: grad`)."""
+
+    def __init__(self, calls: int, times: int = 10**9, mode: str = "value", ignore_index: int = 255) -> None:
+        super().__init__(ignore_index)
+        self.calls, self.times, self.mode, self.count = calls, times, mode, 0
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        self.count += 1
+        zero = logits.sum() * 0.0
+        if not self.calls <= self.count < self.calls + self.times:
+            return zero
+        return zero + float("nan") if self.mode == "value" else zero.clamp_min(0).sqrt()

@@ -12,12 +12,20 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from segcon.evaluation.inference import InferenceSettings, infer
 from segcon.evaluation.metrics import ConfusionMatrix, SegScores, scores_of
 from segcon.evaluation.visualize import denormalize, panel
+from segcon.methods.divergence import (
+    DivergenceError,
+    DivergencePolicy,
+    buffer_snapshot,
+    describe,
+    non_finite_flags,
+    restore_buffers,
+)
 from segcon.methods.optim import build_optimizer, poly_factor
 from segcon.models.base import SegModel
 from segcon.objectives.base import Targets
@@ -47,6 +55,8 @@ class SupervisedModule(L.LightningModule):
             their settings, see segcon.evaluation.inference); None is `whole`.
         detailed_metrics: also log precision, recall, F1 and the per-image scores of every
             class (`data.detailed_metrics`; metrics.json and the CSV always hold them).
+        divergence: what a step with a non-finite loss or gradient does (the `divergence`
+            config: stop, or skip up to `max_consecutive` in a row; segcon.methods.divergence).
 
     Logged: `train/loss` and `train/loss_<term>` every step; `val/mIoU`, `val/mIoU_best`,
     `val/pixel_acc` and `val/IoU/<class>` every validation (same names under `test/`); with
@@ -69,6 +79,7 @@ class SupervisedModule(L.LightningModule):
         run_config: Mapping[str, Any] | None = None,
         inference: Mapping[str, Any] | None = None,
         detailed_metrics: bool = False,
+        divergence: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -83,6 +94,12 @@ class SupervisedModule(L.LightningModule):
         self.run_config = dict(run_config or {})
         self.inference = InferenceSettings.from_config(inference)
         self.detailed_metrics = detailed_metrics
+        self.divergence = DivergencePolicy.from_config(divergence)
+        self.skipped_steps = 0
+        self._skips_in_a_row = 0
+        self._step_logs: dict[str, Tensor] = {}
+        self._step_skipped = False
+        self._statistics: dict[str, Tensor] = {}
         self.metrics = torch.nn.ModuleDict(
             {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
         )
@@ -111,12 +128,51 @@ class SupervisedModule(L.LightningModule):
             raise RuntimeError("this module was built for evaluation only (objective=None)")
         output = self.net(batch["image"])
         loss, logs = self.objective(output, Targets(batch["mask"], self.ignore_index), self.global_step)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=batch["image"].shape[0])
+        self.log_step(logs, batch["image"].shape[0])
         return loss
 
+    def log_step(self, logs: Mapping[str, Tensor], batch_size: int) -> None:
+        """Log a training step's values as `train/<name>`; the divergence check reads them."""
+        self._step_logs = {f"train/{k}": v for k, v in logs.items()}
+        self.log_dict(self._step_logs, batch_size=batch_size)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_skipped = False
+        if self.divergence.policy == "skip":  # a skipped step puts the BatchNorm statistics back
+            self._statistics = buffer_snapshot(self.net)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The divergence check (segcon.methods.divergence): stop, or drop this step's gradients."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        check_gradients = self.divergence.check_gradients and scaler is None
+        bad_logs, bad_grads, names = non_finite_flags(self._step_logs, self.net.named_parameters(), check_gradients)
+        flag = torch.cat([bad_logs.to(self.device), bad_grads.to(self.device)]).any().float()
+        if float(self.trainer.strategy.reduce(flag, reduce_op="max")) == 0.0:  # one host sync per step
+            self._skips_in_a_row = 0
+            return
+        what = describe(self.global_step, self._step_logs, bad_logs, bad_grads, names)
+        if self.divergence.policy == "stop":
+            raise DivergenceError(
+                f"{what}. Stopped before the optimizer step: the weights and every checkpoint written so far hold "
+                "the state before it. Lower optim.lr, check the data, or set divergence.policy=skip."
+            )
+        optimizer.zero_grad(set_to_none=True)  # the optimizer leaves every parameter (and its moments) alone
+        restore_buffers(self.net, self._statistics)
+        self._step_skipped = True
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        rank_zero_warn(f"{what}: step skipped ({self._skips_in_a_row} in a row, {self.skipped_steps} in all)")
+        if self._skips_in_a_row >= self.divergence.max_consecutive:
+            raise DivergenceError(f"{what}: {self._skips_in_a_row} steps in a row were not finite "
+                                  f"(divergence.max_consecutive={self.divergence.max_consecutive}); stopping. "
+                                  "Lower optim.lr or check the data.")
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        """Fill the memories of memory-using terms with this step's entries from all ranks."""
+        """Fill the memories of memory-using terms with this step's entries from all ranks (not
+        after a skipped step)."""
         assert self.objective is not None
+        if self._step_skipped:
+            return
         for _, term in self.objective.terms():
             if not isinstance(term, MemoryUser):
                 continue
@@ -237,6 +293,8 @@ class SupervisedModule(L.LightningModule):
         scores of every other evaluated network under its prefix, and the semi-supervised split's
         hash and counts when the run trained on one."""
         extras = dict(self._split_info())
+        if self.skipped_steps:
+            extras["skipped_steps"] = self.skipped_steps
         if split == "val":
             extras.update(self.fit_summary)
             for prefix in self.evaluated_networks(split):

@@ -123,7 +123,7 @@ class TeacherStudentModule(SupervisedModule):
         if self._warmup_end_step is None:  # supervised-only warm-up
             return super().training_step(labeled, batch_idx)
         loss, logs = self.unsupervised_step(labeled, unlabeled)
-        self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=labeled["image"].shape[0])
+        self.log_step(logs, labeled["image"].shape[0])
         return loss
 
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -215,7 +215,7 @@ class TeacherStudentModule(SupervisedModule):
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
-        if self._warmup_end_step is not None:
+        if self._warmup_end_step is not None and not self._step_skipped:
             t = self.global_step - 1 - self._warmup_end_step
             ema_update(self.teacher, self.net, ema_momentum(max(t, 0), self.ema_max))
 
