@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -16,18 +17,26 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
-from segcon.methods.callbacks import FinalReport, ModelCheckpoint
+from segcon.methods.callbacks import FinalReport, InterruptSignals, ModelCheckpoint
 from segcon.methods.optim import lr_for_batch
-from segcon.utils.checkpoint import AtomicCheckpointIO, read_segcon_state
+from segcon.utils.checkpoint import AtomicCheckpointIO, read_progress, read_segcon_state
 from segcon.utils.errors import find_user_error
 from segcon.utils.loggers import finish_wandb
 from segcon.utils.rich_config import print_config_tree
 
 log = logging.getLogger(__name__)
+
+INTERRUPTED_STATUS = 143
+"""The exit status of a run ended by a termination signal (128 + SIGTERM, the shell's convention)."""
+
+
+class Interrupted(RuntimeError):
+    """A run ended by a termination signal after writing the checkpoint of its last step."""
 
 
 def _resume_wandb(cfg: DictConfig) -> None:
@@ -64,6 +73,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     try:
         metrics = _train(cfg)
+    except SIGTERMException:
+        finish_wandb(1)
+        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        step = read_progress(last)[0] if last.is_file() else None
+        where = ("no checkpoint was written" if step is None
+                 else f"the state of step {step} is in {last}; resume with ckpt_path={last}")
+        raise Interrupted(f"interrupted by a termination signal (SIGTERM or interrupt.signals): {where}") from None
     except BaseException:
         finish_wandb(1)
         raise
@@ -83,7 +99,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    callbacks = [*instantiate_all(cfg.get("callbacks")), FinalReport(out_dir, cfg.eval_ckpt, start)]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), FinalReport(out_dir, cfg.eval_ckpt, start),
+                 InterruptSignals(list((cfg.get("interrupt") or {}).get("signals") or []))]
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -118,6 +135,10 @@ def main(cfg: DictConfig) -> float | None:
     OmegaConf.resolve(cfg)
     try:
         metrics = train(cfg)
+    except Interrupted as exc:
+        log.error(str(exc))
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(INTERRUPTED_STATUS) from None
     except Exception as exc:
         err = find_user_error(exc)
         if err is None:

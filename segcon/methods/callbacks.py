@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from segcon.evaluation.inference import InferenceSettings
 from segcon.evaluation.report import iou_table, write_figures, write_metrics
 from segcon.utils.checkpoint import read_progress
+from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import log_images
 
 
 class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
-    """Lightning's ModelCheckpoint, plus: `last.ckpt` always holds the final state of training.
+    """Lightning's ModelCheckpoint, plus: `last.ckpt` always holds the final state of training,
+    also of a run interrupted by a termination signal.
 
     Lightning writes last.ckpt only together with another checkpoint (after a validation or an
-    epoch), so a run stopped by max_steps between two validations would leave an older one.
+    epoch), so a run stopped by max_steps between two validations would leave an older one. On
+    SIGTERM (or an `interrupt.signals` signal) Lightning finishes the step on every rank and
+    raises SIGTERMException; this writes last.ckpt of that step before the run ends (every rank
+    takes part; the write is atomic, so a second signal during it leaves the previous file).
     """
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING:
+            path = self.final_path()
+            trainer.save_checkpoint(path)
+            self.last_model_path = str(path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
@@ -32,6 +47,36 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def final_path(self) -> Path:
         """Where last.ckpt is (also known to processes that did not save it, e.g. after spawn)."""
         return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+
+class InterruptSignals(L.Callback):
+    """Make the preemption signals `signals` (e.g. SIGUSR1, SIGUSR2) end a run as SIGTERM does:
+    the step finishes, last.ckpt is written, the run exits as interrupted. The handlers are
+    installed for the fit only and the previous ones restored afterwards."""
+
+    def __init__(self, signals: list[str] | tuple[str, ...] = ()) -> None:
+        self.signals = [_signal_number(name) for name in signals]
+        self._previous: dict[int, object] = {}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def _signal_number(name: str) -> int:
+    """`signal.SIGUSR1` from "SIGUSR1" (a ConfigError naming the key otherwise)."""
+    number = getattr(signal, str(name).upper(), None)
+    if not isinstance(number, signal.Signals) or number in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM):
+        raise ConfigError(f"interrupt.signals: {name!r} is not a signal segcon can catch besides SIGTERM "
+                          "(e.g. SIGUSR1, SIGUSR2)")
+    return int(number)
 
 
 class FinalReport(L.Callback):
