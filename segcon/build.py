@@ -89,7 +89,13 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     method = plain(cfg.method)
     # Called directly, not through instantiate: run_config holds _target_ nodes of its own.
     method_cls = get_class(method.pop("_target_"))
-    return method_cls(net=build_model(cfg), objective=build_objective_of(cfg), optim=plain(cfg.optim),
+    objective = build_objective_of(cfg)
+    if objective.reads_teacher and not getattr(method_cls, "uses_unlabeled", False):
+        readers = [name for name, t in objective.terms() if getattr(t, "reads_teacher", False)]
+        raise ConfigError(f"the term(s) {readers} read the teacher's output, but method={cfg.method._target_} has no "
+                          "teacher: use a teacher-student method (method=confidence_ssl for contrast=confidence, "
+                          "method=rc2l for contrast=rc2l)")
+    return method_cls(net=build_model(cfg), objective=objective, optim=plain(cfg.optim),
                       divergence=plain(cfg.get("divergence")), **_data_kwargs(cfg), **method)
 
 

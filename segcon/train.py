@@ -65,6 +65,17 @@ def _eval_checkpoint(trainer: L.Trainer, cfg: DictConfig) -> str | None:
     return cfg.get("ckpt_path")
 
 
+def _interrupted_message(trainer: L.Trainer) -> str:
+    """What an interrupted fit left: the step and file of the checkpoint written at the signal."""
+    cb = trainer.checkpoint_callback
+    last = cb.final_path() if isinstance(cb, ModelCheckpoint) else None
+    if last is None or not last.is_file():
+        where = "no checkpoint was written (callbacks.model_checkpoint is off)"
+    else:
+        where = f"the state of step {read_progress(last)[0]} is in {last}; resume with ckpt_path={last}"
+    return f"interrupted by a termination signal (SIGTERM or interrupt.signals): {where}"
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job described by `cfg`; return the final evaluation metrics.
 
@@ -73,13 +84,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     try:
         metrics = _train(cfg)
-    except SIGTERMException:
-        finish_wandb(1)
-        last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-        step = read_progress(last)[0] if last.is_file() else None
-        where = ("no checkpoint was written" if step is None
-                 else f"the state of step {step} is in {last}; resume with ckpt_path={last}")
-        raise Interrupted(f"interrupted by a termination signal (SIGTERM or interrupt.signals): {where}") from None
     except BaseException:
         finish_wandb(1)
         raise
@@ -115,7 +119,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     module.optim_cfg["lr"] = lr
 
     if cfg.train:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:
+            raise Interrupted(_interrupted_message(trainer)) from None
     ckpt = _eval_checkpoint(trainer, cfg)
     metrics: dict[str, float] = {}
     for result in trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):

@@ -158,11 +158,17 @@ def test_loss_against_a_loop_with_one_negative_in_the_bank() -> None:
     assert loss.item() == pytest.approx(sum(values) / len(values), rel=1e-10)
 
 
-def test_without_a_teacher_or_prototypes() -> None:
+def test_without_a_teacher_or_prototypes(tiny_cfg: Callable[..., DictConfig]) -> None:
     out = _output(40, b=1)
-    targets = Targets(torch.zeros(1, 4, 5, dtype=torch.long), IGNORE)
+    # a supervised warm-up (ground truth only, no teacher yet): a connected zero
+    assert _term()(out, Targets(torch.zeros(1, 4, 5, dtype=torch.long), IGNORE)).item() == 0.0
+    targets = Targets(torch.zeros(1, 4, 5, dtype=torch.long), IGNORE, labeled=torch.tensor([False]))
     with pytest.raises(ConfigError, match="method=confidence_ssl"):
         _term()(out, targets)
+    from segcon.build import build_module
+
+    with pytest.raises(ConfigError, match=r"read the teacher's output, but method=.*SupervisedModule has no teacher"):
+        build_module(tiny_cfg("contrast=confidence"))
     targets.teacher = _teacher(41, b=1)
     term = _term()
     loss = term(out, targets)  # no prototype yet: a connected zero, and this step's entries wait

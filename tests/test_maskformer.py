@@ -162,3 +162,17 @@ def test_maskformer_trains_with_the_set_criterion(tiny_cfg: Callable[..., DictCo
     for key in ("train/loss_mask_set", "train/loss_mask_set/ce", "train/loss_mask_set/focal", "train/loss_mask_set/dice"):
         values = [float(r[key]) for r in rows if r.get(key)]
         assert len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values), key
+
+
+def test_costs_and_losses_stay_finite_under_float16_autocast() -> None:
+    """Sums over 40,000 mask pixels overflow float16 (65,504): the matcher and the set loss run in
+    float32 whatever the autocast."""
+    g = torch.Generator().manual_seed(5)
+    cls = torch.randn(1, 4, 3, generator=g)
+    masks = torch.full((1, 4, 200, 200), -20.0)
+    labels = torch.zeros(1, 200, 200, dtype=torch.long)
+    labels[0, :80] = 1
+    out = SegOutput(logits=torch.zeros(1, 2, 200, 200), aux={"mask_cls": cls, "mask_logits": masks, "aux_outputs": []})
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = SetCriterion(2, ignore_index=IGNORE)(out, Targets(labels, IGNORE))
+    assert all(torch.isfinite(v) for v in loss.values()) and loss["focal"].item() > 0

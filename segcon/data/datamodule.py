@@ -282,10 +282,11 @@ class SegDataModule(L.LightningDataModule):
         info = {"split_hash": self.split.hash, "labeled_images": len(self.split.labeled),
                 "unlabeled_images": len(self.split.unlabeled)}
         if "unlabeled" in self.datasets:
-            pool = self.datasets["unlabeled"]
-            pool = pool.dataset if isinstance(pool, Subset) else pool
-            info["unlabeled_stream_images"] = len(pool)
-            info["unlabeled_without_mask"] = sum(s.mask is None for s in pool.dataset.samples)
+            stream = self.datasets["unlabeled"]  # what is used: after data.subset.train
+            views = stream.dataset if isinstance(stream, Subset) else stream
+            used = stream.indices if isinstance(stream, Subset) else range(len(views))
+            info["unlabeled_stream_images"] = len(stream)
+            info["unlabeled_without_mask"] = sum(views.dataset.samples[i].mask is None for i in used)
         return info
 
     def class_frequencies(self) -> ClassFrequencies:

@@ -46,8 +46,8 @@ class PseudoLabels:
         return Targets(self.label, self.ignore_index, self.confidence, self.keep, labeled, mix_boxes=self.boxes)
 
     def mixed(self, boxes: Tensor) -> PseudoLabels:
-        """CutMixed with `boxes [B, H, W]` (the box content from the next image of the batch), as
-        the strong view is."""
+        """CutMixed with `boxes [B, H, W]` (the box content from the previous image of the batch,
+        `roll(1)`), as the strong view is."""
         label, confidence, keep = (cutmix(boxes, t, t.roll(1, dims=0)) for t in (self.label, self.confidence, self.keep))
         return PseudoLabels(label, confidence, keep, self.ignore_index, boxes)
 
@@ -109,7 +109,7 @@ def make_pseudo_labels(probs: Tensor, valid: Tensor, confidence: ConfidenceFilte
 
 
 def mix(strong: Tensor, pseudo: PseudoLabels, prob: float) -> tuple[Tensor, PseudoLabels]:
-    """CutMix each strong view `[B, 3, H, W]` with the next one of the batch, with probability
+    """CutMix each strong view `[B, 3, H, W]` with the previous one of the batch (`roll(1)`), with probability
     `prob` per image, and its pseudo-labels with the same box, so they stay aligned."""
     if prob <= 0:
         return strong, pseudo

@@ -330,6 +330,10 @@ class SupervisedModule(L.LightningModule):
         self._class_frequencies = {f"class_frequency/{c}": f for c, f in zip(self.class_names, counted.frequencies, strict=True)}
 
     def on_fit_start(self) -> None:
+        if self.divergence.policy == "skip" and self.trainer.accumulate_grad_batches > 1:
+            raise ConfigError("divergence.policy=skip drops one optimizer step's gradients and BatchNorm statistics; "
+                              "with trainer.accumulate_grad_batches > 1 a step spans several batches: use "
+                              "divergence.policy=stop, or accumulate_grad_batches=1")
         info = self._split_info()
         if info:
             extra = info.get("unlabeled_stream_images", 0) - info["unlabeled_images"]
@@ -345,7 +349,8 @@ class SupervisedModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         bests = {best_key(prefix): self.bests.get(prefix, float("nan")) for prefix in self.evaluated_networks("val")}
-        checkpoint["segcon"] = {"config": self.run_config, **bests, **self._split_info()}
+        checkpoint["segcon"] = {"config": self.run_config, **bests, **self._split_info(),
+                                "skipped_steps": self.skipped_steps}
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["segcon"]["wandb_run_id"] = logger.version
@@ -353,6 +358,7 @@ class SupervisedModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("segcon", {})
         self.bests = {prefix: float(state.get(best_key(prefix), float("nan"))) for prefix in self.evaluated_networks("val")}
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         keys = ("split_hash", "labeled_images", "unlabeled_images", "unlabeled_stream_images", "unlabeled_without_mask")
         self._restored_split = {k: state[k] for k in keys if k in state}
 

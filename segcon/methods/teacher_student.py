@@ -61,7 +61,7 @@ class TeacherStudentModule(SupervisedModule):
             (`segcon.methods.alignment`), against the rare-class confirmation bias of
             class-imbalanced data; alignment_momentum is the EMA momentum of both distributions.
         cutmix_prob: probability of a CutMix box per unlabeled image (the box's content comes
-            from the next image of the batch, with its pseudo-labels and confidences).
+            from the previous image of the batch, with its pseudo-labels and confidences).
         teacher_heads: the student's train-only heads the teacher keeps (and averages), for terms
             that read the teacher's embeddings (`Targets.teacher`); none by default.
 

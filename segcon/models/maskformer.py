@@ -277,9 +277,12 @@ class MaskFormer(SegModel):
         bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
         if bad:
             raise ConfigError(f"model: {bad} must be positive integers")
-        if sizes["hidden_dim"] % sizes["nheads"] or sizes["hidden_dim"] % 2:
-            raise ConfigError(f"model.hidden_dim={sizes['hidden_dim']} must be even and a multiple of "
-                              f"model.nheads={sizes['nheads']}")
+        if sizes["hidden_dim"] % sizes["nheads"] or sizes["hidden_dim"] % 4:
+            raise ConfigError(f"model.hidden_dim={sizes['hidden_dim']} must be a multiple of 4 (the sine position "
+                              f"encoding) and of model.nheads={sizes['nheads']}")
+        if sizes["conv_dim"] % _norm(sizes["conv_dim"]).num_groups:
+            raise ConfigError(f"model.conv_dim={sizes['conv_dim']} must be a multiple of its GroupNorm groups "
+                              f"({_norm(sizes['conv_dim']).num_groups}); use a multiple of 32, or of 4 below 128")
         try:
             with torch.device("meta"):
                 encoder = get_encoder(str(config["encoder_name"]), in_channels=int(config.get("in_channels", 3)),

@@ -105,6 +105,8 @@ class ConfidenceContrastLoss(Term, MemoryUser):
         return output.embedding(self.embedding, type(self).__name__).zero()
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
+        if targets.teacher is None and targets.labeled is None:  # a supervised warm-up: no teacher yet
+            return self.zero(output)
         if targets.teacher is None:
             raise ConfigError("contrast=confidence reads the teacher's embeddings: train it with method=confidence_ssl "
                               "(or a teacher-student method with method.teacher_heads=[projection])")

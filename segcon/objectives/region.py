@@ -142,7 +142,7 @@ class RegionConsistencyContrast(Term):
         their boxes (the box content from the previous teacher row of the same view batch)."""
         teacher = targets.teacher
         assert teacher is not None
-        maps = self._pooled_maps(teacher).detach()
+        maps = at_least_float32(self._pooled_maps(teacher).detach())
         if maps.shape[-2:] != size:
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         n = maps.shape[0]
@@ -166,6 +166,8 @@ class RegionConsistencyContrast(Term):
     def forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
         if "mask_cls" not in output.aux:
             raise ConfigError("contrast rc2l reads a mask-classification head's outputs: use model=maskformer_*")
+        if targets.teacher is None and targets.labeled is None:  # a supervised warm-up: no teacher yet
+            return dict.fromkeys(TERMS, self.zero(output))
         if targets.teacher is None:
             raise ConfigError("contrast rc2l reads the teacher's mask features: train it with a teacher-student "
                               "method (method=rc2l)")
@@ -176,13 +178,19 @@ class RegionConsistencyContrast(Term):
         zero = self.zero(output)
         if rows.numel() == 0:
             return dict.fromkeys(TERMS, zero)
-        mask_cls, mask_logits = output.aux["mask_cls"][rows], output.aux["mask_logits"][rows]
+        with torch.autocast(targets.labels.device.type, enabled=False):  # float16 sums over pixels overflow
+            return self._terms(output, targets, rows, zero)
+
+    def _terms(self, output: SegOutput, targets: Targets, rows: Tensor, zero: Tensor) -> dict[str, Tensor]:
+        """The four terms on the unlabeled `rows`, in float32 or wider."""
+        mask_cls = at_least_float32(output.aux["mask_cls"][rows])
+        mask_logits = at_least_float32(output.aux["mask_logits"][rows])
         size = tuple(mask_logits.shape[-2:])
         regions = self.regions(Targets(targets.labels[rows], targets.ignore_index,
                                        None if targets.confidence is None else targets.confidence[rows]), size)
         matches = self.set_loss.match(mask_cls, mask_logits, regions)
         set_terms = self.set_loss.layer_losses(mask_cls, mask_logits, regions, matches)
-        student = self._pooled_maps(output)[rows]
+        student = at_least_float32(self._pooled_maps(output)[rows])
         if student.shape[-2:] != size:
             student = F.interpolate(student, size=size, mode="bilinear", align_corners=False)
         teacher = self._teacher_maps(targets, rows, size)

@@ -131,7 +131,7 @@ class SetCriterion(Term):
         """Per image: matched (query indices, target indices) of least total cost."""
         c_class, c_focal, c_dice = self.costs
         matches = []
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(mask_cls.device.type, enabled=False):  # float16 costs overflow
             for cls, masks, target in zip(mask_cls, mask_logits, targets, strict=True):
                 if target.classes.numel() == 0:
                     empty = torch.zeros(0, dtype=torch.long, device=cls.device)
@@ -179,11 +179,16 @@ class SetCriterion(Term):
         return {"ce": ce, "focal": focal / max(count, 1), "dice": dice / max(count, 1)}
 
     def forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
+        with torch.autocast(targets.labels.device.type, enabled=False):  # float16 sums over pixels overflow
+            return self._forward(output, targets)
+
+    def _forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
         if "mask_cls" not in output.aux:
             raise ConfigError("loss mask_set reads a mask-classification head's outputs: use model=maskformer_*")
         layers = [(output.aux["mask_cls"], output.aux["mask_logits"])]
         if self.deep_supervision:
             layers += [(a["mask_cls"], a["mask_logits"]) for a in output.aux.get("aux_outputs", [])]
+        layers = [(at_least_float32(c), at_least_float32(m)) for c, m in layers]
         size = tuple(output.aux["mask_logits"].shape[-2:])
         image_targets = semantic_targets(targets.reliable(), targets.ignore_index, size)
         total = dict.fromkeys(("ce", "focal", "dice"), output.aux["mask_cls"].sum() * 0.0)
