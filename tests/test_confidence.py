@@ -214,3 +214,19 @@ def test_ddp_sim_prototypes_and_bank_are_identical_on_both_ranks(data_dir: Path,
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     for k, v in ranks[0]["memory"].items():
         assert torch.equal(ckpt["state_dict"][f"objective.contrast.confidence.{k}"], v), k
+
+
+def test_negatives_are_drawn_uniformly_from_the_other_classes_filled_slots() -> None:
+    term = _term(bank_size=6)
+    feats = torch.arange(K * 6 * D, dtype=torch.float64).reshape(K * 6, D)[:7]  # distinct rows
+    term.bank.push(feats, torch.tensor([0, 0, 0, 1, 1, 2, 2]))  # filled: class 0: 3, class 1: 2, class 2: 2
+    torch.manual_seed(0)
+    drawn = term.draw_negatives(1, (4000, 5)).reshape(-1, D)
+    allowed = {tuple(r) for r in feats[[0, 1, 2, 5, 6]].tolist()}  # classes 0 and 2, never 1 or an empty slot
+    found = [tuple(r) for r in drawn.tolist()]
+    assert set(found) == allowed
+    share = torch.tensor([found.count(a) for a in sorted(allowed)], dtype=torch.float64) / len(found)
+    assert torch.allclose(share, torch.full((5,), 0.2, dtype=torch.float64), atol=0.02)  # uniform over the union
+    empty = _term()
+    empty.bank.push(feats[:2], torch.tensor([1, 1]))
+    assert empty.draw_negatives(1, (3, 2)) is None

@@ -116,18 +116,29 @@ class ConfidenceContrastLoss(Term, MemoryUser):
         z = at_least_float32(emb.at(index))
         if index.numel() == 0:
             return emb.zero()
-        entries, entry_labels = self.bank.entries()
         losses = []
         for c in labels.unique().tolist():
-            others = (entry_labels != c).nonzero().squeeze(1)
-            if others.numel() == 0:
-                continue
             rows = (labels == c).nonzero().squeeze(1)
-            draw = others[torch.randint(others.numel(), (rows.numel(), self.negatives_per_anchor), device=others.device)]
-            losses.append(self._anchor_losses(z[rows], self.prototypes[c], entries[draw]))
+            negatives = self.draw_negatives(c, (rows.numel(), self.negatives_per_anchor))
+            if negatives is not None:
+                losses.append(self._anchor_losses(z[rows], self.prototypes[c], negatives))
         if not losses:
             return emb.zero()
         return torch.cat(losses).mean()
+
+    def draw_negatives(self, c: int, shape: tuple[int, int]) -> Tensor | None:
+        """`shape` bank entries `[N, n, D]` drawn uniformly, with replacement, from the filled
+        slots of the classes other than `c` (None when they hold none). A class's filled slots
+        are its first `count` ones, so the draw indexes the bank without copying it."""
+        counts = self.bank.count.clone()
+        counts[c] = 0
+        total = int(counts.sum())
+        if total == 0:
+            return None
+        ends = torch.cumsum(counts, 0)
+        u = torch.randint(total, shape, device=counts.device)
+        cls = torch.searchsorted(ends, u, right=True)
+        return self.bank.feats[cls, u - (ends[cls] - counts[cls])]
 
     def _anchor_losses(self, z: Tensor, prototype: Tensor, negatives: Tensor) -> Tensor:
         """ℓ for anchors `z [N, D]` of one class against its `prototype [D]` and their own
