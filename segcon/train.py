@@ -22,12 +22,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
-from segcon.methods.callbacks import FinalReport, InterruptSignals, ModelCheckpoint
+from segcon.methods.callbacks import FinalReport, ModelCheckpoint
 from segcon.methods.optim import lr_for_batch
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_progress, read_segcon_state
 from segcon.utils.errors import find_user_error
 from segcon.utils.loggers import finish_wandb
 from segcon.utils.rich_config import print_config_tree
+from segcon.utils.signals import as_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     sweep, a notebook cell) starts a fresh one.
     """
     try:
-        metrics = _train(cfg)
+        with as_sigterm(list((cfg.get("interrupt") or {}).get("signals") or [])):
+            metrics = _train(cfg)
     except BaseException:
         finish_wandb(1)
         raise
@@ -103,8 +105,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    callbacks = [*instantiate_all(cfg.get("callbacks")), FinalReport(out_dir, cfg.eval_ckpt, start),
-                 InterruptSignals(list((cfg.get("interrupt") or {}).get("signals") or []))]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), FinalReport(out_dir, cfg.eval_ckpt, start)]
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]

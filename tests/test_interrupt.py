@@ -38,3 +38,16 @@ def test_a_signal_checkpoints_the_current_step_and_exits_interrupted(data_dir: P
     step = int(re.search(r"the state of step (\d+) is in", err).group(1))
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == step >= 3  # the step the signal interrupted, not an earlier save
+
+
+def test_signal_names_are_checked_and_handlers_restored() -> None:
+    from segcon.utils.errors import ConfigError
+    from segcon.utils.signals import as_sigterm
+
+    before = signal.getsignal(signal.SIGUSR2)
+    with as_sigterm(["SIGUSR2"]):
+        assert signal.getsignal(signal.SIGUSR2) is not before
+    assert signal.getsignal(signal.SIGUSR2) is before
+    for bad in ("SIGKILL", "SIGTERM", "SIGNOPE"):
+        with pytest.raises(ConfigError, match=r"interrupt\.signals"), as_sigterm([bad]):
+            pass

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +14,6 @@ from rich.console import Console
 from segcon.evaluation.inference import InferenceSettings
 from segcon.evaluation.report import iou_table, write_figures, write_metrics
 from segcon.utils.checkpoint import read_progress
-from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import log_images
 
 
@@ -47,36 +43,6 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def final_path(self) -> Path:
         """Where last.ckpt is (also known to processes that did not save it, e.g. after spawn)."""
         return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-
-
-class InterruptSignals(L.Callback):
-    """Make the preemption signals `signals` (e.g. SIGUSR1, SIGUSR2) end a run as SIGTERM does:
-    the step finishes, last.ckpt is written, the run exits as interrupted. The handlers are
-    installed for the fit only and the previous ones restored afterwards."""
-
-    def __init__(self, signals: list[str] | tuple[str, ...] = ()) -> None:
-        self.signals = [_signal_number(name) for name in signals]
-        self._previous: dict[int, object] = {}
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
-
-
-def _signal_number(name: str) -> int:
-    """`signal.SIGUSR1` from "SIGUSR1" (a ConfigError naming the key otherwise)."""
-    number = getattr(signal, str(name).upper(), None)
-    if not isinstance(number, signal.Signals) or number in (signal.SIGKILL, signal.SIGSTOP, signal.SIGTERM):
-        raise ConfigError(f"interrupt.signals: {name!r} is not a signal segcon can catch besides SIGTERM "
-                          "(e.g. SIGUSR1, SIGUSR2)")
-    return int(number)
 
 
 class FinalReport(L.Callback):
