@@ -34,13 +34,6 @@ from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 
 
-def _nearest(values: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a `[B, H, W]` map (any dtype) to `size`."""
-    if tuple(values.shape[-2:]) == tuple(size):
-        return values
-    return F.interpolate(values[:, None].float(), size=size, mode="nearest")[:, 0].to(values.dtype)
-
-
 class ConfidenceContrastLoss(Term, MemoryUser):
     """Low-confidence anchors against high-confidence prototypes and negatives (see the module
     docstring).
@@ -162,7 +155,7 @@ class ConfidenceContrastLoss(Term, MemoryUser):
         if targets.confidence is None:
             score = student
         else:
-            confidence = _nearest(targets.confidence, (h, w))
+            confidence = labels_at(targets.confidence, (h, w))
             rows = torch.ones(b, dtype=torch.bool, device=labels.device) if targets.labeled is None else targets.labeled
             score = torch.where(rows[:, None, None], student, confidence)
         low = valid & (score < self.threshold) & self.prototype_set[safe]
@@ -186,7 +179,7 @@ class ConfidenceContrastLoss(Term, MemoryUser):
         confidence, label = probs.max(1)
         high = confidence >= self.threshold
         if "valid" in teacher.aux:
-            high &= _nearest(teacher.aux["valid"], (h, w))
+            high &= labels_at(teacher.aux["valid"], (h, w))
         index = high.reshape(-1).nonzero().squeeze(1)
         group = label.reshape(-1)[index]
         counts = torch.bincount(group, minlength=k).to(probs.dtype)

@@ -86,10 +86,12 @@ def pair_contrast(
 
 
 def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of integer labels `[B, H, W]` to `size` (no new label values)."""
+    """Nearest-neighbour resize of a map `[B, H, W]` (labels, confidences, boolean masks) to
+    `size`, keeping its dtype: no new values."""
     if tuple(target.shape[-2:]) == tuple(size):
         return target
-    return F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    work = target if target.is_floating_point() else target.float()
+    return F.interpolate(work[:, None], size=size, mode="nearest")[:, 0].to(target.dtype)
 
 
 def sample_anchors(

@@ -128,7 +128,7 @@ class RegionConsistencyContrast(Term):
         if targets.confidence is None:
             confidence = torch.ones(labels.shape, device=labels.device)
         else:
-            confidence = F.interpolate(targets.confidence[:, None].float(), size=size, mode="nearest")[:, 0]
+            confidence = labels_at(targets.confidence, size)
         out = []
         for label, conf in zip(labels.flatten(1), confidence.flatten(1), strict=True):
             valid = (label != targets.ignore_index) & (conf >= self.threshold)
@@ -149,7 +149,7 @@ class RegionConsistencyContrast(Term):
         index = torch.arange(rows.numel(), device=maps.device) % n
         own, previous = maps[index], maps[(index - 1) % n]
         if targets.mix_boxes is not None:
-            boxes = labels_at(targets.mix_boxes[rows].long(), size).bool()
+            boxes = labels_at(targets.mix_boxes[rows], size)
             own = cutmix(boxes, own, previous)
         return own.flatten(2)
 
