@@ -22,8 +22,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
-from segcon.methods.callbacks import FinalReport, ModelCheckpoint
+from segcon.methods.callbacks import FinalReport, ModelCheckpoint, ResumeState
 from segcon.methods.optim import lr_for_batch
+from segcon.resume import resume_checkpoint
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_progress, read_segcon_state
 from segcon.utils.errors import find_user_error
 from segcon.utils.loggers import finish_wandb
@@ -40,15 +41,23 @@ class Interrupted(RuntimeError):
     """A run ended by a termination signal after writing the checkpoint of its last step."""
 
 
-def _resume_wandb(cfg: DictConfig) -> None:
-    """When resuming from a checkpoint, continue its W&B run (id stored in the checkpoint)."""
-    if not cfg.get("ckpt_path") or not cfg.get("logger") or "wandb" not in cfg.logger or cfg.logger.wandb is None:
+def _resume_loggers(cfg: DictConfig) -> None:
+    """When resuming from a checkpoint: continue its W&B run (id stored in the checkpoint), and
+    keep a CSV log already in the run directory (resuming in place): the resumed part is written
+    next to it, to `csv/resumed-step<N>/metrics.csv`."""
+    if not cfg.get("ckpt_path") or not cfg.get("logger"):
         return
-    run_id = read_segcon_state(cfg.ckpt_path).get("wandb_run_id")
-    if run_id and not cfg.logger.wandb.get("id"):
+    wandb, csv = cfg.logger.get("wandb"), cfg.logger.get("csv")
+    if wandb is not None:
+        run_id = read_segcon_state(cfg.ckpt_path).get("wandb_run_id")
+        if run_id and not wandb.get("id"):
+            with open_dict(cfg):
+                wandb.id = run_id
+                wandb.resume = "allow"
+    existing = csv is not None and (Path(csv.save_dir) / str(csv.get("name") or "") / "metrics.csv").is_file()
+    if existing and not csv.get("version"):
         with open_dict(cfg):
-            cfg.logger.wandb.id = run_id
-            cfg.logger.wandb.resume = "allow"
+            csv.version = f"resumed-step{read_progress(cfg.ckpt_path)[0]}"
 
 
 def _eval_checkpoint(trainer: L.Trainer, cfg: DictConfig) -> str | None:
@@ -100,12 +109,15 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     fill_data_defaults(cfg)
     print_config_tree(cfg, out_dir)
     validate_cfg(cfg)
+    if cfg.train and cfg.get("ckpt_path"):
+        with open_dict(cfg):
+            cfg.ckpt_path = resume_checkpoint(cfg)
     L.seed_everything(cfg.seed, workers=True)
-    _resume_wandb(cfg)
+    _resume_loggers(cfg)
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    callbacks = [*instantiate_all(cfg.get("callbacks")), FinalReport(out_dir, cfg.eval_ckpt, start)]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), ResumeState(), FinalReport(out_dir, cfg.eval_ckpt, start)]
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]

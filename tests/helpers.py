@@ -108,3 +108,27 @@ class NanAfter(PixelLoss):
         if not self.calls <= self.count < self.calls + self.times:
             return zero
         return zero + float("nan") if self.mode == "value" else zero.clamp_min(0).sqrt()
+
+
+class CrashAt(L.Callback):
+    """Ends the process at the start of the batch after optimizer step `step`: with `how="kill"`
+    by SIGKILL (nothing runs after it, as with kill -9 or a lost node), `how="term"` by SIGTERM
+    (a scheduler's stop: the run finishes the step and saves), `how="raise"` by an exception
+    (in-process runs: only the files written so far survive into the resumed run)."""
+
+    def __init__(self, step: int, how: str = "raise") -> None:
+        self.step, self.how = step, how
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            if self.how in ("kill", "term"):
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL if self.how == "kill" else signal.SIGTERM)
+                return
+            raise SimulatedCrash(f"simulated crash at step {self.step}")
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by CrashAt."""

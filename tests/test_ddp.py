@@ -73,3 +73,24 @@ def test_miou_equals_single_process_evaluation(ddp_run: Path, tiny_cfg: Callable
     assert m["val/checkpoint_step"] == STEPS
     cfg = tiny_cfg(*OVERRIDES)
     assert _independent_miou(cfg, Path(m["val/checkpoint"]))[0] == pytest.approx(m["val/mIoU"], abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_crashed_and_resumed_ends_as_the_uninterrupted_one(
+    ddp_run: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    """Both ranks stop at step 2 (an exception: a SIGKILL of one rank would leave the other
+    waiting on a collective); the resumed pair gets each rank's own random state back and ends
+    with the weights and metrics of the uninterrupted pair."""
+    from tests.test_resume import _assert_same_run
+
+    repo = Path(__file__).resolve().parents[1]
+    args = [*_tiny_cli_args(data_dir), "trainer=ddp_sim", *OVERRIDES, f"trainer.max_steps={STEPS}", "eval_ckpt=last",
+            "callbacks.model_checkpoint.last_every_n_steps=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = _cli([*args, "+callbacks.crash._target_=tests.helpers.CrashAt", "+callbacks.crash.step=2"], repo)
+    assert proc.returncode != 0 and "simulated crash at step 2" in proc.stderr, proc.stderr[-2000:]
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] in (1, 2) and len(saved["segcon_rng"]) == 2
+    proc = _cli([*args, "ckpt_path=last"], repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(ddp_run, tmp_path / "run")

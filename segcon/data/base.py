@@ -281,6 +281,11 @@ class SegDataset(Dataset):
             raise DataError(f"cannot decode image {path}: {err}. Re-extract or delete it.") from None
         return h, w
 
+    def set_seed(self, seed: int) -> None:
+        """Seed the transform's random draws (a transform without any ignores it)."""
+        if hasattr(self.transform, "set_seed"):
+            self.transform.set_seed(seed)
+
     def __getitem__(self, index: int) -> dict:
         image, mask = self.load(index)
         if self.transform is not None:

@@ -15,12 +15,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from segcon.data.base import Sample, SegDataset, read_id_list
+from segcon.data.sampling import ResumableSampler, TrainItems
 from segcon.data.splits import Split, labeled_count, make_split, read_split
-from segcon.data.ssl import CyclingSampler, UnlabeledViews
+from segcon.data.ssl import UnlabeledViews
 from segcon.data.stats import split_stats
 from segcon.data.transforms import SegTransform
 from segcon.utils.errors import ConfigError, DataError
@@ -64,7 +66,8 @@ class ShardSampler(Sampler[int]):
 def pad_collate(batch: Sequence[dict], ignore_index: int) -> dict[str, Any]:
     """Stack items of different sizes, padding at the bottom/right: images (`image`, `strong`)
     with 0 (the normalised mean), label maps (`mask`, `gt`) with `ignore_index`, `valid` with
-    False — so padding never counts in losses or metrics."""
+    False — so padding never counts in losses or metrics. The `skipped` errors of replaced
+    items (data.on_bad_file=skip) are gathered into one list."""
     h = max(item["image"].shape[-2] for item in batch)
     w = max(item["image"].shape[-1] for item in batch)
     out: dict[str, Any] = {"id": [item["id"] for item in batch]}
@@ -73,6 +76,9 @@ def pad_collate(batch: Sequence[dict], ignore_index: int) -> dict[str, Any]:
             out[key] = torch.stack(
                 [F.pad(it[key], (0, w - it[key].shape[-1], 0, h - it[key].shape[-2]), value=fill) for it in batch]
             )
+    skipped = [err for it in batch for err in it.get("skipped", ())]
+    if skipped:
+        out["skipped"] = skipped
     return out
 
 
@@ -86,18 +92,11 @@ class _Collate:
         return pad_collate(batch, self.ignore_index)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Give each data-loader worker its own augmentation stream, derived from the loader's seed."""
-    cv2.setNumThreads(0)  # workers are processes already; OpenCV threads would oversubscribe
-    info = torch.utils.data.get_worker_info()
-    dataset = info.dataset
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    seed = torch.initial_seed() % 2**32
-    if isinstance(dataset, UnlabeledViews):
-        dataset.set_seed(seed)
-    elif getattr(dataset, "transform", None) is not None and hasattr(dataset.transform, "set_seed"):
-        dataset.transform.set_seed(seed)
+def _init_worker(worker_id: int) -> None:
+    """Data-loader workers are processes already: OpenCV's own threads would oversubscribe.
+    (Augmentation needs no per-worker seed: each training item carries its own, see
+    segcon.data.sampling.)"""
+    cv2.setNumThreads(0)
 
 
 class SegDataModule(L.LightningDataModule):
@@ -113,7 +112,8 @@ class SegDataModule(L.LightningDataModule):
         batch_size: per-device training batch; val_batch_size likewise for evaluation.
         num_workers: loader processes per device.
         subset: optional {split: n}: use only the first n samples of a split (debugging).
-        seed: seeds shuffling and augmentation.
+        seed: seeds shuffling and augmentation: each training item's order and augmentation are
+            functions of (seed, epoch, position), whatever num_workers is (segcon.data.sampling).
         split: semi-supervised split of the train split: a directory with labeled.txt
             [+ unlabeled.txt] or a labeled list file (segcon.data.splits). Or, drawn on the fly
             with `split_seed`: `labeled_fraction` (0.0625, "1/16") or `labeled_count`, drawn from
@@ -125,6 +125,9 @@ class SegDataModule(L.LightningDataModule):
         weak_transform, strong_transform, num_strong: the unlabeled views (segcon.data.ssl).
         unlabeled_batch_size: per-device unlabeled batch (default: batch_size).
         cache_dir: where counted label statistics are kept (`class_frequencies`); None: not kept.
+        on_bad_file: a training image or mask that cannot be read (or holds values outside the
+            label space): "stop" the run naming the file, or "skip" it (the next image takes its
+            place; the run counts and reports the files). Evaluation always stops.
     """
 
     def __init__(
@@ -155,6 +158,7 @@ class SegDataModule(L.LightningDataModule):
         num_strong: int = 1,
         unlabeled_batch_size: int | None = None,
         cache_dir: str | None = None,
+        on_bad_file: str = "stop",
     ) -> None:
         super().__init__()
         self.dataset_cfg = dataset
@@ -186,8 +190,12 @@ class SegDataModule(L.LightningDataModule):
         self.num_strong = num_strong
         self.unlabeled_batch_size = unlabeled_batch_size or batch_size
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        if on_bad_file not in ("stop", "skip"):
+            raise ConfigError(f"data.on_bad_file={on_bad_file!r}; use stop or skip")
+        self.on_bad_file = on_bad_file
         self.split: Split | None = None
         self.datasets: dict[str, Dataset] = {}
+        self._resume_position: tuple[int, int] | None = None
 
     def build_dataset(self, split: str, train: bool = False, labeled: bool = True) -> SegDataset:
         """The dataset of a logical split with the train or evaluation transform."""
@@ -196,7 +204,6 @@ class SegDataModule(L.LightningDataModule):
             raise ConfigError(f"data.splits.{split} is not set for this dataset")
         steps = self.train_steps if train else self.val_steps
         transform = SegTransform(steps, self.mean, self.std, self.ignore_index)
-        transform.set_seed(self.seed + (*SPLITS, "unlabeled").index(split))
         return instantiate(
             self.dataset_cfg,
             root=self.root,
@@ -248,9 +255,7 @@ class SegDataModule(L.LightningDataModule):
             weak = SegTransform(self.weak_steps, self.mean, self.std, self.ignore_index)
             strong = SegTransform(self.strong_steps, self.mean, self.std, self.ignore_index,
                                   photometric_only="data.strong_transform")
-            views = UnlabeledViews(base, weak, strong, self.num_strong)
-            views.set_seed(self.seed + 7)
-            self.datasets["unlabeled"] = self._limit("train", views)
+            self.datasets["unlabeled"] = self._limit("train", UnlabeledViews(base, weak, strong, self.num_strong))
 
     def _unlabeled_pool(self, full: SegDataset) -> SegDataset:
         """The unlabeled stream's images: the split's unlabeled training images, then the images
@@ -335,62 +340,76 @@ class SegDataModule(L.LightningDataModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler, drop_last: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed + self._rank())
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=_Collate(self.ignore_index),
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            drop_last=drop_last,
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=_seed_worker,
-            generator=generator,
-        )
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return {
+            # the loader draws its workers' base seed from this, not from the global generator,
+            # which then holds the model-side draws only (dropout, samplers, CutMix: ResumeState)
+            "generator": torch.Generator().manual_seed(self.seed),
+            "num_workers": self.num_workers,
+            "collate_fn": _Collate(self.ignore_index),
+            "pin_memory": self.pin_memory and torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+            "worker_init_fn": _init_worker,
+        }
+
+    # -- resuming ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint of a fit: where the training streams are, as (epoch, batches
+        trained in it) — what training consumed, not what the loaders prefetched."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        return {"train_position": [trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resuming: the next training loader starts where the checkpoint's fit was. (Lightning
+        restores this before it first asks for the loader, so no worker prefetches a draw of the
+        wrong place.)"""
+        if "train_position" in state:
+            epoch, batches = state["train_position"]
+            self._resume_position = (int(epoch), int(batches))
+
+    def _train_loader(self, dataset: Dataset, batch_size: int, length: int, stream: int) -> DataLoader:
+        """A loader of `length` draws per rank and epoch (segcon.data.sampling), started at the
+        resumed position when there is one."""
+        sampler = ResumableSampler(len(dataset), length, self._rank(), self._world_size(), self.seed, stream)
+        if self._resume_position is not None:
+            sampler.resume_at(*self._resume_position, batch_size)
+        # drop_last: a last batch of one image breaks BatchNorm (e.g. DeepLabV3+'s ASPP pooling).
+        return DataLoader(TrainItems(dataset, skip_bad=self.on_bad_file == "skip"), batch_size=batch_size,
+                          sampler=sampler, drop_last=True, **self._loader_kwargs())
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
         if self.unlabeled:
-            return self._semi_supervised_loader()
-        dataset = self.datasets["train"]
-        world = self._world_size()
-        if world > 1:
-            sampler: Sampler = DistributedSampler(
-                dataset, num_replicas=world, rank=self._rank(), shuffle=True, seed=self.seed, drop_last=True
-            )
+            loader: DataLoader | CombinedLoader = self._semi_supervised_loader()
         else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.seed))
-        # drop_last: a last batch of one image breaks BatchNorm (e.g. DeepLabV3+'s ASPP pooling).
-        return self._loader(dataset, self.batch_size, sampler, drop_last=True)
+            dataset = self.datasets["train"]
+            loader = self._train_loader(dataset, self.batch_size, len(dataset) // self._world_size(), stream=0)
+        self._resume_position = None  # a later loader (a new fit) starts at the beginning
+        return loader
 
     def _semi_supervised_loader(self) -> CombinedLoader:
         """`{"labeled", "unlabeled"}` batches: one pass over the unlabeled images per epoch, the
         labeled images cycled through fresh permutations to the same number of batches."""
         unlabeled, labeled = self.datasets["unlabeled"], self.datasets["train"]
-        world, rank = self._world_size(), self._rank()
+        world = self._world_size()
         steps = len(unlabeled) // (self.unlabeled_batch_size * world)
         if steps == 0:
             raise ConfigError(
                 f"{len(unlabeled)} unlabeled images are fewer than one global unlabeled batch "
                 f"(data.unlabeled_batch_size={self.unlabeled_batch_size} x {world} devices)"
             )
-        if world > 1:
-            u_sampler: Sampler = DistributedSampler(unlabeled, num_replicas=world, rank=rank, shuffle=True,
-                                                    seed=self.seed, drop_last=True)
-        else:
-            u_sampler = RandomSampler(unlabeled, generator=torch.Generator().manual_seed(self.seed + 1))
-        l_sampler = CyclingSampler(len(labeled), steps * self.batch_size, rank, world, self.seed)
         loaders = {
-            "labeled": self._loader(labeled, self.batch_size, l_sampler, drop_last=True),
-            "unlabeled": self._loader(unlabeled, self.unlabeled_batch_size, u_sampler, drop_last=True),
+            "labeled": self._train_loader(labeled, self.batch_size, steps * self.batch_size, stream=0),
+            "unlabeled": self._train_loader(unlabeled, self.unlabeled_batch_size, len(unlabeled) // world, stream=1),
         }
         return CombinedLoader(loaders, mode="min_size")
 
     def _eval_loader(self, split: str) -> DataLoader:
         dataset = self.datasets[split]
         sampler = ShardSampler(len(dataset), self._rank(), self._world_size())
-        return self._loader(dataset, self.val_batch_size, sampler, drop_last=False)
+        return DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -1,13 +1,11 @@
-"""Semi-supervised data: unlabeled items with aligned weak and strong views, and the sampler that
-repeats the labeled set so that one epoch is one pass over the unlabeled set."""
+"""Semi-supervised data: unlabeled items with aligned weak and strong views. (The labeled stream,
+cycled to the unlabeled stream's length, is a segcon.data.sampling.ResumableSampler.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from segcon.data.base import SegDataset
 from segcon.data.transforms import SegTransform
@@ -55,28 +53,3 @@ class UnlabeledViews(Dataset):
         if gt is not None:
             item["gt"] = torch.from_numpy(masks[1])
         return item
-
-
-class CyclingSampler(Sampler[int]):
-    """Indices of a dataset of `size` items, repeated through fresh permutations until
-    `length` indices per rank are drawn: the labeled stream, sized to the unlabeled one.
-
-    Rank r takes every `world_size`-th index of one seeded stream starting at r, so the ranks
-    see disjoint items within each pass. `set_epoch` (called by Lightning) changes the stream.
-    """
-
-    def __init__(self, size: int, length: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
-        self.size, self.length, self.rank, self.world_size, self.seed = size, length, rank, world_size, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        need = self.length * self.world_size
-        stream = torch.cat([torch.randperm(self.size, generator=g) for _ in range(-(-need // self.size))])
-        return iter(stream[self.rank : need : self.world_size].tolist())
-
-    def __len__(self) -> int:
-        return self.length

@@ -5,31 +5,75 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from segcon.evaluation.inference import InferenceSettings
 from segcon.evaluation.report import iou_table, write_figures, write_metrics
 from segcon.utils.checkpoint import read_progress
+from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import log_images
+from segcon.utils.rng import rng_state, set_rng_state
 
 
 class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     """Lightning's ModelCheckpoint, plus: `last.ckpt` always holds the final state of training,
-    also of a run interrupted by a termination signal.
+    also of a run interrupted by a termination signal, and is also written every
+    `last_every_n_steps` optimizer steps and/or every `last_every_minutes` minutes, which bounds
+    the work a crash (kill -9, a lost node) loses.
+
+    The periodic write happens at the start of a training batch, after the previous step and any
+    validation that followed it, and never inside a gradient-accumulation group: a run resumed
+    from it continues exactly where the writing run went on (see ResumeState).
 
     Lightning writes last.ckpt only together with another checkpoint (after a validation or an
     epoch), so a run stopped by max_steps between two validations would leave an older one. On
     SIGTERM (or an `interrupt.signals` signal) Lightning finishes the step on every rank and
     raises SIGTERMException; this writes last.ckpt of that step before the run ends (every rank
-    takes part; the write is atomic, so a second signal during it leaves the previous file).
+    takes part; the write is atomic, so a second signal during it leaves the previous file). A
+    signal during a validation inside the fit ends it there without a new checkpoint: the newest
+    one (periodic, or of the last validation) is what a resumed run starts from.
     """
 
+    def __init__(self, *args: Any, last_every_n_steps: int | None = None, last_every_minutes: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if (last_every_n_steps or last_every_minutes) and not self.save_last:
+            raise ConfigError("callbacks.model_checkpoint.last_every_n_steps / last_every_minutes write last.ckpt: "
+                              "they need save_last: true")
+        self.last_every_n_steps, self.last_every_minutes = last_every_n_steps, last_every_minutes
+        self._last_write = time.monotonic()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._last_write = time.monotonic()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not (self.last_every_n_steps or self.last_every_minutes) or step in (0, self._last_global_step_saved):
+            return
+        if batch_idx % trainer.accumulate_grad_batches:
+            return
+        due = bool(self.last_every_n_steps) and step % int(self.last_every_n_steps) == 0
+        if self.last_every_minutes:  # rank 0's clock decides for every rank (the write is collective)
+            due |= bool(trainer.strategy.broadcast(time.monotonic() - self._last_write >= 60 * self.last_every_minutes))
+        if due:
+            path = self.final_path()
+            trainer.save_checkpoint(path)
+            self.last_model_path, self._last_global_step_saved = str(path), step
+            self._last_write = time.monotonic()
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING:
+        # Not in the middle of a validation: its partial scores are not part of any checkpoint,
+        # so a state saved there could not resume exactly; the newest checkpoint stays the last.
+        if (isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING
+                and not trainer.validating):
             path = self.final_path()
             trainer.save_checkpoint(path)
             self.last_model_path = str(path)
@@ -43,6 +87,47 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
     def final_path(self) -> Path:
         """Where last.ckpt is (also known to processes that did not save it, e.g. after spawn)."""
         return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+
+class ResumeState(L.Callback):
+    """Makes a resumed run continue with the random numbers the interrupted run would have used.
+
+    Every checkpoint gets each rank's generator states (torch CPU and CUDA, numpy, Python: what
+    dropout, the contrastive samplers and CutMix draw from) under `checkpoint["segcon_rng"]`; a
+    resumed fit sets them back at its first training batch, after model set-up and the sanity
+    check have drawn what they draw. The data order and augmentation need no state of this kind:
+    they are functions of the position in the run (segcon.data.sampling), which Lightning keeps.
+    """
+
+    KEY = "segcon_rng"
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = rng_state()
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, state)  # every rank saves (Lightning's dump)
+        else:
+            states = [state]
+        checkpoint[self.KEY] = states
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(self.KEY) or []
+        if len(states) != trainer.world_size:
+            rank_zero_warn(f"the checkpoint holds the random state of {len(states)} process(es), this run has "
+                           f"{trainer.world_size}: the resumed run will not repeat the interrupted one exactly")
+            return
+        self._pending = states[trainer.global_rank]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._pending is not None:
+            set_rng_state(self._pending)
+            self._pending = None
+            # Lightning's resume adds one to its logging step counter, assuming the checkpoint was
+            # written at the end of a batch; ModelCheckpoint also writes at the start of one.
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
 class FinalReport(L.Callback):

@@ -97,6 +97,8 @@ class SupervisedModule(L.LightningModule):
         self.divergence = DivergencePolicy.from_config(divergence)
         self.skipped_steps = 0
         self._skips_in_a_row = 0
+        # Training files replaced because they could not be read (data.on_bad_file=skip): the errors.
+        self.skipped_files: list[str] = []
         self._step_logs: dict[str, Tensor] = {}
         self._step_skipped = False
         self._statistics: dict[str, Tensor] = {}
@@ -138,6 +140,11 @@ class SupervisedModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_skipped = False
+        parts = [batch] if "skipped" in batch else [p for p in batch.values() if isinstance(p, dict)]
+        for err in (err for part in parts for err in part.get("skipped", ())):
+            if err not in self.skipped_files:
+                self.skipped_files.append(err)
+                rank_zero_warn(f"data.on_bad_file=skip: replaced a training image ({len(self.skipped_files)} so far): {err}")
         if self.divergence.policy == "skip":  # a skipped step puts the BatchNorm statistics back
             self._statistics = buffer_snapshot(self.net)
 
@@ -295,6 +302,8 @@ class SupervisedModule(L.LightningModule):
         extras = dict(self._split_info())
         if self.skipped_steps:
             extras["skipped_steps"] = self.skipped_steps
+        if self.skipped_files:
+            extras["train/skipped_files"] = self.skipped_files
         if split == "val":
             extras.update(self.fit_summary)
             for prefix in self.evaluated_networks(split):
@@ -345,12 +354,24 @@ class SupervisedModule(L.LightningModule):
             for logger in self.loggers:
                 logger.log_hyperparams(info)
 
+    def on_train_end(self) -> None:
+        """Every rank's replaced training files, gathered, and one warning listing them."""
+        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            lists: list[Any] = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(lists, self.skipped_files)
+            self.skipped_files = sorted({err for part in lists for err in part})
+        if self.skipped_files:
+            listed = "\n  ".join(self.skipped_files)
+            rank_zero_warn(f"{len(self.skipped_files)} training file(s) could not be read and were replaced by the "
+                           f"next image (data.on_bad_file=skip; also in metrics.json train/skipped_files):\n  {listed}")
+
     # -- checkpoint ----------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         bests = {best_key(prefix): self.bests.get(prefix, float("nan")) for prefix in self.evaluated_networks("val")}
         checkpoint["segcon"] = {"config": self.run_config, **bests, **self._split_info(),
-                                "skipped_steps": self.skipped_steps}
+                                "skipped_steps": self.skipped_steps, "skips_in_a_row": self._skips_in_a_row,
+                                "skipped_files": list(self.skipped_files), "fit_summary": dict(self.fit_summary)}
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 checkpoint["segcon"]["wandb_run_id"] = logger.version
@@ -359,6 +380,10 @@ class SupervisedModule(L.LightningModule):
         state = checkpoint.get("segcon", {})
         self.bests = {prefix: float(state.get(best_key(prefix), float("nan"))) for prefix in self.evaluated_networks("val")}
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # resuming a fit
+            self._skips_in_a_row = int(state.get("skips_in_a_row", 0))
+            self.skipped_files = list(state.get("skipped_files", []))
+            self.fit_summary = dict(state.get("fit_summary", {}))
         keys = ("split_hash", "labeled_images", "unlabeled_images", "unlabeled_stream_images", "unlabeled_without_mask")
         self._restored_split = {k: state[k] for k in keys if k in state}
 
