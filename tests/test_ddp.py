@@ -94,3 +94,38 @@ def test_a_ddp_run_crashed_and_resumed_ends_as_the_uninterrupted_one(
     proc = _cli([*args, "ckpt_path=last"], repo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_same_run(ddp_run, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_a_preemption_signal_to_rank_0_stops_both_ranks_with_a_checkpoint(data_dir: Path, tmp_path: Path) -> None:
+    """SIGUSR2 to rank 0's process (what `srun` or a scheduler signals): Lightning passes it on
+    to rank 1, both finish the step, both take part in writing last.ckpt (every rank's random
+    state is gathered into it), and the run exits 143."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [*_tiny_cli_args(data_dir), "trainer=ddp_sim", *OVERRIDES, "trainer.max_steps=100000",
+            "trainer.max_epochs=1000", "trainer.check_val_every_n_epoch=1000", f"hydra.run.dir={run}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    proc = subprocess.Popen([sys.executable, "-m", "segcon.train", *args], cwd=Path(__file__).resolve().parents[1],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "csv" / "metrics.csv"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") > 3):
+        time.sleep(0.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGUSR2)
+    try:
+        _, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the ranks did not stop within 180 s of the signal")
+    assert proc.returncode == 143, err[-3000:]
+    step = int(re.search(r"the state of step (\d+) is in", err).group(1))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == step >= 2 and len(ckpt["segcon_rng"]) == 2
