@@ -236,3 +236,18 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_the_keys(tiny_cfg, tra
     forced = tiny_cfg(f"ckpt_path={ckpt}", "data.batch_size=2", "model.encoder_name=resnet34",
                       "resume_force=[data.batch_size,model]")
     assert resume_checkpoint(forced) == ckpt
+
+
+def test_a_bad_file_met_in_a_loader_worker_is_reported_as_one_line(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from segcon.data.folder import FolderDataset
+    from segcon.utils.errors import find_user_error
+
+    bad = _corrupt_dataset(tmp_path)
+    loader = DataLoader(TrainItems(FolderDataset(tmp_path, "train", num_classes=3)), sampler=[(2, 0)], num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    assert "Original Traceback" in str(caught.value)  # what torch re-raises
+    err = find_user_error(caught.value)
+    assert isinstance(err, DataError) and str(err).startswith(f"cannot decode image {bad}") and "\n" not in str(err)
