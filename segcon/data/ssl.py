@@ -30,7 +30,7 @@ class UnlabeledViews(Dataset):
         self.dataset, self.weak, self.strong, self.num_strong = dataset, weak, strong, num_strong
 
     def set_seed(self, seed: int) -> None:
-        """Re-seed both pipelines (one stream per data-loader worker)."""
+        """Re-seed both pipelines (segcon.data.sampling does, for every training item)."""
         self.weak.set_seed(seed)
         self.strong.set_seed(seed + 1)
 

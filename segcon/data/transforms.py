@@ -121,7 +121,7 @@ class SegTransform:
 
     def set_seed(self, seed: int) -> None:
         """Re-seed the pipeline's random generators (albumentations 2 does not follow numpy's
-        global seed: without this, forked data-loader workers would repeat each other)."""
+        global seed; segcon.data.sampling seeds it for every training item)."""
         self.pipeline.set_random_seed(seed)
         self.steps.set_random_seed(seed)
 
