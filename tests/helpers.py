@@ -96,16 +96,20 @@ class ExtraKeyDataModule(SegDataModule):
 
 class NanAfter(PixelLoss):
     """A test loss term: a connected 0 until its `calls`-th call (1-based), then for `times` calls
-    a NaN value (`mode: value`) or a finite value whose gradient is NaN (`mode: grad`)."""
+    a NaN value (`mode: value`) or a finite value whose gradient is NaN (`mode: grad`); with
+    `rank`, only on that rank of a distributed run."""
 
-    def __init__(self, calls: int, times: int = 10**9, mode: str = "value", ignore_index: int = 255) -> None:
+    def __init__(self, calls: int, times: int = 10**9, mode: str = "value", ignore_index: int = 255,
+                 rank: int | None = None) -> None:
         super().__init__(ignore_index)
-        self.calls, self.times, self.mode, self.count = calls, times, mode, 0
+        self.calls, self.times, self.mode, self.count, self.rank = calls, times, mode, 0, rank
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         self.count += 1
         zero = logits.sum() * 0.0
         if not self.calls <= self.count < self.calls + self.times:
+            return zero
+        if self.rank is not None and torch.distributed.is_initialized() and torch.distributed.get_rank() != self.rank:
             return zero
         return zero + float("nan") if self.mode == "value" else zero.clamp_min(0).sqrt()
 

@@ -129,3 +129,42 @@ def test_a_preemption_signal_to_rank_0_stops_both_ranks_with_a_checkpoint(data_d
     step = int(re.search(r"the state of step (\d+) is in", err).group(1))
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == step >= 2 and len(ckpt["segcon_rng"]) == 2
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_both_ranks_before_the_step(data_dir: Path, tmp_path: Path) -> None:
+    """The loss is NaN on rank 1 only: the flags are all-reduced, so both ranks stop at the same
+    step (neither waits for the other in a collective), and no checkpoint holds a non-finite
+    value."""
+    run = tmp_path / "run"
+    args = [*_tiny_cli_args(data_dir), "trainer=ddp_sim", "trainer.max_steps=8", "+loss.nan._target_=tests.helpers.NanAfter",
+            "+loss.nan.calls=3", "+loss.nan.rank=1", f"hydra.run.dir={run}"]
+    proc = _cli(args, Path(__file__).resolve().parents[1])
+    assert proc.returncode != 0 and "step 2: the loss is not finite" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]  # no rank died waiting for the other
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["global_step"] <= 2
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_skipped_bad_files_of_every_rank_reach_metrics_json(tmp_path: Path) -> None:
+    """data.on_bad_file=skip under ddp_sim: each rank replaces the unreadable images it meets,
+    and the end-of-run list gathers both ranks' (each epoch reads all 8 images, 4 per rank)."""
+    import json
+
+    from tests.fake_datasets import make_folder_dataset
+
+    make_folder_dataset(tmp_path / "data", num_classes=3, splits={"train": 8, "val": 2}, size=(32, 32))
+    bad = [tmp_path / "data" / "images" / "train" / f"train_000{i}.png" for i in (1, 4)]
+    for path in bad:
+        path.write_bytes(b"not a png")
+    run = tmp_path / "run"
+    args = ["debug=fast", "logger=csv", "trainer=ddp_sim", "data=folder", f"data.root={tmp_path / 'data'}",
+            "data.num_classes=3", "data.crop_size=[32,32]", "data.on_bad_file=skip", "data.batch_size=2",
+            "trainer.max_steps=4", "trainer.max_epochs=2", f"hydra.run.dir={run}"]
+    proc = _cli(args, Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recorded = json.loads((run / "metrics.json").read_text())["train/skipped_files"]
+    assert len(recorded) == 2 and all(any(str(p) in r for r in recorded) for p in bad)
