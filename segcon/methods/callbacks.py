@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -17,6 +16,7 @@ from rich.console import Console
 from segcon.evaluation.inference import InferenceSettings
 from segcon.evaluation.report import iou_table, write_figures, write_metrics
 from segcon.utils.checkpoint import read_progress
+from segcon.utils.distributed import gather_objects
 from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import log_images
 from segcon.utils.rng import rng_state, set_rng_state
@@ -64,25 +64,24 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
         if self.last_every_minutes:  # rank 0's clock decides for every rank (the write is collective)
             due |= bool(trainer.strategy.broadcast(time.monotonic() - self._last_write >= 60 * self.last_every_minutes))
         if due:
-            path = self.final_path()
-            trainer.save_checkpoint(path)
-            self.last_model_path, self._last_global_step_saved = str(path), step
-            self._last_write = time.monotonic()
+            self._write_last(trainer)
+            self._last_global_step_saved, self._last_write = step, time.monotonic()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Not in the middle of a validation: its partial scores are not part of any checkpoint,
         # so a state saved there could not resume exactly; the newest checkpoint stays the last.
         if (isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING
                 and not trainer.validating):
-            path = self.final_path()
-            trainer.save_checkpoint(path)
-            self.last_model_path = str(path)
+            self._write_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:
-            path = self.final_path()
-            trainer.save_checkpoint(path)
-            self.last_model_path = str(path)
+            self._write_last(trainer)
+
+    def _write_last(self, trainer: L.Trainer) -> None:
+        path = self.final_path()
+        trainer.save_checkpoint(path)
+        self.last_model_path = str(path)
 
     def final_path(self) -> Path:
         """Where last.ckpt is (also known to processes that did not save it, e.g. after spawn)."""
@@ -105,13 +104,7 @@ class ResumeState(L.Callback):
         self._pending: dict[str, Any] | None = None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        state = rng_state()
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            states: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(states, state)  # every rank saves (Lightning's dump)
-        else:
-            states = [state]
-        checkpoint[self.KEY] = states
+        checkpoint[self.KEY] = gather_objects(rng_state(), trainer.world_size)  # every rank dumps a checkpoint
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get(self.KEY) or []

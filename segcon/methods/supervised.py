@@ -31,6 +31,7 @@ from segcon.models.base import SegModel
 from segcon.objectives.base import Targets
 from segcon.objectives.memory import MemoryUser
 from segcon.objectives.objective import Objective
+from segcon.utils.distributed import gather_objects
 from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import log_images
 
@@ -356,9 +357,8 @@ class SupervisedModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         """Every rank's replaced training files, gathered, and one warning listing them."""
-        if self.trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            lists: list[Any] = [None] * self.trainer.world_size
-            torch.distributed.all_gather_object(lists, self.skipped_files)
+        if self.trainer.world_size > 1:
+            lists = gather_objects(self.skipped_files, self.trainer.world_size)
             self.skipped_files = sorted({err for part in lists for err in part})
         if self.skipped_files:
             listed = "\n  ".join(self.skipped_files)
