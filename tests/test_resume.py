@@ -251,3 +251,16 @@ def test_a_bad_file_met_in_a_loader_worker_is_reported_as_one_line(tmp_path: Pat
     assert "Original Traceback" in str(caught.value)  # what torch re-raises
     err = find_user_error(caught.value)
     assert isinstance(err, DataError) and str(err).startswith(f"cannot decode image {bad}") and "\n" not in str(err)
+
+
+def test_last_every_minutes_writes_last_ckpt_during_the_epoch(tiny_cfg, tmp_path: Path) -> None:
+    """A minute interval shorter than a step: last.ckpt holds the step before the crash (the
+    epoch's first validation, at step 4, has not come)."""
+    from segcon.train import train
+
+    cfg = tiny_cfg("callbacks.model_checkpoint.last_every_minutes=1e-6", "+callbacks.crash._target_=tests.helpers.CrashAt",
+                   "+callbacks.crash.step=3")
+    with pytest.raises(SimulatedCrash):
+        train(cfg)
+    saved = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2
