@@ -22,7 +22,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 # for every pip call, so no later install can swap in another torch. See README "Install".
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev,pretrained]' 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
+	$(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev,pretrained]' --config-settings editable_mode=compat 2>&1 | { grep -v '$(PIP_NOISE)' || true; }
 	@touch $@
 
 install: $(STAMP)

@@ -25,6 +25,7 @@ from segcon.config import config_dir, fill_data_defaults, prepare_data, validate
 from segcon.methods.callbacks import FinalReport, ModelCheckpoint, ResumeState
 from segcon.methods.optim import lr_for_batch
 from segcon.resume import resume_checkpoint
+from segcon.search import trial_reporter
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_progress, read_segcon_state
 from segcon.utils.errors import find_user_error
 from segcon.utils.loggers import finish_wandb
@@ -118,6 +119,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
     callbacks = [*instantiate_all(cfg.get("callbacks")), ResumeState(), FinalReport(out_dir, cfg.eval_ckpt, start)]
+    reporter = trial_reporter(cfg)
+    if reporter is not None:
+        callbacks.append(reporter)
     loggers = instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -136,6 +140,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except SIGTERMException:
             raise Interrupted(_interrupted_message(trainer)) from None
+        if reporter is not None and reporter.pruned:
+            rank_zero_info(f"search trial {cfg.search.trial} pruned at step {trainer.global_step}: not evaluated again")
+            return {}
     ckpt = _eval_checkpoint(trainer, cfg)
     metrics: dict[str, float] = {}
     for result in trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import optuna
 import torch
 
 from segcon.data.datamodule import SegDataModule
@@ -136,3 +137,14 @@ class CrashAt(L.Callback):
 
 class SimulatedCrash(RuntimeError):
     """Raised by CrashAt."""
+
+
+class PruneTrials(optuna.pruners.BasePruner):
+    """An Optuna pruner for tests: prunes the trials numbered in `trials` once they reported a
+    step >= `step` (which trials stop is known in advance)."""
+
+    def __init__(self, trials: list[int], step: int) -> None:
+        self.trials, self.step = set(trials), step
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        return trial.number in self.trials and trial.last_step is not None and trial.last_step >= self.step
