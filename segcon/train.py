@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -28,7 +30,7 @@ from segcon.resume import resume_checkpoint
 from segcon.search import trial_reporter
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_progress, read_segcon_state
 from segcon.utils.errors import find_user_error
-from segcon.utils.loggers import finish_wandb
+from segcon.utils.loggers import finish_wandb, set_run_config, wandb_group
 from segcon.utils.rich_config import print_config_tree
 from segcon.utils.signals import as_sigterm
 
@@ -123,6 +125,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if reporter is not None:
         callbacks.append(reporter)
     loggers = instantiate_all(cfg.get("logger"))
+    set_run_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
@@ -156,8 +159,14 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns `cfg.optimized_metric` for hyper-parameter sweepers."""
+    hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
-        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+        cfg.paths.output_dir = hydra_cfg.runtime.output_dir
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        if wandb is not None and wandb.get("group") is None:
+            multirun = hydra_cfg.mode == RunMode.MULTIRUN
+            wandb.group = wandb_group(os.environ.get("WANDB_SWEEP_ID"), hydra_cfg.sweep.dir if multirun else None,
+                                      cfg.paths.get("log_dir"), cfg.data.name)
     # Resolve once, here: spawned DDP workers have no Hydra context to resolve ${hydra:...} in.
     OmegaConf.resolve(cfg)
     try:

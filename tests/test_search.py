@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
@@ -124,3 +125,33 @@ def test_search_prunes_survives_interruption_and_continues_the_cut_trial(data_di
     assert "search trial 2 pruned at step 4: not evaluated again" in log
     assert (sweep / "trials.csv").read_text().count("\n") == 4
     assert "best_trial: 1" in (sweep / "optimization_results.yaml").read_text()
+
+
+@pytest.mark.parametrize("sweep_file", sorted((Path(__file__).parents[1] / "scripts" / "sweeps").glob("*.yaml")))
+def test_wandb_sweep_command_composes(sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's command line for one parameter set, rendered by W&B's own agent code (macro
+    expansion of ${env} and ${args_no_hyphens}), composes with Hydra to those values."""
+    import yaml
+    from wandb import wandb_agent
+
+    sweep = yaml.safe_load(sweep_file.read_text())
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    launched: list[list[str]] = []
+
+    class Recorder:
+        def __init__(self, command: list[str] | None = None, **_: object) -> None:
+            launched.append(command)
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Recorder)
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="test")
+    agent._sweep_command = list(sweep["command"])
+    values = {}
+    for key, spec in sweep["parameters"].items():
+        values[key] = spec["values"][-1] if "values" in spec else (spec["min"] * 2 + spec["max"]) / 3
+    agent._command_run({"run_id": "r1", "program": "segcon-train", "args": {k: {"value": v} for k, v in values.items()}})
+    (command,) = launched
+    assert command[:2] == ["/usr/bin/env", "segcon-train"]
+    cfg = compose_train(command[2:])
+    for key, value in values.items():
+        assert OmegaConf.select(cfg, key) == pytest.approx(value), key
+    assert cfg.logger.wandb.offline is False

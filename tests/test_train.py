@@ -112,9 +112,29 @@ def test_overfit_one_batch_drives_the_loss_down(tiny_cfg: Callable[..., DictConf
     assert min(losses[-5:]) < 0.25 * losses[0]
 
 
-def test_resume_continues_steps_and_wandb_run(tiny_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_resume_continues_steps_and_wandb_run(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    import segcon.train
+
+    seen: dict = {}
+    finish = segcon.train.finish_wandb
+
+    def read_run_then_finish(code: int) -> None:  # the live run, as the W&B service receives it
+        if wandb.run is not None and not seen:
+            seen.update(summary=dict(wandb.run.summary), config=wandb.run.config.as_dict())
+        finish(code)
+
+    monkeypatch.setattr(segcon.train, "finish_wandb", read_run_then_finish)
     first = tiny_cfg("logger=wandb", "trainer.max_steps=4", "trainer.max_epochs=4")
     train(first)
+    # the run's summary holds the final, best and last mIoU; its config is the resolved run config
+    m = _metrics(Path(first.paths.output_dir))
+    for key in ("val/mIoU", "val/mIoU_best", "val/mIoU_last"):
+        assert seen["summary"][key] == pytest.approx(m[key])
+    assert seen["config"]["optim"]["lr"] == first.optim.lr and seen["config"]["data"]["name"] == "synthetic"
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     run_id = torch.load(last, map_location="cpu", weights_only=True)["segcon"]["wandb_run_id"]
     assert run_id
@@ -268,3 +288,14 @@ def test_lr_is_rescaled_to_the_global_batch(tiny_cfg: Callable[..., DictConfig])
     rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
     lrs = [float(r["lr-AdamW/encoder"]) for r in rows if r.get("lr-AdamW/encoder")]
     assert lrs[0] == pytest.approx(1e-3 * 4 / 8)
+
+
+def test_wandb_group_of_sweeps_multiruns_and_lone_runs(tmp_path: Path) -> None:
+    from segcon.utils.loggers import wandb_group
+
+    logs = tmp_path / "logs"
+    assert wandb_group("abc123", str(logs / "train/multiruns/x"), str(logs), "synthetic") == "sweep-abc123"
+    assert wandb_group(None, str(logs / "train/multiruns/2026-12-02_10-00-00"), str(logs), "synthetic") == \
+        "train/multiruns/2026-12-02_10-00-00"
+    assert wandb_group(None, "/elsewhere/search/pixel_contrast", str(logs), "synthetic") == "pixel_contrast"
+    assert wandb_group(None, None, str(logs), "synthetic") == "synthetic"

@@ -18,7 +18,7 @@ from segcon.evaluation.report import iou_table, write_figures, write_metrics
 from segcon.utils.checkpoint import read_progress
 from segcon.utils.distributed import gather_objects
 from segcon.utils.errors import ConfigError
-from segcon.utils.loggers import log_images
+from segcon.utils.loggers import log_images, set_summary
 from segcon.utils.rng import rng_state, set_rng_state
 
 
@@ -179,6 +179,8 @@ class FinalReport(L.Callback):
         if hasattr(pl_module, "report_extras"):
             extra.update(pl_module.report_extras(split))
         write_metrics(self.out_dir, split, scores, pl_module.class_names, extra)
+        set_summary(trainer.loggers, {f"{split}/mIoU": scores.miou, **{
+            k: v for k, v in extra.items() if isinstance(v, int | float) and not isinstance(v, bool)}})
         used = f"{self.eval_ckpt} checkpoint {ckpt}" if ckpt else "the in-memory weights"
         label = f"{self.eval_ckpt if ckpt else 'in-memory'} weights, step {step}" + (
             f", {settings.mode}" if isinstance(settings, InferenceSettings) else ""
