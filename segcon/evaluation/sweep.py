@@ -1,9 +1,10 @@
-"""Aggregating multiruns: mean ± std over seeds of every configuration.
+"""Aggregating multiruns: mean ± std over the seeds (and labeled splits) of every configuration.
 
 Each job directory of a Hydra multirun holds `.hydra/overrides.yaml` (its command-line
 overrides) and, once finished, `metrics.json`. Jobs are grouped by their overrides without the
-seed; each group reports the number of finished seeds and the mean and sample standard
-deviation (ddof = 1) of each metric.
+keys that vary over repetitions (`over`: the seed, and e.g. `data.split_seed` for seeds x
+splits); each group reports its runs, the split hashes they trained on, and the mean and sample
+standard deviation (ddof = 1) of each metric.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import yaml
 
 @dataclass(frozen=True)
 class GroupStats:
-    """One configuration: its overrides (seed removed), the seeds found, and per-metric values."""
+    """One configuration: its overrides (the `over` keys removed), its runs (their `over`
+    overrides, e.g. `seed=1 data.split_seed=2`), the split hash of each run (None without a
+    split), and per-metric values in run order."""
 
     overrides: tuple[str, ...]
-    seeds: tuple[str, ...]
+    runs: tuple[str, ...]
+    split_hashes: tuple[str | None, ...]
     values: dict[str, list[float]]
 
     def mean_std(self, metric: str) -> tuple[float, float]:
@@ -46,15 +50,16 @@ def _flatten(metrics: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def aggregate(sweep_dirs: Path | Sequence[Path], seed_key: str = "seed") -> list[GroupStats]:
-    """Group the finished jobs under one or more sweep directories by their overrides without `seed_key`.
+def aggregate(sweep_dirs: Path | Sequence[Path], over: Sequence[str] = ("seed",)) -> list[GroupStats]:
+    """Group the finished jobs under one or more sweep directories by their overrides without
+    the keys in `over`.
 
     Jobs of several sweeps with the same overrides (e.g. the same grid run as two parallel
-    sweeps, or more seeds added later) join one group. The same configuration and seed finished
+    sweeps, or more seeds added later) join one group. The same configuration and run finished
     twice is refused, naming both jobs, rather than counted twice.
     """
     dirs = [sweep_dirs] if isinstance(sweep_dirs, Path) else list(sweep_dirs)
-    groups: dict[tuple[str, ...], dict] = defaultdict(lambda: {"seeds": [], "values": defaultdict(list)})
+    groups: dict[tuple[str, ...], dict] = defaultdict(lambda: {"runs": [], "splits": [], "values": defaultdict(list)})
     seen: dict[tuple[tuple[str, ...], str], Path] = {}
     for sweep_dir in dirs:
         for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
@@ -62,29 +67,45 @@ def aggregate(sweep_dirs: Path | Sequence[Path], seed_key: str = "seed") -> list
             if not (job / "metrics.json").is_file():
                 continue
             overrides = yaml.safe_load(overrides_file.read_text()) or []
-            key = tuple(o for o in overrides if not o.startswith(f"{seed_key}="))
-            seed = next((o.split("=", 1)[1] for o in overrides if o.startswith(f"{seed_key}=")), "?")
-            if (key, seed) in seen:
+            varied = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in over]
+            key = tuple(o for o in overrides if o not in varied)
+            run = " ".join(varied) or "(defaults)"
+            if (key, run) in seen:
                 raise ValueError(
-                    f"{job} and {seen[key, seed]} both finished {' '.join(key) or '(defaults)'} with "
-                    f"{seed_key}={seed}; aggregate only one of them (move the other out of the sweep directory)"
+                    f"{job} and {seen[key, run]} both finished {' '.join(key) or '(defaults)'} with "
+                    f"{run}; aggregate only one of them (move the other out of the sweep directory)"
                 )
-            seen[key, seed] = job
+            seen[key, run] = job
+            metrics = json.loads((job / "metrics.json").read_text())
             group = groups[key]
-            group["seeds"].append(seed)
-            for metric, value in _flatten(json.loads((job / "metrics.json").read_text())).items():
+            group["runs"].append(run)
+            group["splits"].append(metrics.get("split_hash"))
+            for metric, value in _flatten(metrics).items():
                 group["values"][metric].append(value)
-    return [GroupStats(k, tuple(g["seeds"]), dict(g["values"])) for k, g in groups.items()]
+    return [GroupStats(k, tuple(g["runs"]), tuple(g["splits"]), dict(g["values"])) for k, g in groups.items()]
+
+
+def mean_std_cell(mean: float, std: float) -> str:
+    """`mean ± std` in % (`mean` alone for one run, `–` for none)."""
+    if math.isnan(mean):
+        return "–"
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if not math.isnan(std) else f"{100 * mean:.2f}"
+
+
+def table_rows(groups: Sequence[GroupStats], metrics: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): configuration, number of runs, the distinct split hashes, then
+    `mean ± std` (in %) per metric."""
+    header = ["configuration", "runs", "splits", *metrics]
+    rows = []
+    for g in groups:
+        splits = sorted({h for h in g.split_hashes if h})
+        rows.append([" ".join(g.overrides) or "(defaults)", str(len(g.runs)), " ".join(splits) or "–",
+                     *(mean_std_cell(*g.mean_std(m)) for m in metrics)])
+    return header, rows
 
 
 def format_table(groups: Sequence[GroupStats], metrics: Sequence[str]) -> str:
-    """A Markdown table: configuration, seeds, then `mean ± std` (in %) per metric."""
-    head = "| configuration | seeds | " + " | ".join(metrics) + " |"
-    rows = [head, "|" + "---|" * (len(metrics) + 2)]
-    for g in groups:
-        cells = []
-        for m in metrics:
-            mean, std = g.mean_std(m)
-            cells.append("–" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}" if not math.isnan(std) else f"{100 * mean:.2f}")
-        rows.append(f"| {' '.join(g.overrides) or '(defaults)'} | {len(g.seeds)} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    """The Markdown table of `table_rows`."""
+    header, rows = table_rows(groups, metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
