@@ -4,6 +4,8 @@ config.
     segcon-train ... ckpt_path=last hydra.run.dir=<run dir>   # resume in place (newest checkpoint)
     segcon-train ... ckpt_path=<run dir>                      # its newest checkpoint, new run dir
     segcon-train ... ckpt_path=<file.ckpt>
+    segcon-train ... ckpt_path=auto hydra.run.dir=<run dir>   # resume if it has one, else start
+                                                              # (a requeued cluster job)
 
 A checkpoint trained with other model or data settings than the config is refused, naming the
 keys that differ; `resume_force=[key, ...]` (a key or a whole group, e.g. `data`) accepts them.
@@ -101,10 +103,18 @@ def differing_settings(saved: Mapping[str, Any], current: Mapping[str, Any], for
 
 
 def resume_checkpoint(cfg: DictConfig) -> str | None:
-    """The checkpoint a training run resumes from (None: a fresh run), checked against `cfg`."""
+    """The checkpoint a training run resumes from (None: a fresh run), checked against `cfg`.
+    `auto` is `last` when this run's directory holds a checkpoint, and a fresh start when not."""
     if not cfg.get("ckpt_path"):
         return None
-    path = resolve_checkpoint(str(cfg.ckpt_path), cfg.paths.output_dir)
+    if cfg.ckpt_path == "auto":
+        folder = Path(cfg.paths.output_dir) / "checkpoints"
+        if not any(folder.glob("*.ckpt")):
+            rank_zero_info(f"ckpt_path=auto: no checkpoint in {folder} yet, starting a fresh run")
+            return None
+        path = newest_checkpoint(Path(cfg.paths.output_dir))
+    else:
+        path = resolve_checkpoint(str(cfg.ckpt_path), cfg.paths.output_dir)
     saved = read_segcon_state(path).get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} carries no segcon run config: it was not written by segcon-train and cannot be resumed")

@@ -18,6 +18,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -82,8 +83,11 @@ def _interrupted_message(trainer: L.Trainer) -> str:
     """What an interrupted fit left: the step and file of the checkpoint written at the signal."""
     cb = trainer.checkpoint_callback
     last = cb.final_path() if isinstance(cb, ModelCheckpoint) else None
-    if last is None or not last.is_file():
+    if last is None:
         where = "no checkpoint was written (callbacks.model_checkpoint is off)"
+    elif not last.is_file():
+        where = (f"no checkpoint had been written yet ({last} is written at the next step after the signal, "
+                 "not inside a validation)")
     else:
         where = f"the state of step {read_progress(last)[0]} is in {last}; resume with ckpt_path={last}"
     return f"interrupted by a termination signal (SIGTERM or interrupt.signals): {where}"
@@ -126,9 +130,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(reporter)
     loggers = instantiate_all(cfg.get("logger"))
     set_run_config(loggers, OmegaConf.to_container(cfg, resolve=True))
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
-    )
+    plugins: list = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=bool((cfg.get("slurm") or {}).get("auto_requeue", False))))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
     global_batch = cfg.data.batch_size * trainer.world_size
     rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s) = {global_batch}")
     lr, note = lr_for_batch(

@@ -118,19 +118,25 @@ class NanAfter(PixelLoss):
 class CrashAt(L.Callback):
     """Ends the process at the start of the batch after optimizer step `step`: with `how="kill"`
     by SIGKILL (nothing runs after it, as with kill -9 or a lost node), `how="term"` by SIGTERM
-    (a scheduler's stop: the run finishes the step and saves), `how="raise"` by an exception
-    (in-process runs: only the files written so far survive into the resumed run)."""
+    (a scheduler's stop: the run finishes the step and saves), `how="usr2"` by SIGUSR2 (a
+    cluster's time-limit notice), `how="raise"` by an exception (in-process runs: only the files
+    written so far survive into the resumed run). With `once_file`, only the first time."""
 
-    def __init__(self, step: int, how: str = "raise") -> None:
-        self.step, self.how = step, how
+    def __init__(self, step: int, how: str = "raise", once_file: str | None = None) -> None:
+        self.step, self.how, self.once_file = step, how, once_file
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            if self.how in ("kill", "term"):
+            if self.once_file is not None:  # a restarted job passes the step again: fire once
+                if Path(self.once_file).exists():
+                    return
+                Path(self.once_file).touch()
+            if self.how in ("kill", "term", "usr2"):
                 import os
                 import signal
 
-                os.kill(os.getpid(), signal.SIGKILL if self.how == "kill" else signal.SIGTERM)
+                sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr2": signal.SIGUSR2}[self.how]
+                os.kill(os.getpid(), sig)
                 return
             raise SimulatedCrash(f"simulated crash at step {self.step}")
 
