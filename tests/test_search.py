@@ -155,3 +155,21 @@ def test_wandb_sweep_command_composes(sweep_file: Path, tmp_path: Path, monkeypa
     for key, value in values.items():
         assert OmegaConf.select(cfg, key) == pytest.approx(value), key
     assert cfg.logger.wandb.offline is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["local", "submitit_local"])
+def test_failed_trials_are_recorded_and_a_search_where_all_fail_says_so(
+    launcher: str, data_dir: Path, tmp_path: Path
+) -> None:
+    """A trial that ends with a user error (here: no dataset at data.root) is a failed trial, not
+    the end of the search - in this process (a SystemExit) or as a submitit job (a failed job);
+    when every trial failed, the search exits non-zero with the last error."""
+    args = [*tiny_overrides(data_dir), "hparams_search=pixel_contrast", f"paths.log_dir={tmp_path}",
+            "hydra.sweeper.n_trials=2", f"launcher={launcher}", f"data.root={tmp_path}/missing",
+            "data.prepare=null"]
+    out = _search(args, tmp_path)
+    assert out.returncode != 0
+    assert "every trial failed (2 this run)" in out.stderr and "missing" in out.stderr
+    study = optuna.load_study(study_name="pixel_contrast", storage=f"sqlite:///{tmp_path}/search/pixel_contrast/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]

@@ -115,25 +115,27 @@ class SegconOptunaSweeper(Sweeper):
                         if self.heartbeat_interval else nullcontext())
                 with beat:
                     results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
-            except SystemExit as exit_:
-                if exit_.code != INTERRUPTED_STATUS:
+            except (SystemExit, KeyboardInterrupt) as stop:
+                if isinstance(stop, SystemExit) and stop.code != INTERRUPTED_STATUS:
                     # a trial's own error in an in-process launcher (e.g. a diverged run): this
                     # batch's trials fail, the search goes on
-                    for t in trials:
-                        storage.set_trial_user_attr(t._trial_id, "error", str(exit_.code))
-                        study.tell(t, state=TrialState.FAIL)
-                    failures += len(trials)
-                    log.error(f"trial(s) {[t.number for t in trials]} failed: {exit_.code}")
+                    failures += self._fail(study, trials, str(stop.code))
                     continue
                 self._hand_back(study, trials)
                 raise
-            except BaseException:
-                self._hand_back(study, trials)
-                raise
+            except Exception as err:
+                # a launcher that reports a job which died (submitit: a trial's error ends its job)
+                failures += self._fail(study, trials, f"{type(err).__name__}: {err}")
+                continue
             for trial, result in zip(trials, results, strict=True):
                 failures += self._tell(study, trial, result)
             returns.extend(results)
         self._report(study, sweep_dir)
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        if failures and TrialState.COMPLETE not in states and TrialState.PRUNED not in states:
+            errors = [t.user_attrs.get("error", "") for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+            raise ConfigError(f"study '{self.study_name}': every trial failed ({failures} this run); the last error: "
+                              f"{errors[-1] if errors else '?'}")
         return returns
 
     def _overrides(self, study: Any, trial: Any, fixed: list[str], sweep_dir: Path, storage_url: str) -> list[str]:
@@ -161,6 +163,17 @@ class SegconOptunaSweeper(Sweeper):
                 out.append(search.format_override("ckpt_path", str(ckpt)))
                 break
         return out
+
+    def _fail(self, study: Any, trials: list[Any], error: str) -> int:
+        """Record the still running trials of a batch that failed as a whole; how many."""
+        from optuna.trial import TrialState
+
+        failed = [t for t in trials if study._storage.get_trial(t._trial_id).state == TrialState.RUNNING]
+        for t in failed:
+            study._storage.set_trial_user_attr(t._trial_id, "error", error[-2000:])
+            study.tell(t, state=TrialState.FAIL)
+        log.error(f"trial(s) {[t.number for t in failed]} failed: {error[-2000:]}")
+        return len(failed)
 
     def _tell(self, study: Any, trial: Any, result: JobReturn) -> int:
         """Record one finished trial; 1 if it failed."""
