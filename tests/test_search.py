@@ -136,6 +136,8 @@ def test_wandb_sweep_command_composes(sweep_file: Path, tmp_path: Path, monkeypa
 
     sweep = yaml.safe_load(sweep_file.read_text())
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for name in ("WANDB_SWEEP_PARAM_PATH", "WANDB_RUN_ID"):  # the agent sets these: put them back after
+        monkeypatch.setenv(name, "")
     launched: list[list[str]] = []
 
     class Recorder:
