@@ -113,6 +113,7 @@ def test_search_prunes_survives_interruption_and_continues_the_cut_trial(data_di
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED]
     cut, continued, pruned = trials
     assert continued.params == cut.params and continued.system_attrs["failed_trial"] == 0
+    assert pruned.params != cut.params  # the continued study's sampler does not replay its first draws
     log = second.stdout + second.stderr
     assert f"resuming from {sweep / 'trial_0' / 'checkpoints' / 'last.ckpt'} (step {cut_step})" in log
     assert sorted(cut.intermediate_values) == [2] and sorted(continued.intermediate_values) == [4, 6]

@@ -92,11 +92,16 @@ class SegconOptunaSweeper(Sweeper):
         search.make_pruner(pruner)  # the trials build it from the study: check it here, once
         settings = {"direction": self.direction, "pruner": pruner, "space": space_text,
                     "metric": str(self.config.get("optimized_metric"))}
-        sampler = instantiate(self.sampler_cfg) if self.sampler_cfg else None
         study = search.open_study(
-            self.study_name, storage_url, direction=self.direction, sampler=sampler, settings=settings,
+            self.study_name, storage_url, direction=self.direction, settings=settings,
             heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period, max_retry=self.max_retry,
         )
+        if self.sampler_cfg:
+            sampler_cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
+            if sampler_cfg.get("seed") is not None and study.trials:
+                # a continued study: a sampler seeded as at its start would replay its first suggestions
+                sampler_cfg["seed"] = int(sampler_cfg["seed"]) + len(study.trials)
+            study.sampler = instantiate(sampler_cfg)
         log.info(f"study '{self.study_name}' in {storage_url}: {len(study.trials)} trial(s) so far")
         returns: list[JobReturn] = []
         failures = 0
