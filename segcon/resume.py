@@ -61,6 +61,14 @@ def newest_checkpoint(directory: Path) -> Path:
     return path
 
 
+def checkpoint_if_any(directory: Path) -> Path | None:
+    """`newest_checkpoint(directory)`, or None when it holds no readable checkpoint."""
+    try:
+        return newest_checkpoint(directory)
+    except ConfigError:
+        return None
+
+
 def resolve_checkpoint(ckpt_path: str, output_dir: str | Path) -> Path:
     """The file `ckpt_path` names: `last` (the newest checkpoint of this run's own directory),
     a run directory (its newest checkpoint), or a checkpoint file."""
@@ -108,11 +116,10 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     if not cfg.get("ckpt_path"):
         return None
     if cfg.ckpt_path == "auto":
-        folder = Path(cfg.paths.output_dir) / "checkpoints"
-        if not any(folder.glob("*.ckpt")):
-            rank_zero_info(f"ckpt_path=auto: no checkpoint in {folder} yet, starting a fresh run")
+        path = checkpoint_if_any(Path(cfg.paths.output_dir))
+        if path is None:
+            rank_zero_info(f"ckpt_path=auto: no checkpoint in {cfg.paths.output_dir} yet, starting a fresh run")
             return None
-        path = newest_checkpoint(Path(cfg.paths.output_dir))
     else:
         path = resolve_checkpoint(str(cfg.ckpt_path), cfg.paths.output_dir)
     saved = read_segcon_state(path).get("config")

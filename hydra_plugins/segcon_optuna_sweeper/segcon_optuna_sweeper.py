@@ -29,10 +29,6 @@ from segcon.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED_STATUS = 143
-"""segcon-train's exit status for a run ended by a termination signal (segcon.train)."""
-
-
 class SegconOptunaSweeper(Sweeper):
     """Runs `n_trials` trials of an Optuna study, `n_jobs` at a time, through Hydra's launcher."""
 
@@ -72,6 +68,7 @@ class SegconOptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         from segcon import search
+        from segcon.train import INTERRUPTED_STATUS
 
         # heartbeats and stale-trial retries are used through ask/tell here, as designed for
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -147,7 +144,7 @@ class SegconOptunaSweeper(Sweeper):
         """The trial's command line: fixed overrides, its parameters, where it reports, and (for a
         retried trial) the checkpoint of the run it replaces."""
         from segcon import search
-        from segcon.resume import newest_checkpoint
+        from segcon.resume import checkpoint_if_any
 
         run_dir = sweep_dir / f"trial_{trial.number}"
         study._storage.set_trial_user_attr(trial._trial_id, search.RUN_DIR_ATTR, str(run_dir))
@@ -159,11 +156,8 @@ class SegconOptunaSweeper(Sweeper):
         for number in reversed(history):
             earlier = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
                 study._study_id, number)).user_attrs.get(search.RUN_DIR_ATTR)
-            if earlier and any((Path(earlier) / "checkpoints").glob("*.ckpt")):
-                try:
-                    ckpt = newest_checkpoint(Path(earlier))
-                except Exception:
-                    continue
+            ckpt = checkpoint_if_any(Path(earlier)) if earlier else None
+            if ckpt is not None:
                 log.info(f"trial {trial.number} continues trial {number} from {ckpt}")
                 out.append(search.format_override("ckpt_path", str(ckpt)))
                 break
@@ -224,11 +218,12 @@ class SegconOptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         from segcon import search
+        from segcon.evaluation.sweep import markdown
 
         header, rows = search.trials_table(study)
         with open(sweep_dir / "trials.csv", "w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
-        table = search.markdown(header, rows)
+        table = markdown(header, rows)
         (sweep_dir / "trials.md").write_text(table + "\n")
         done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
         counts = {s.name.lower(): sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState}

@@ -104,8 +104,12 @@ def table_rows(groups: Sequence[GroupStats], metrics: Sequence[str]) -> tuple[li
     return header, rows
 
 
-def format_table(groups: Sequence[GroupStats], metrics: Sequence[str]) -> str:
-    """The Markdown table of `table_rows`."""
-    header, rows = table_rows(groups, metrics)
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def format_table(groups: Sequence[GroupStats], metrics: Sequence[str]) -> str:
+    """The Markdown table of `table_rows`."""
+    return markdown(*table_rows(groups, metrics))
