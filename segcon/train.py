@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
-from segcon.methods.callbacks import FinalReport, ModelCheckpoint, ResumeState
+from segcon.methods.callbacks import FinalReport, ModelCheckpoint, ResumeState, StopTogether
 from segcon.methods.optim import lr_for_batch
 from segcon.resume import resume_checkpoint
 from segcon.search import trial_reporter
@@ -124,7 +124,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    callbacks = [*instantiate_all(cfg.get("callbacks")), ResumeState(), FinalReport(out_dir, cfg.eval_ckpt, start)]
+    callbacks = [*instantiate_all(cfg.get("callbacks")), ResumeState(), StopTogether(), FinalReport(out_dir, cfg.eval_ckpt, start)]
     reporter = trial_reporter(cfg)
     if reporter is not None:
         callbacks.append(reporter)
@@ -153,11 +153,15 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             return {}
     ckpt = _eval_checkpoint(trainer, cfg)
     metrics: dict[str, float] = {}
-    for result in trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
-        metrics.update(result)
-    if cfg.data.splits.get("test"):
-        for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+    try:
+        for result in trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
             metrics.update(result)
+        if cfg.data.splits.get("test"):
+            for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
+                metrics.update(result)
+    except SIGTERMException:  # a SystemExit without a status: uncaught, the run would exit 0
+        raise Interrupted(f"interrupted by a termination signal during the final evaluation of "
+                          f"{ckpt or 'the in-memory weights'}: evaluate it with segcon-eval") from None
     return metrics
 
 

@@ -120,25 +120,33 @@ class CrashAt(L.Callback):
     by SIGKILL (nothing runs after it, as with kill -9 or a lost node), `how="term"` by SIGTERM
     (a scheduler's stop: the run finishes the step and saves), `how="usr2"` by SIGUSR2 (a
     cluster's time-limit notice), `how="raise"` by an exception (in-process runs: only the files
-    written so far survive into the resumed run). With `once_file`, only the first time."""
+    written so far survive into the resumed run). With `once_file`, only the first time. With
+    `final_eval=True`, at the first batch of the evaluation after the fit instead (`step` unused)."""
 
-    def __init__(self, step: int, how: str = "raise", once_file: str | None = None) -> None:
-        self.step, self.how, self.once_file = step, how, once_file
+    def __init__(self, step: int, how: str = "raise", once_file: str | None = None, final_eval: bool = False) -> None:
+        self.step, self.how, self.once_file, self.final_eval = step, how, once_file, final_eval
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            if self.once_file is not None:  # a restarted job passes the step again: fire once
-                if Path(self.once_file).exists():
-                    return
-                Path(self.once_file).touch()
-            if self.how in ("kill", "term", "usr2"):
-                import os
-                import signal
+        if not self.final_eval and trainer.global_step == self.step:
+            self._end()
 
-                sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr2": signal.SIGUSR2}[self.how]
-                os.kill(os.getpid(), sig)
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.final_eval and not trainer.training and trainer.state.fn != "fit" and batch_idx == 0:
+            self._end()
+
+    def _end(self) -> None:
+        if self.once_file is not None:  # a restarted job passes the step again: fire once
+            if Path(self.once_file).exists():
                 return
-            raise SimulatedCrash(f"simulated crash at step {self.step}")
+            Path(self.once_file).touch()
+        if self.how in ("kill", "term", "usr2"):
+            import os
+            import signal
+
+            sig = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "usr2": signal.SIGUSR2}[self.how]
+            os.kill(os.getpid(), sig)
+            return
+        raise SimulatedCrash(f"simulated crash at step {self.step}")
 
 
 class SimulatedCrash(RuntimeError):

@@ -122,6 +122,22 @@ def test_kill_9_or_sigterm_then_ckpt_path_last_resumes_exactly(
     assert (stopped / "csv" / "metrics.csv").read_text() == before  # the first part's log is kept
 
 
+@pytest.mark.slow
+def test_a_signal_during_the_final_evaluation_exits_143(data_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM after the fit, in the evaluation of the chosen checkpoint: Lightning ends it with a
+    SystemExit without a status, which alone exits 0 (a scheduler or a search would count a run
+    with no evaluation as done); the run says what was interrupted and exits 143."""
+    from tests.conftest import tiny_overrides
+
+    run = tmp_path / "run"
+    proc = _cli([*tiny_overrides(data_dir), "trainer.max_steps=2", f"hydra.run.dir={run}",
+                 "+callbacks.crash._target_=tests.helpers.CrashAt", "+callbacks.crash.step=0",
+                 "+callbacks.crash.how=term", "+callbacks.crash.final_eval=true"], tmp_path)
+    assert proc.returncode == 143, proc.stderr[-2000:]
+    assert "during the final evaluation of" in proc.stderr
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+
+
 # -- the pieces ---------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from segcon.utils.distributed import gather_objects
 from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import log_images, set_summary
 from segcon.utils.rng import rng_state, set_rng_state
+from segcon.utils.signals import AgreedSigterm
 
 
 class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
@@ -34,11 +35,11 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
 
     Lightning writes last.ckpt only together with another checkpoint (after a validation or an
     epoch), so a run stopped by max_steps between two validations would leave an older one. On
-    SIGTERM (or an `interrupt.signals` signal) Lightning finishes the step on every rank and
-    raises SIGTERMException; this writes last.ckpt of that step before the run ends (every rank
+    SIGTERM (or an `interrupt.signals` signal) every rank finishes the same step (StopTogether)
+    and raises SIGTERMException; this writes last.ckpt of that step before the run ends (every rank
     takes part; the write is atomic, so a second signal during it leaves the previous file). A
-    signal during a validation inside the fit ends it there without a new checkpoint: the newest
-    one (periodic, or of the last validation) is what a resumed run starts from.
+    signal during a validation inside a one-process fit ends it there without a new checkpoint:
+    the newest one (periodic, or of the last validation) is what a resumed run starts from.
     """
 
     def __init__(self, *args: Any, last_every_n_steps: int | None = None, last_every_minutes: float | None = None,
@@ -121,6 +122,31 @@ class ResumeState(L.Callback):
             # Lightning's resume adds one to its logging step counter, assuming the checkpoint was
             # written at the end of a batch; ModelCheckpoint also writes at the start of one.
             trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
+class StopTogether(L.Callback):
+    """Stops every rank of a multi-process fit after the same optimizer step when any of them
+    receives SIGTERM (or an `interrupt.signals` signal), so that all of them reach the collective
+    write of last.ckpt instead of one waiting in a step the others never start.
+
+    It installs `AgreedSigterm` in place of Lightning's signal handling (at set-up, before
+    Lightning registers the handlers) and, after each batch that ends an optimizer step, reduces
+    the ranks' requests with one boolean all-reduce; if any rank asked, every rank's trainer sees
+    `received_sigterm` and raises SIGTERMException at the end of that step. A signal during a
+    validation inside the fit takes effect after the first training step that follows it.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not isinstance(trainer._signal_connector, AgreedSigterm):
+            trainer._signal_connector = AgreedSigterm(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.world_size == 1 or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        connector = trainer._signal_connector
+        if trainer.strategy.reduce_boolean_decision(connector.requested, all=False):
+            connector.received_sigterm = True
 
 
 class FinalReport(L.Callback):
