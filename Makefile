@@ -16,7 +16,7 @@ PIP_NOISE := is ignored: it is neither a file nor a directory
 
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench gpu-check gpu-env clean
 
 # constraints.txt pins torch===2.13.0 (the registry's standard build, which runs on CPU and GPU)
 # for every pip call, so no later install can swap in another torch. See README "Install".
@@ -39,5 +39,13 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/benchmark.py $(ARGS)
 
+# The GPU check (scripts/gpu_check.py) on this machine's GPU; `gpu-env` prepares the wheels a
+# GPU machine without a registry needs (scripts/gpu_env.sh: there, `scripts/gpu_env.sh run`).
+gpu-check: $(STAMP)
+	$(BIN)/python scripts/gpu_check.py $(ARGS)
+
+gpu-env: $(STAMP)
+	scripts/gpu_env.sh prepare
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .gpu_env

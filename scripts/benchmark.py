@@ -41,6 +41,7 @@ memory is the process's peak RSS on CPU, or torch.cuda.max_memory_allocated on a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -73,13 +74,21 @@ def _compose(args: argparse.Namespace, data_root: str, extra: list[str] | None =
     return cfg
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The child's config overrides: a list (scripts/gpu_check.py) or the command line's
+    comma-separated string."""
+    extra = getattr(args, "overrides", None) or []
+    return list(extra) if isinstance(extra, list | tuple) else [o for o in extra.split(",") if o]
+
+
 def _batches(args: argparse.Namespace, device):
     import torch
 
     g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
     return [
         {
-            "image": torch.randn(args.batch, 3, *args.size, generator=g).to(device),
+            "image": torch.randn(args.batch, 3, *args.size, generator=g).to(device).contiguous(memory_format=fmt),
             "mask": torch.randint(0, NUM_CLASSES, (args.batch, *args.size), generator=g).to(device),
         }
         for _ in range(4)
@@ -118,11 +127,27 @@ def _peak_memory(device) -> float:
 
 
 def _device(args: argparse.Namespace):
+    """The device of a measurement; on a GPU its peak-memory counter starts again here, so several
+    measurements can share one process (scripts/gpu_check.py)."""
     import torch
 
     if args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available()):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
         return torch.device("cuda")
     return torch.device("cpu")
+
+
+def _step_times(stamps: list[float], warmup: int) -> dict:
+    """Step-time statistics from synchronised time stamps taken at each step's start and after the
+    last one: the first `warmup` steps left out; mean and median in seconds, and the first step
+    (where cuDNN autotuning or torch.compile happen)."""
+    import statistics
+
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    timed = steps[warmup:]
+    return {"step_s": statistics.fmean(timed), "step_median_s": statistics.median(timed), "first_step_s": steps[0],
+            "steps": len(timed)}
 
 
 def child_bare(args: argparse.Namespace) -> dict:
@@ -135,6 +160,10 @@ def child_bare(args: argparse.Namespace) -> dict:
     device = _device(args)
     torch.manual_seed(0)
     net = build_model(_compose(args, args.data_root, [f"data.num_classes={NUM_CLASSES}"])).to(device).train()
+    if getattr(args, "channels_last", False):
+        net = net.to(memory_format=torch.channels_last)
+    compiled = getattr(args, "compile", False)
+    step_fn = torch.compile(net, backend=getattr(args, "compile_backend", "inductor")) if compiled else net
     loss_fn = CrossEntropyLoss()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
     total = args.warmup + args.steps
@@ -143,21 +172,21 @@ def child_bare(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision.startswith("16"))
     batches = _batches(args, device)
-    start = 0.0
+    stamps = []
     for step in range(total):
-        if step == args.warmup:
-            _sync(device)
-            start = time.perf_counter()
+        _sync(device)
+        stamps.append(time.perf_counter())
         b = batches[step % len(batches)]
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = loss_fn(net(b["image"]).logits, b["mask"])
+            loss = loss_fn(step_fn(b["image"]).logits, b["mask"])
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
         sched.step()
     _sync(device)
-    return {"step_s": (time.perf_counter() - start) / args.steps, "peak_gib": _peak_memory(device)}
+    stamps.append(time.perf_counter())
+    return {**_step_times(stamps, args.warmup), "peak_gib": _peak_memory(device)}
 
 
 def child_segcon(args: argparse.Namespace) -> dict:
@@ -169,9 +198,11 @@ def child_segcon(args: argparse.Namespace) -> dict:
 
     device = _device(args)
     torch.manual_seed(0)
-    cfg = _compose(args, args.data_root, [o for o in (args.overrides or "").split(",") if o])
+    cfg = _compose(args, args.data_root, _overrides(args))
     module = build_module(cfg)
     _full_weights(module)
+    if getattr(args, "channels_last", False):
+        module = module.to(memory_format=torch.channels_last)
     batches = _batches(args, torch.device("cpu"))
     if getattr(module, "uses_unlabeled", False):  # teacher-student: a labeled + an unlabeled batch
         others = batches[1:] + batches[:1]
@@ -179,16 +210,19 @@ def child_segcon(args: argparse.Namespace) -> dict:
     loader = DataLoader([batches[i % len(batches)] for i in range(args.warmup + args.steps)], batch_size=None)
 
     class Timer(L.Callback):
-        start = end = 0.0
+        """Time stamps at each step's start and after the last (everything the loop does between
+        two steps counts)."""
+
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if batch_idx == args.warmup:
-                _sync(device)
-                self.start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             _sync(device)
-            self.end = time.perf_counter()
+            self.stamps.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            _sync(device)
+            self.stamps.append(time.perf_counter())
 
     timer = Timer()
     trainer = L.Trainer(
@@ -206,14 +240,15 @@ def child_segcon(args: argparse.Namespace) -> dict:
         callbacks=[timer],
     )
     trainer.fit(module, train_dataloaders=loader)
-    return {"step_s": (timer.end - timer.start) / args.steps, "peak_gib": _peak_memory(device)}
+    return {**_step_times(timer.stamps, args.warmup), "peak_gib": _peak_memory(device),
+            "batch": args.batch, "global_step": trainer.global_step}
 
 
 def child_loader(args: argparse.Namespace) -> dict:
     from segcon.build import build_datamodule
     from segcon.config import prepare_data
 
-    cfg = _compose(args, args.data_root)
+    cfg = _compose(args, args.data_root, _overrides(args))
     prepare_data(cfg)
     dm = build_datamodule(cfg)
     dm.setup("fit")
