@@ -255,7 +255,14 @@ def child_loader(args: argparse.Namespace) -> dict:
     n = 0
     start = 0.0
     warm = 3
-    for i, batch in enumerate(dm.train_dataloader()):
+
+    loader = dm.train_dataloader()
+
+    def epochs():  # as many epochs as the batches asked for need (workers persist, as in a fit)
+        while True:
+            yield from loader
+
+    for i, batch in enumerate(epochs()):
         if i == warm:
             start = time.perf_counter()
         elif i > warm:

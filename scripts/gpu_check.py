@@ -21,8 +21,9 @@ Cases, in this order (the most wanted first, so a run cut by its budget keeps th
   eval     whole, slide and ms_flip inference on a 1 x 3 x 1024 x 2048 image (R-50, 19 classes,
            fp32) and slide's `chunk` sizes: s / image and working memory; time vs whole against
            the pixels the mode processes vs whole (the window arithmetic).
-  loader   the synthetic training loader on 1024 x 1024 PNGs written to disk (crop 512 x 1024):
-           images/s per worker count, next to the images/s the R-50 bf16 step consumes.
+  loader   the synthetic training loader on 32 1024 x 1024 PNGs written to disk (crop 512 x 1024,
+           several epochs): images/s per worker count, next to the images/s the R-50 bf16 step
+           consumes.
   compile  torch.compile of the bare supervised step: compile time (first step) and the
            steady step against eager.
 
@@ -196,7 +197,7 @@ def plan(sizes: Sizes, data_root: str, loader_root: str, only: list[str] | None)
         cases.append(Case(f"eval slide chunk={chunk}", "eval", _fixed(benchmark.child_inference, args)))
     for workers in sizes.loader_workers:
         overrides = [f"data.num_workers={workers}", f"data.prepare.image_size={sizes.loader_image}",
-                     f"data.prepare.num_train={sizes.batch * (sizes.loader_batches + 4)}", "data.prepare.num_val=1", f"data.crop_size=[{sizes.crop[0]},{sizes.crop[1]}]",
+                     f"data.prepare.num_train={sizes.batch * 4}", "data.prepare.num_val=1", f"data.crop_size=[{sizes.crop[0]},{sizes.crop[1]}]",
                      f"data.batch_size={sizes.batch}"]
         args = _args(sizes, loader_root, overrides=overrides, loader_batches=sizes.loader_batches)
         cases.append(Case(f"loader workers={workers}", "loader", _fixed(benchmark.child_loader, args)))
