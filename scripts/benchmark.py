@@ -150,18 +150,47 @@ def _step_times(stamps: list[float], warmup: int) -> dict:
             "steps": len(timed)}
 
 
-def child_bare(args: argparse.Namespace) -> dict:
+def _net(args: argparse.Namespace, device):
+    """`args.model` with a NUM_CLASSES head on `device` (channels_last if asked), seeded."""
     import torch
 
     from segcon.build import build_model
+
+    torch.manual_seed(0)
+    net = build_model(_compose(args, args.data_root, [f"data.num_classes={NUM_CLASSES}"])).to(device)
+    return net.to(memory_format=torch.channels_last) if getattr(args, "channels_last", False) else net
+
+
+def child_forward(args: argparse.Namespace) -> dict:
+    """Median time of a gradient-free forward pass on the benchmark batch (the unit of a
+    teacher's or weak view's pass)."""
+    import statistics
+
+    import torch
+
+    device = _device(args)
+    net = _net(args, device).eval()
+    batches = _batches(args, device)
+    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float16
+    times = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=args.precision.startswith(("16", "bf16"))):
+        for step in range(args.warmup + args.steps):
+            _sync(device)
+            start = time.perf_counter()
+            net(batches[step % len(batches)]["image"])
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return {"forward_median_s": statistics.median(times[args.warmup:]), "peak_gib": _peak_memory(device)}
+
+
+def child_bare(args: argparse.Namespace) -> dict:
+    import torch
+
     from segcon.methods.optim import poly_factor
     from segcon.objectives.supervised import CrossEntropyLoss
 
     device = _device(args)
-    torch.manual_seed(0)
-    net = build_model(_compose(args, args.data_root, [f"data.num_classes={NUM_CLASSES}"])).to(device).train()
-    if getattr(args, "channels_last", False):
-        net = net.to(memory_format=torch.channels_last)
+    net = _net(args, device).train()
     compiled = getattr(args, "compile", False)
     step_fn = torch.compile(net, backend=getattr(args, "compile_backend", "inductor")) if compiled else net
     loss_fn = CrossEntropyLoss()
@@ -336,7 +365,7 @@ def child_inference(args: argparse.Namespace) -> dict:
     }
 
 
-CHILDREN = {"bare": child_bare, "segcon": child_segcon, "loader": child_loader, "inference": child_inference}
+CHILDREN = {"bare": child_bare, "forward": child_forward, "segcon": child_segcon, "loader": child_loader, "inference": child_inference}
 
 
 def _run_child(kind: str, argv: list[str], checkout: Path = ROOT) -> dict:

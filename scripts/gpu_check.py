@@ -138,32 +138,6 @@ def _args(sizes: Sizes, data_root: str, **kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw})
 
 
-def _forward_only(args: argparse.Namespace) -> dict:
-    """Median time of a gradient-free forward pass of `args.model` on the benchmark batch."""
-    import statistics
-
-    import torch
-
-    from segcon.build import build_model
-
-    device = benchmark._device(args)
-    torch.manual_seed(0)
-    cfg = benchmark._compose(args, args.data_root, [f"data.num_classes={benchmark.NUM_CLASSES}"])
-    net = build_model(cfg).to(device).eval().to(memory_format=torch.channels_last)
-    batches = benchmark._batches(args, device)
-    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float16
-    mixed = args.precision.startswith(("16", "bf16"))
-    times = []
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=mixed):
-        for step in range(args.warmup + args.steps):
-            benchmark._sync(device)
-            start = time.perf_counter()
-            net(batches[step % len(batches)]["image"])
-            benchmark._sync(device)
-            times.append(time.perf_counter() - start)
-    return {"forward_median_s": statistics.median(times[args.warmup:]), "peak_gib": benchmark._peak_memory(device)}
-
-
 def plan(sizes: Sizes, data_root: str, loader_root: str, only: list[str] | None) -> list[Case]:
     """Every case of the check, the most wanted first."""
     def train(model: str) -> list[Case]:
@@ -178,7 +152,7 @@ def plan(sizes: Sizes, data_root: str, loader_root: str, only: list[str] | None)
     for name, (overrides, _, _) in METHODS.items():
         args = _args(sizes, data_root, overrides=overrides)
         cases.append(Case(f"method {name}", "method", _batched(benchmark.child_segcon, args), sizes.batch, True))
-    cases.append(Case("method forward-only", "method", _batched(_forward_only, _args(sizes, data_root)), sizes.batch,
+    cases.append(Case("method forward-only", "method", _batched(benchmark.child_forward, _args(sizes, data_root)), sizes.batch,
                       True))
     for name, overrides in (("rc2l supervised", [o for o in RC2L if "rc2l" not in o and "pseudo" not in o]),
                             ("rc2l", RC2L)):
