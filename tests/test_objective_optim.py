@@ -127,3 +127,30 @@ def test_lr_for_batch_scales_linearly_or_warns() -> None:
     assert lr_for_batch(0.01, None, 8, "linear") == (0.01, None) and lr_for_batch(0.01, 8, 8, "none") == (0.01, None)
     with pytest.raises(ConfigError, match="scale_lr"):
         lr_for_batch(0.01, 8, 4, "sqrt")
+
+
+@pytest.mark.parametrize("option", ["ce", "ce_dice", "dice", "focal", "imbalance", "ohem"])
+def test_every_loss_option_takes_its_schedule_keys_without_a_plus(option: str) -> None:
+    """`pseudo_loss.<term>.warmup_steps=N` (and the loss group's) is a key the group defines, as the
+    README says, not one a user must append with `+`; it reaches the term's schedule."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_train
+
+    terms = list(OmegaConf.to_container(compose_train([f"pseudo_loss={option}"]).pseudo_loss))
+    overrides = [f"pseudo_loss={option}", f"loss={option}"]
+    for i, term in enumerate(terms):
+        overrides += [f"pseudo_loss.{term}.warmup_steps={5 + i}", f"pseudo_loss.{term}.ramp_steps={9 + i}",
+                      f"loss.{term}.warmup_steps={2 + i}"]
+    cfg = compose_train(overrides)
+    obj = build_objective(OmegaConf.to_container(cfg.loss, resolve=True), {},
+                          OmegaConf.to_container(cfg.pseudo_loss, resolve=True))
+    for i, term in enumerate(terms):
+        assert obj.pseudo.schedules[term] == TermSchedule(cfg.pseudo_loss[term].weight, 5 + i, 9 + i)
+        assert obj.supervised.schedules[term] == TermSchedule(cfg.loss[term].weight, 2 + i, 0)
+
+
+def test_mask_set_loss_takes_its_schedule_keys() -> None:
+    from tests.conftest import compose_train
+
+    assert compose_train(["loss=mask_set", "loss.mask_set.warmup_steps=3"]).loss.mask_set.warmup_steps == 3
