@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from segcon.methods.optim import build_optimizer, poly_factor
@@ -13,6 +14,7 @@ from segcon.objectives.base import Targets, Term
 from segcon.objectives.objective import Objective, TermGroup, TermSchedule, build_objective
 from segcon.objectives.supervised import CrossEntropyLoss, DiceLoss
 from segcon.utils.errors import ConfigError
+from tests.conftest import compose_train
 
 IGNORE = 255
 
@@ -133,10 +135,6 @@ def test_lr_for_batch_scales_linearly_or_warns() -> None:
 def test_every_loss_option_takes_its_schedule_keys_without_a_plus(option: str) -> None:
     """`pseudo_loss.<term>.warmup_steps=N` (and the loss group's) is a key the group defines, as the
     README says, not one a user must append with `+`; it reaches the term's schedule."""
-    from omegaconf import OmegaConf
-
-    from tests.conftest import compose_train
-
     terms = list(OmegaConf.to_container(compose_train([f"pseudo_loss={option}"]).pseudo_loss))
     overrides = [f"pseudo_loss={option}", f"loss={option}"]
     for i, term in enumerate(terms):
@@ -151,6 +149,4 @@ def test_every_loss_option_takes_its_schedule_keys_without_a_plus(option: str) -
 
 
 def test_mask_set_loss_takes_its_schedule_keys() -> None:
-    from tests.conftest import compose_train
-
     assert compose_train(["loss=mask_set", "loss.mask_set.warmup_steps=3"]).loss.mask_set.warmup_steps == 3
