@@ -87,12 +87,12 @@ def test_cycling_sampler_repeats_passes_and_splits_ranks() -> None:
     assert _indices(again) != ranks[0]
 
 
-def _ssl_datamodule(root: Path, unlabeled_folder: str | None = None, **kwargs) -> SegDataModule:
+def _ssl_datamodule(root: Path, unlabeled_folder: str | None = None, batch_size: int = 2, **kwargs) -> SegDataModule:
     splits = {"train": "train", "val": "val", "unlabeled": unlabeled_folder}
     return SegDataModule(
         dataset={"_target_": "segcon.data.folder.FolderDataset"}, root=str(root), splits=splits,
         num_classes=3, ignore_index=255, mean=[0.5] * 3, std=[0.25] * 3,
-        train_transform=[{"random_crop": {"size": [32, 32]}}], batch_size=2, val_batch_size=2, num_workers=0,
+        train_transform=[{"random_crop": {"size": [32, 32]}}], batch_size=batch_size, val_batch_size=2, num_workers=0,
         weak_transform=[{"random_crop": {"size": [32, 32]}}, {"hflip": {"p": 0.5}}],
         strong_transform=[{"grayscale": {"p": 0.5}}], seed=0, **kwargs,
     )
@@ -126,6 +126,25 @@ def test_supervised_baseline_on_a_split_uses_the_labeled_images_only(tmp_path: P
         _ssl_datamodule(tmp_path, labeled_fraction="1/4", labeled_count=3)
     with pytest.raises(ConfigError, match="needs unlabeled images"):
         _ssl_datamodule(tmp_path, unlabeled=True)
+
+
+def test_a_supervised_split_smaller_than_a_batch_cycles_to_one_batch_per_epoch(tmp_path: Path) -> None:
+    # 4 labeled CrackForest images and batch 8 in the supervised-only baseline of a 3.5 % split
+    expected = make_folder_dataset(tmp_path, num_classes=3, splits={"train": 14, "val": 2})
+    dm = _ssl_datamodule(tmp_path, labeled_count=3, split_seed=1, batch_size=8)
+    dm.setup("fit")
+    labeled = make_split(expected.ids["train"], 3, seed=1).labeled
+    orders = []
+    for epoch in range(2):
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == 1 and batches[0]["image"].shape == (8, 3, 32, 32)
+        ids = batches[0]["id"]
+        # fresh permutations of the 3 images, concatenated: each pass of 3 holds every image once
+        assert sorted(ids[:3]) == sorted(ids[3:6]) == sorted(labeled) and set(ids[6:]) < set(labeled)
+        orders.append(ids)
+    assert orders[0] != orders[1]
 
 
 def test_on_the_fly_split_draws_labels_from_the_pool_list(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from segcon.data.base import Sample, SegDataset, read_id_list
@@ -226,12 +226,10 @@ class SegDataModule(L.LightningDataModule):
             else:
                 self._setup_split()
             n, b = len(self.datasets["train"]), self.batch_size * self._world_size()
-            if n < b and not self.unlabeled:  # with an unlabeled stream the labeled images cycle
-                raise ConfigError(
-                    f"the train split has {n} images, fewer than one global batch "
-                    f"(data.batch_size={self.batch_size} x {self._world_size()} devices); lower "
-                    "data.batch_size or data.subset.train."
-                )
+            if n < b and not self.unlabeled:  # with an unlabeled stream the labeled images always cycle
+                rank_zero_info(f"the train split has {n} images, fewer than one global batch (data.batch_size="
+                               f"{self.batch_size} x {self._world_size()} devices): each epoch is one batch, "
+                               "the images cycled through fresh permutations")
         if "val" not in self.datasets:
             self.datasets["val"] = self._limit("val", self.build_dataset("val"))
         if stage in (None, "test") and self.splits.get("test") and "test" not in self.datasets:
@@ -385,7 +383,11 @@ class SegDataModule(L.LightningDataModule):
             loader: DataLoader | CombinedLoader = self._semi_supervised_loader()
         else:
             dataset = self.datasets["train"]
-            loader = self._train_loader(dataset, self.batch_size, len(dataset) // self._world_size(), stream=0)
+            # one shuffled pass per epoch; a split smaller than a global batch (4 labeled images of a
+            # supervised-only baseline, batch 8) cycles to one batch, as the labeled stream of a
+            # teacher-student run does
+            length = max(len(dataset) // self._world_size(), self.batch_size)
+            loader = self._train_loader(dataset, self.batch_size, length, stream=0)
         self._resume_position = None  # a later loader (a new fit) starts at the beginning
         return loader
 
