@@ -16,6 +16,7 @@ from segcon.data.sampling import ResumableSampler
 from segcon.data.splits import make_split
 from segcon.data.ssl import UnlabeledViews
 from segcon.data.transforms import SegTransform
+from segcon.methods.supervised import split_summary
 from segcon.utils.errors import ConfigError, DataError, find_user_error
 from tests.fake_datasets import make_folder_dataset
 
@@ -122,6 +123,8 @@ def test_supervised_baseline_on_a_split_uses_the_labeled_images_only(tmp_path: P
     dm = _ssl_datamodule(tmp_path, labeled_fraction="1/4")
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 4 and "unlabeled" not in dm.datasets  # ceil(14 / 4)
+    assert split_summary(dm.split_info()) == (f"split {dm.split.hash}: 4 labeled training images; the other 10 "
+                                              "are not used (no unlabeled stream)")
     with pytest.raises(ConfigError, match="only one of"):
         _ssl_datamodule(tmp_path, labeled_fraction="1/4", labeled_count=3)
     with pytest.raises(ConfigError, match="needs unlabeled images"):
@@ -175,6 +178,8 @@ def test_an_unlabeled_folder_without_masks_joins_the_unlabeled_stream(tmp_path: 
     split = make_split(expected.ids["train"], 2, seed=0)
     info = dm.split_info()
     assert info["unlabeled_stream_images"] == 4 + 4 and info["unlabeled_without_mask"] == 4
+    assert split_summary(info) == (f"split {split.hash}: 2 labeled, 4 unlabeled training images, and 4 more "
+                                   "images in the unlabeled stream (data.splits.unlabeled)")
     seen, scored = [], 0
     for batch, _, _ in dm.train_dataloader():
         unl = batch["unlabeled"]

@@ -41,6 +41,16 @@ def running_best(best: float, value: float) -> float:
     return value if np.isnan(best) else max(best, value)
 
 
+def split_summary(info: Mapping[str, Any]) -> str:
+    """The line a run prints about its semi-supervised split (`SegDataModule.split_info`)."""
+    head = f"split {info['split_hash']}: {info['labeled_images']} labeled"
+    if "unlabeled_stream_images" not in info:  # method=supervised: the labeled images alone
+        return f"{head} training images; the other {info['unlabeled_images']} are not used (no unlabeled stream)"
+    extra = info["unlabeled_stream_images"] - info["unlabeled_images"]
+    return (f"{head}, {info['unlabeled_images']} unlabeled training images"
+            + (f", and {extra} more images in the unlabeled stream (data.splits.unlabeled)" if extra > 0 else ""))
+
+
 class SupervisedModule(L.LightningModule):
     """Trains `net` on labelled batches with `objective`; validates with a dataset-level mIoU.
 
@@ -346,10 +356,7 @@ class SupervisedModule(L.LightningModule):
                               "divergence.policy=stop, or accumulate_grad_batches=1")
         info = self._split_info()
         if info:
-            extra = info.get("unlabeled_stream_images", 0) - info["unlabeled_images"]
-            rank_zero_info(f"split {info['split_hash']}: {info['labeled_images']} labeled, "
-                           f"{info['unlabeled_images']} unlabeled training images"
-                           + (f", and {extra} more images in the unlabeled stream (data.splits.unlabeled)" if extra else ""))
+            rank_zero_info(split_summary(info))
         info = {**info, **self._class_frequencies}
         if info:
             for logger in self.loggers:
