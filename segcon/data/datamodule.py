@@ -225,11 +225,6 @@ class SegDataModule(L.LightningDataModule):
                 self.datasets["train"] = self._limit("train", self.build_dataset("train", train=True))
             else:
                 self._setup_split()
-            n, b = len(self.datasets["train"]), self.batch_size * self._world_size()
-            if n < b and not self.unlabeled:  # with an unlabeled stream the labeled images always cycle
-                rank_zero_info(f"the train split has {n} images, fewer than one global batch (data.batch_size="
-                               f"{self.batch_size} x {self._world_size()} devices): each epoch is one batch, "
-                               "the images cycled through fresh permutations")
         if "val" not in self.datasets:
             self.datasets["val"] = self._limit("val", self.build_dataset("val"))
         if stage in (None, "test") and self.splits.get("test") and "test" not in self.datasets:
@@ -387,6 +382,10 @@ class SegDataModule(L.LightningDataModule):
             # supervised-only baseline, batch 8) cycles to one batch, as the labeled stream of a
             # teacher-student run does
             length = max(len(dataset) // self._world_size(), self.batch_size)
+            if length > len(dataset) // self._world_size():
+                rank_zero_info(f"the train split has {len(dataset)} images, fewer than one global batch "
+                               f"(data.batch_size={self.batch_size} x {self._world_size()} devices): each epoch "
+                               "is one batch, the images cycled through fresh permutations")
             loader = self._train_loader(dataset, self.batch_size, length, stream=0)
         self._resume_position = None  # a later loader (a new fit) starts at the beginning
         return loader
