@@ -67,7 +67,9 @@ def onnx_file(rich_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
     results = _export(rich_ckpt, out, "onnx")
     assert [r.shape for r in results] == [(2, 3, 64, 96), (1, 3, 96, 64)]
-    assert all(r.ok and r.argmax_agree == 1.0 for r in results)
+    # Not argmax_agree == 1: a pixel whose two best logits are within float error of each other
+    # may flip on another CPU's kernels (CI saw it); a wrong graph disagrees on far more.
+    assert all(r.ok and r.argmax_agree > 0.999 for r in results), results
     return out
 
 
