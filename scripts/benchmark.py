@@ -33,8 +33,9 @@ Each measurement runs in a fresh Python process (clean peak-memory numbers):
   loader  images/s of the synthetic training loader: PNG decoding + augmentation, the
           default data.num_workers
 
-Both training loops read the same pre-generated in-memory batches, so the difference is the
-framework's own cost. Step time is the mean wall time per step after `--warmup` steps. Peak
+Both training loops read the same pre-generated batches from host memory (pinned on a GPU, as
+segcon's loaders pin) and copy one to the device each step, so the difference is the framework's
+own cost. Step time is the mean wall time per step after `--warmup` steps. Peak
 memory is the process's peak RSS on CPU, or torch.cuda.max_memory_allocated on a GPU.
 """
 
@@ -82,17 +83,26 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _batches(args: argparse.Namespace, device):
+    """Four seeded batches in host memory, as a training loader hands them over: pinned when
+    `device` is a GPU (segcon's loaders pin), so each step's copy to the device is asynchronous."""
     import torch
 
     g = torch.Generator().manual_seed(0)
     fmt = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
-    return [
+    pin = device.type == "cuda"
+    batches = [
         {
-            "image": torch.randn(args.batch, 3, *args.size, generator=g).to(device).contiguous(memory_format=fmt),
-            "mask": torch.randint(0, NUM_CLASSES, (args.batch, *args.size), generator=g).to(device),
+            "image": torch.randn(args.batch, 3, *args.size, generator=g).contiguous(memory_format=fmt),
+            "mask": torch.randint(0, NUM_CLASSES, (args.batch, *args.size), generator=g),
         }
         for _ in range(4)
     ]
+    return [{k: v.pin_memory() for k, v in b.items()} for b in batches] if pin else batches
+
+
+def _to(batch: dict, device) -> dict:
+    """`batch` on `device` (non-blocking from pinned memory, as Lightning moves a batch)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _with_unlabeled(labeled: dict, other: dict, num_strong: int) -> dict:
@@ -170,7 +180,7 @@ def child_forward(args: argparse.Namespace) -> dict:
 
     device = _device(args)
     net = _net(args, device).eval()
-    batches = _batches(args, device)
+    batches = [_to(b, device) for b in _batches(args, device)]
     dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float16
     times = []
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=args.precision.startswith(("16", "bf16"))):
@@ -205,7 +215,7 @@ def child_bare(args: argparse.Namespace) -> dict:
     for step in range(total):
         _sync(device)
         stamps.append(time.perf_counter())
-        b = batches[step % len(batches)]
+        b = _to(batches[step % len(batches)], device)  # each step copies its batch, as segcon's does
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = loss_fn(step_fn(b["image"]).logits, b["mask"])
         opt.zero_grad(set_to_none=True)
@@ -232,7 +242,7 @@ def child_segcon(args: argparse.Namespace) -> dict:
     _full_weights(module)
     if getattr(args, "channels_last", False):
         module = module.to(memory_format=torch.channels_last)
-    batches = _batches(args, torch.device("cpu"))
+    batches = _batches(args, device)  # host memory; Lightning copies each to the device
     if getattr(module, "uses_unlabeled", False):  # teacher-student: a labeled + an unlabeled batch
         others = batches[1:] + batches[:1]
         batches = [_with_unlabeled(b, o, int(cfg.data.num_strong)) for b, o in zip(batches, others, strict=True)]
@@ -274,6 +284,10 @@ def child_segcon(args: argparse.Namespace) -> dict:
 
 
 def child_loader(args: argparse.Namespace) -> dict:
+    """Images/s of the training loader in its steady state: one epoch of the real sampler long
+    enough for every batch asked for (an epoch of the few prepared images would end before the
+    workers are all busy, and its boundary would drain the queue), timed after the batches the
+    workers prefetch at the start (2 per worker) have been taken."""
     from segcon.build import build_datamodule
     from segcon.config import prepare_data
 
@@ -281,25 +295,21 @@ def child_loader(args: argparse.Namespace) -> dict:
     prepare_data(cfg)
     dm = build_datamodule(cfg)
     dm.setup("fit")
-    n = 0
-    start = 0.0
-    warm = 3
-
-    loader = dm.train_dataloader()
-
-    def epochs():  # as many epochs as the batches asked for need (workers persist, as in a fit)
-        while True:
-            yield from loader
-
-    for i, batch in enumerate(epochs()):
+    warm = max(3, 2 * int(cfg.data.num_workers))
+    batch = int(cfg.data.batch_size)
+    # the loader train_dataloader() builds, with more draws of the images per epoch
+    loader = dm._train_loader(dm.datasets["train"], batch, batch * (warm + args.loader_batches + 1), stream=0)
+    n, start = 0, 0.0
+    for i, images in enumerate(b["image"] for b in loader):
         if i == warm:
             start = time.perf_counter()
         elif i > warm:
-            n += batch["image"].shape[0]
+            n += images.shape[0]
         if i == warm + args.loader_batches:
             break
     elapsed = time.perf_counter() - start
-    return {"images_per_s": n / elapsed, "num_workers": cfg.data.num_workers, "crop": list(cfg.data.crop_size)}
+    return {"images_per_s": n / elapsed, "num_workers": cfg.data.num_workers, "crop": list(cfg.data.crop_size),
+            "batches": args.loader_batches}
 
 
 def _full_weights(module) -> None:

@@ -87,8 +87,10 @@ def test_the_dry_run_runs_every_case_and_its_table_follows_from_the_cases(tmp_pa
         if method != "supervised":
             assert rows[f"method {method} (vs pass count)"]["ratio"] == \
                 res[f"method {method}"]["step_median_s"] / (fb * sup + f * fwd)
+    overhead = f"{sizes.models[0]} {sizes.precisions[0]}"
     assert rows["overhead segcon / bare (time)"]["ratio"] == \
-        res[f"{prefix} contrast=none"]["step_median_s"] / res[f"overhead bare {sizes.models[0]} {sizes.precisions[0]}"]["step_median_s"]
+        res[f"overhead segcon {overhead}"]["step_median_s"] / res[f"overhead bare {overhead}"]["step_median_s"]
+    assert res[f"loader workers={sizes.loader_workers[-1]}"]["batches"] == sizes.loader_batches
     assert res["eval slide"]["passes"] > res["eval whole"]["passes"] == 1
     assert all(res[f"loader workers={w}"]["images_per_s"] > 0 for w in sizes.loader_workers)
     assert "cases ok, 0 failed, 0 skipped" in proc.stdout
