@@ -260,6 +260,33 @@ def test_stage_projection_equals_the_head_on_the_concatenated_stages() -> None:
         assert head.float()([s.detach().float() for s in stages]).hidden.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("dim", [6, 20], ids=["narrowing", "widening"])
+def test_linear_stage_projection_equals_the_head_on_the_concatenated_stages(dim: int) -> None:
+    """A linear head on encoder stages (`contrast=confidence`): narrowing (15 -> 6 channels) it is
+    finished over the whole map at D channels, stage by stage, never forming the 15-channel
+    concatenation; widening it keeps the concatenation. Either way the embeddings at gathered
+    pixels, their gradients and the group means equal the head on `concat_stages` (float64)."""
+    from segcon.models.heads import concat_stages
+
+    torch.manual_seed(0)
+    stages = [torch.randn(2, c, s, s, dtype=torch.float64, requires_grad=True) for c, s in ((3, 16), (5, 8), (7, 4))]
+    head = ProjectionHead(15, dim=dim, kind="linear").double()
+    emb, ref = head(stages), head(concat_stages(stages, [0, 1, 2]))
+    assert emb.hidden.shape[1] == (dim if dim < 15 else 15)
+    index = torch.tensor([0, 17, 255, 256, 300, 511])
+    got, want = emb.at(index), ref.at(index)
+    assert torch.allclose(got, want, atol=1e-12)
+    weights = torch.randn(got.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((got * weights).sum(), [*stages, *head.parameters()])
+    ref_grads = torch.autograd.grad((want * weights).sum(), [*stages, *head.parameters()])
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-10)
+    group = torch.tensor([0, 0, 2, 2, 1, 0])
+    torch.testing.assert_close(emb.group_means(index, group, 3), ref.group_means(index, group, 3), atol=1e-12, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(head.float()([s.detach().float() for s in stages]).at(index)).all()
+
+
 def test_a_widening_stem_folds_only_with_a_plain_batch_norm_and_runs_in_half_weights() -> None:
     """A SyncBatchNorm (DDP with sync_batchnorm) needs every rank's pixels: the stem then runs
     over the whole map. In bfloat16 weights (bf16-true) the folded stem works in that dtype."""

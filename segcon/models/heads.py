@@ -124,27 +124,21 @@ class ProjectionHead(nn.Module):
     def forward(self, x: Tensor | list[Tensor]) -> PixelEmbedding:
         """`x`: a feature map `[B, C, h, w]`, or encoder stages whose concatenation after bilinear
         upsampling to the largest (`concat_stages`) is the feature map. For stages, the first
-        1x1 convolution runs on each stage at its own resolution and the results are upsampled
-        and summed: the same map (convolution and bilinear resizing commute, and the weights of
-        a bilinear resize sum to 1, so the bias is added once), without a wide convolution at the
-        largest resolution."""
+        1x1 layer runs on each stage at its own resolution and the results are upsampled and
+        summed (`project_stages`): the same map, without the wide concatenation at the largest
+        resolution. A narrowing linear head on stages is thereby finished over the whole map,
+        at D channels, instead of keeping the C-channel concatenation for gathered rows."""
         if isinstance(x, Tensor):
             if self.folds:
                 return PixelEmbedding(x, _FoldedStem(self, x))
             return PixelEmbedding(self.stem(x), self.finish, self.affine())
         stages = [f for f in x if f.shape[1] > 0]
         if self.kind == "linear":
+            if self.out.out_features < self.out.in_features:
+                return PixelEmbedding.from_dense(project_stages(stages, self.out.weight, self.out.bias))
             return PixelEmbedding(concat_stages(stages, list(range(len(stages)))), self.finish, self.affine())
         conv = self.stem[0]
-        size = _largest(stages)
-        hidden: Tensor | None = None
-        for f, w in zip(stages, conv.weight.split([f.shape[1] for f in stages], dim=1), strict=True):
-            y = F.conv2d(f, w)
-            if tuple(y.shape[-2:]) != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            hidden = y if hidden is None else hidden + y
-        assert hidden is not None and conv.bias is not None
-        hidden = hidden + conv.bias.to(hidden.dtype)[None, :, None, None]  # stays in autocast's dtype
+        hidden = project_stages(stages, conv.weight.flatten(1), conv.bias)
         return PixelEmbedding(self.stem[1:](hidden), self.finish, self.affine())
 
 
@@ -230,6 +224,22 @@ def concat_stages(features: list[Tensor], stages: list[int]) -> Tensor:
     resized = [f if tuple(f.shape[-2:]) == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                for f in chosen]
     return torch.cat(resized, dim=1)
+
+
+def project_stages(stages: list[Tensor], weight: Tensor, bias: Tensor) -> Tensor:
+    """A 1x1 layer `weight [D, sum C_i]`, `bias [D]` applied to `concat_stages(stages, ...)`:
+    `[B, D, h, w]` at the largest stage's size, computed on each stage at its own resolution
+    and then upsampled and summed (a pointwise linear map and bilinear resizing commute, and
+    a bilinear resize's weights sum to 1, so the bias is added once). In autocast's dtype."""
+    size = _largest(stages)
+    out: Tensor | None = None
+    for f, w in zip(stages, weight.split([f.shape[1] for f in stages], dim=1), strict=True):
+        y = F.conv2d(f, w[:, :, None, None])
+        if tuple(y.shape[-2:]) != size:
+            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        out = y if out is None else out + y
+    assert out is not None
+    return out + bias.to(out.dtype)[None, :, None, None]
 
 
 def _largest(maps: list[Tensor]) -> tuple[int, int]:

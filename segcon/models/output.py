@@ -24,6 +24,11 @@ def gather_pixels(feature: Tensor, index: Tensor) -> Tensor:
     return feature.flatten(2)[index // n, :, index % n]
 
 
+def normalize_rows(rows: Tensor) -> Tensor:
+    """Rows `[M, D]` L2-normalised (the whole tail of an embedding given as a dense map)."""
+    return F.normalize(rows, dim=1)
+
+
 @dataclass
 class PixelEmbedding:
     """A projection head's output, finished only where a loss looks.
@@ -50,7 +55,7 @@ class PixelEmbedding:
         """Wrap a full embedding map `[B, D, h, w]` (it is L2-normalised row-wise on use)."""
         d = embedding.shape[1]
         eye = torch.eye(d, dtype=embedding.dtype, device=embedding.device)
-        return cls(embedding, lambda rows: F.normalize(rows, dim=1), (eye, eye.new_zeros(d)))
+        return cls(embedding, normalize_rows, (eye, eye.new_zeros(d)))
 
     @property
     def size(self) -> tuple[int, int]:
