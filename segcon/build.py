@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from segcon.methods.supervised import SupervisedModule
 from segcon.models.base import SegModel
 from segcon.objectives.objective import Objective, build_objective
 from segcon.utils.errors import ConfigError
+from segcon.utils.targets import instantiate, locate
 
 DEFAULT_DATAMODULE = "segcon.data.datamodule.SegDataModule"
 """The datamodule of run configs written before `data.datamodule` existed."""
@@ -31,9 +31,9 @@ def build_datamodule(cfg: DictConfig, unlabeled: bool | None = None) -> L.Lightn
     the method uses it)."""
     data = plain(cfg.data)
     target = (data.get("datamodule") or {}).get("_target_", DEFAULT_DATAMODULE)
-    cls = get_class(target)
+    cls = locate(target, "data.datamodule._target_")
     if unlabeled is None:
-        unlabeled = bool(getattr(get_class(cfg.method._target_), "uses_unlabeled", False))
+        unlabeled = bool(getattr(locate(cfg.method._target_, "method._target_"), "uses_unlabeled", False))
     accepted = _init_parameters(cls)
     kwargs = {k: v for k, v in data.items() if k in accepted}
     kwargs.update(root=str(Path(str(data["root"])).expanduser()), seed=cfg.seed, unlabeled=unlabeled)
@@ -56,7 +56,7 @@ def _init_parameters(cls: type) -> set[str]:
 
 def build_model(cfg: DictConfig) -> SegModel:
     """The network of `cfg.model` (any SegModel family)."""
-    net = instantiate(cfg.model)
+    net = instantiate(cfg.model, "model")
     if not isinstance(net, SegModel):
         raise ConfigError(f"model._target_={cfg.model._target_} builds a {type(net).__name__}, not a "
                           "segcon.models.base.SegModel (the model contract)")
@@ -88,7 +88,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     """The method's LightningModule with its network and objective."""
     method = plain(cfg.method)
     # Called directly, not through instantiate: run_config holds _target_ nodes of its own.
-    method_cls = get_class(method.pop("_target_"))
+    method_cls = locate(method.pop("_target_"), "method._target_")
     objective = build_objective_of(cfg)
     if objective.reads_teacher and not getattr(method_cls, "uses_unlabeled", False):
         readers = [name for name, t in objective.terms() if getattr(t, "reads_teacher", False)]
@@ -106,6 +106,8 @@ def build_evaluator(cfg: DictConfig, net: SegModel) -> SupervisedModule:
                             **_data_kwargs(cfg))
 
 
-def instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a group that has a `_target_` (null entries are switched off)."""
-    return [instantiate(spec) for spec in (group or {}).values() if spec is not None and "_target_" in spec]
+def instantiate_all(group: DictConfig | None, key: str) -> list[Any]:
+    """Instantiate every entry of the group `key` that has a `_target_` (null entries are
+    switched off)."""
+    return [instantiate(spec, f"{key}.{name}") for name, spec in (group or {}).items()
+            if spec is not None and "_target_" in spec]

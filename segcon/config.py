@@ -12,11 +12,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.utils.errors import ConfigError, DataError
+from segcon.utils.targets import instantiate, locate
 
 EVAL_CKPTS = ("best", "last")
 
@@ -54,7 +54,7 @@ def prepare_data(cfg: DictConfig) -> None:
     to disk here, atomically, so concurrent DDP processes are safe)."""
     prepare = cfg.data.get("prepare")
     if prepare is not None:
-        instantiate(prepare, root=cfg.data.root)
+        instantiate(prepare, "data.prepare", root=cfg.data.root)
 
 
 def fill_data_defaults(cfg: DictConfig) -> None:
@@ -142,7 +142,7 @@ def check_data_config(data: DictConfig) -> None:
             f"data.ignore_index={ignore} lies inside the class range [0, {k}) of data.num_classes: "
             "it would silently drop a real class. Use a value outside it (255 is the convention)."
         )
-    fixed = getattr(get_class(data.dataset._target_), "fixed_num_classes", None)
+    fixed = getattr(locate(data.dataset._target_, "data.dataset._target_"), "fixed_num_classes", None)
     if fixed is not None and fixed != k:
         raise ConfigError(
             f"data.num_classes={k}, but the {data.dataset._target_} label mapping produces "
@@ -165,10 +165,7 @@ def _class_of(node: Mapping[str, Any], key: str, what: str) -> Any:
     target = node.get("_target_")
     if not target:
         raise ConfigError(f"{key} has no _target_ ({what})")
-    try:
-        return get_class(str(target))
-    except Exception as err:  # Hydra wraps import errors of every kind
-        raise ConfigError(f"{key}._target_={target} cannot be imported: {err}") from None
+    return locate(target, f"{key}._target_")
 
 
 def _check_losses(cfg: DictConfig) -> None:
@@ -192,7 +189,7 @@ def _check_crops(data: DictConfig, divisor: int, target: str, model: Mapping[str
     crops = [("data.crop_size", tuple(data.crop_size))] if data.get("crop_size") is not None else []
     crops += [(f"data.train_transform {n}", s) for n, s in _crop_sizes(data.get("train_transform"))]
     crops += [(f"data.weak_transform {n}", s) for n, s in _crop_sizes(data.get("weak_transform"))]
-    describe = get_class(target).describe(model)
+    describe = locate(target, "model._target_").describe(model)
     for key, (h, w) in crops:
         if h % divisor or w % divisor:
             fix = (-(-h // divisor) * divisor, -(-w // divisor) * divisor)
@@ -209,7 +206,7 @@ def _check_layout(data: DictConfig) -> None:
             f"data.split={split} does not exist: give a directory written by `segcon-data split` "
             "(labeled.txt [+ unlabeled.txt]) or a labeled list file"
         )
-    dataset_cls = get_class(data.dataset._target_)
+    dataset_cls = locate(data.dataset._target_, "data.dataset._target_")
     for split_name, disk_split in (data.get("splits") or {}).items():
         if disk_split is not None:
             # the unlabeled pool is images only: its masks are neither needed nor looked for

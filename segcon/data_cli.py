@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -42,6 +41,7 @@ from segcon.data.splits import PROTOCOLS, Protocol, labeled_count, make_split, w
 from segcon.data.stats import SplitStats, split_stats
 from segcon.utils.cli import run_command
 from segcon.utils.errors import ConfigError
+from segcon.utils.targets import instantiate
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -62,7 +62,7 @@ def stats(cfg: DictConfig) -> int:
         if disk_split is None:
             continue
         dataset = instantiate(
-            data.dataset, root=str(data.root), split=str(disk_split),
+            data.dataset, "data.dataset", root=str(data.root), split=str(disk_split),
             num_classes=data.num_classes, ignore_index=data.ignore_index, transform=None,
         )
         results[split] = split_stats(dataset, cfg.workers)
@@ -103,7 +103,7 @@ def split(cfg: DictConfig) -> int:
     data = cfg.data
     protocol = _protocol(cfg)
     dataset = instantiate(
-        data.dataset, root=str(data.root), split=str(data.splits.train), num_classes=data.num_classes,
+        data.dataset, "data.dataset", root=str(data.root), split=str(data.splits.train), num_classes=data.num_classes,
         ignore_index=data.ignore_index, transform=None, labeled=bool(cfg.class_balanced),
     )
     ids = [s.id for s in dataset.samples]

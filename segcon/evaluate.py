@@ -19,7 +19,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.build import build_datamodule, build_evaluator, instantiate_all
@@ -33,6 +32,7 @@ from segcon.utils.cli import run_command
 from segcon.utils.errors import ConfigError
 from segcon.utils.loggers import finish_wandb
 from segcon.utils.rich_config import print_config_tree
+from segcon.utils.targets import instantiate
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -70,7 +70,7 @@ def evaluate(entry: DictConfig, run_overrides: Sequence[str] = ()) -> dict[str, 
     module = build_evaluator(cfg, build_inference_net(cfg, ckpt, branch))
     module.bests[""] = float(ckpt.segcon.get(best_key("" if branch == "student" else TEACHER), float("nan")))
     report = FinalReport(out_dir, branch, start, checkpoint=ckpt.path)
-    trainer = instantiate(cfg.trainer, callbacks=[report], logger=instantiate_all(cfg.get("logger")) or False)
+    trainer = instantiate(cfg.trainer, "trainer", callbacks=[report], logger=instantiate_all(cfg.get("logger"), "logger") or False)
     run = trainer.validate if split == "val" else trainer.test
     metrics: dict[str, float] = {}
     for result in run(module, datamodule=datamodule, verbose=False):

@@ -18,7 +18,6 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -27,6 +26,7 @@ from segcon.config import config_dir
 from segcon.models.base import SegModel
 from segcon.utils.checkpoint import RunCheckpoint
 from segcon.utils.errors import ConfigError
+from segcon.utils.targets import locate
 
 
 def compose_entry(config_name: str, argv: Sequence[str]) -> tuple[DictConfig, list[str]]:
@@ -121,10 +121,7 @@ def rebuild_config(
 
 
 def _model_class(target: str) -> type[SegModel]:
-    try:
-        cls = get_class(target)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"model._target_={target} cannot be imported: {err}") from None
+    cls = locate(target, "model._target_")
     if not (isinstance(cls, type) and issubclass(cls, SegModel)):
         raise ConfigError(f"model._target_={target} is not a segcon.models.base.SegModel (the model contract)")
     return cls

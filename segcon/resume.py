@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from segcon.utils.checkpoint import read_progress, read_segcon_state
 from segcon.utils.errors import ConfigError
+from segcon.utils.targets import check_stored_config
 
 COMPARED = ("model", "data")
 """The config groups a resumed run must share with its checkpoint."""
@@ -125,6 +126,7 @@ def resume_checkpoint(cfg: DictConfig) -> str | None:
     saved = read_segcon_state(path).get("config")
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} carries no segcon run config: it was not written by segcon-train and cannot be resumed")
+    check_stored_config(saved, str(path))
     current = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(current, dict)
     force = list(cfg.get("resume_force") or [])

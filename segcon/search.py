@@ -171,11 +171,12 @@ def _plain(node: Any) -> Any:
 def make_pruner(spec: Mapping[str, Any] | None) -> optuna.pruners.BasePruner:
     """The pruner a `{_target_: optuna.pruners..., ...}` spec describes (no pruning for None)."""
     import optuna
-    from hydra.utils import instantiate
+
+    from segcon.utils.targets import instantiate
 
     if not spec:
         return optuna.pruners.NopPruner()
-    pruner = instantiate(dict(spec))
+    pruner = instantiate(dict(spec), "hydra.sweeper.pruner")
     if not isinstance(pruner, optuna.pruners.BasePruner):
         raise ConfigError(f"hydra.sweeper.pruner: {spec.get('_target_')} is not an Optuna pruner")
     return pruner

@@ -17,7 +17,6 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -34,6 +33,7 @@ from segcon.utils.errors import find_user_error
 from segcon.utils.loggers import finish_wandb, set_run_config, wandb_group
 from segcon.utils.rich_config import print_config_tree
 from segcon.utils.signals import as_sigterm
+from segcon.utils.targets import instantiate
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _resume_loggers(cfg: DictConfig) -> None:
     wandb, csv = cfg.logger.get("wandb"), cfg.logger.get("csv")
     if wandb is not None:
         run_id = read_segcon_state(cfg.ckpt_path).get("wandb_run_id")
-        if run_id and not wandb.get("id"):
+        if isinstance(run_id, str) and run_id and not wandb.get("id"):
             with open_dict(cfg):
                 wandb.id = run_id
                 wandb.resume = "allow"
@@ -124,16 +124,16 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build_datamodule(cfg)
     module = build_module(cfg)
-    callbacks = [*instantiate_all(cfg.get("callbacks")), ResumeState(), StopTogether(), FinalReport(out_dir, cfg.eval_ckpt, start)]
+    callbacks = [*instantiate_all(cfg.get("callbacks"), "callbacks"), ResumeState(), StopTogether(), FinalReport(out_dir, cfg.eval_ckpt, start)]
     reporter = trial_reporter(cfg)
     if reporter is not None:
         callbacks.append(reporter)
-    loggers = instantiate_all(cfg.get("logger"))
+    loggers = instantiate_all(cfg.get("logger"), "logger")
     set_run_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=bool((cfg.get("slurm") or {}).get("auto_requeue", False))))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    trainer: L.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
     global_batch = cfg.data.batch_size * trainer.world_size
     rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s) = {global_batch}")
     lr, note = lr_for_batch(

@@ -18,6 +18,9 @@ from segcon.config import config_dir
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# the test helpers (tests.helpers, tests.toy_model) are classes a config may build in the tests
+# (and in the CLI runs they start: the environment is inherited)
+os.environ["SEGCON_TRUSTED_TARGETS"] = "tests."
 # counted label statistics (loss=imbalance) go to a temporary folder, not the user's cache
 os.environ["SEGCON_CACHE_DIR"] = tempfile.mkdtemp(prefix="segcon-test-cache-")
 

@@ -162,3 +162,7 @@ class PruneTrials(optuna.pruners.BasePruner):
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         return trial.number in self.trials and trial.last_step is not None and trial.last_step >= self.step
+
+
+class NotATerm(torch.nn.Module):
+    """A module a config may name as a loss term that is neither a PixelLoss nor a Term."""

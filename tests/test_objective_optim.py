@@ -94,8 +94,10 @@ def test_build_objective_from_config_groups() -> None:
         build_objective({}, {})
     with pytest.raises(ConfigError, match="share the name"):
         build_objective(loss, {"ce": loss["ce"]})
-    with pytest.raises(ConfigError, match="neither a PixelLoss nor a Term"):
+    with pytest.raises(ConfigError, match=r"loss\.l1\._target_='torch\.nn\.L1Loss', which is not a class segcon builds"):
         build_objective({"l1": {"_target_": "torch.nn.L1Loss"}})
+    with pytest.raises(ConfigError, match="neither a PixelLoss nor a Term"):  # a class the user allowed
+        build_objective({"plain": {"_target_": "tests.helpers.NotATerm"}})
     with pytest.raises(ConfigError, match=r"pseudo_loss.con: _Contrast is not a PixelLoss"):
         Objective({"ce": CrossEntropyLoss()}, pseudo={"con": _Contrast()})
 

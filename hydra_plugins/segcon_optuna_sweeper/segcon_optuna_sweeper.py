@@ -63,12 +63,12 @@ class SegconOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[JobReturn]:
         import optuna
-        from hydra.utils import instantiate
         from optuna.storages import fail_stale_trials
         from optuna.trial import TrialState
 
         from segcon import search
         from segcon.train import INTERRUPTED_STATUS
+        from segcon.utils.targets import instantiate
 
         # heartbeats and stale-trial retries are used through ask/tell here, as designed for
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -98,7 +98,7 @@ class SegconOptunaSweeper(Sweeper):
             if sampler_cfg.get("seed") is not None and study.trials:
                 # a continued study: a sampler seeded as at its start would replay its first suggestions
                 sampler_cfg["seed"] = int(sampler_cfg["seed"]) + len(study.trials)
-            study.sampler = instantiate(sampler_cfg)
+            study.sampler = instantiate(sampler_cfg, "hydra.sweeper.sampler")
         log.info(f"study '{self.study_name}' in {storage_url}: {len(study.trials)} trial(s) so far")
         returns: list[JobReturn] = []
         failures = 0

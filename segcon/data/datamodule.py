@@ -14,7 +14,6 @@ import cv2
 import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import CombinedLoader, rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -26,6 +25,7 @@ from segcon.data.ssl import UnlabeledViews
 from segcon.data.stats import split_stats
 from segcon.data.transforms import SegTransform
 from segcon.utils.errors import ConfigError, DataError
+from segcon.utils.targets import instantiate
 
 SPLITS = ("train", "val", "test")
 
@@ -206,6 +206,7 @@ class SegDataModule(L.LightningDataModule):
         transform = SegTransform(steps, self.mean, self.std, self.ignore_index)
         return instantiate(
             self.dataset_cfg,
+            "data.dataset",
             root=self.root,
             split=disk_split,
             num_classes=self.num_classes,

@@ -18,13 +18,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.supervised import PixelLoss
 from segcon.utils.errors import ConfigError
+from segcon.utils.targets import instantiate
 
 PSEUDO = "unsup"
 """The log name of the pseudo-label loss (`train/loss_unsup`, `train/weight_unsup`)."""
@@ -225,7 +225,7 @@ def build_terms(group: Mapping[str, Any] | None, key: str) -> TermGroup:
             warmup_steps=int(spec.pop("warmup_steps", 0)),
             ramp_steps=int(spec.pop("ramp_steps", 0)),
         )
-        terms[name] = instantiate(spec, _convert_="all")
+        terms[name] = instantiate(spec, f"{key}.{name}", _convert_="all")
     return TermGroup(terms, schedules)
 
 

@@ -23,6 +23,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from segcon.utils.errors import ConfigError
+from segcon.utils.targets import check_stored_config
 from segcon.utils.weights import load_checked, safe_torch_load
 
 BRANCHES = {"student": "net.model.", "teacher": "teacher.model."}
@@ -187,4 +188,5 @@ def load_run_checkpoint(path: str | Path) -> RunCheckpoint:
             f"{file} carries no segcon run config (checkpoint['segcon']['config']): it was not "
             "written by segcon-train, so the model cannot be rebuilt from it."
         )
+    check_stored_config(config, str(file))
     return RunCheckpoint(file, config, weights, state)
