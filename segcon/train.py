@@ -32,17 +32,22 @@ from segcon.utils.checkpoint import AtomicCheckpointIO, read_progress, read_segc
 from segcon.utils.errors import find_user_error
 from segcon.utils.loggers import finish_wandb, set_run_config, wandb_group
 from segcon.utils.rich_config import print_config_tree
-from segcon.utils.signals import as_sigterm
+from segcon.utils.signals import StopNow, StopRequest, stop_signals
 from segcon.utils.targets import instantiate
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED_STATUS = 143
-"""The exit status of a run ended by a termination signal (128 + SIGTERM, the shell's convention)."""
+INTERRUPTED_STATUSES = (130, 143)
+"""The exit statuses of a run stopped from outside (128 + SIGINT, 128 + SIGTERM: the shell's
+convention): the run is unfinished, not failed; running it again with ckpt_path resumes it."""
 
 
 class Interrupted(RuntimeError):
-    """A run ended by a termination signal after writing the checkpoint of its last step."""
+    """A run stopped by a signal (see segcon.utils.signals); `status` is its exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _resume_loggers(cfg: DictConfig) -> None:
@@ -79,18 +84,21 @@ def _eval_checkpoint(trainer: L.Trainer, cfg: DictConfig) -> str | None:
     return cfg.get("ckpt_path")
 
 
-def _interrupted_message(trainer: L.Trainer) -> str:
-    """What an interrupted fit left: the step and file of the checkpoint written at the signal."""
+def _interrupted(trainer: L.Trainer, request: StopRequest, at_once: bool = False) -> Interrupted:
+    """What a stopped fit left: the step and file of its newest checkpoint, and how to resume."""
     cb = trainer.checkpoint_callback
     last = cb.final_path() if isinstance(cb, ModelCheckpoint) else None
+    what = ("stopped at once by a second interrupt (Ctrl-C)" if at_once else
+            "interrupted by Ctrl-C (SIGINT)" if request.status == 130 else
+            "interrupted by a termination signal (SIGTERM or interrupt.signals)")
     if last is None:
         where = "no checkpoint was written (callbacks.model_checkpoint is off)"
     elif not last.is_file():
-        where = (f"no checkpoint had been written yet ({last} is written at the next step after the signal, "
-                 "not inside a validation)")
+        where = f"no checkpoint had been written yet (nothing to resume: {last} does not exist)"
     else:
-        where = f"the state of step {read_progress(last)[0]} is in {last}; resume with ckpt_path={last}"
-    return f"interrupted by a termination signal (SIGTERM or interrupt.signals): {where}"
+        where = (f"the {'newest checkpoint, ' if at_once else ''}state of step {read_progress(last)[0]} is in {last}; "
+                 f"resume with ckpt_path={last}")
+    return Interrupted(f"{what}: {where}", request.status)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -100,8 +108,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     sweep, a notebook cell) starts a fresh one.
     """
     try:
-        with as_sigterm(list((cfg.get("interrupt") or {}).get("signals") or [])):
-            metrics = _train(cfg)
+        with stop_signals(list((cfg.get("interrupt") or {}).get("signals") or [])) as request:
+            metrics = _train(cfg, request)
     except BaseException:
         finish_wandb(1)
         raise
@@ -109,7 +117,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _train(cfg: DictConfig) -> dict[str, float]:
+def _train(cfg: DictConfig, request: StopRequest) -> dict[str, float]:
     start = time.time()
     out_dir = Path(cfg.paths.output_dir)
     prepare_data(cfg)
@@ -147,7 +155,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except SIGTERMException:
-            raise Interrupted(_interrupted_message(trainer)) from None
+            raise _interrupted(trainer, request) from None
+        except StopNow:
+            raise _interrupted(trainer, request, at_once=True) from None
+        if getattr(trainer._signal_connector, "requested", False):  # a signal in the last step: it is in last.ckpt
+            raise _interrupted(trainer, request)
         if reporter is not None and reporter.pruned:
             rank_zero_info(f"search trial {cfg.search.trial} pruned at step {trainer.global_step}: not evaluated again")
             return {}
@@ -159,9 +171,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         if cfg.data.splits.get("test"):
             for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False):
                 metrics.update(result)
-    except SIGTERMException:  # a SystemExit without a status: uncaught, the run would exit 0
-        raise Interrupted(f"interrupted by a termination signal during the final evaluation of "
-                          f"{ckpt or 'the in-memory weights'}: evaluate it with segcon-eval") from None
+    except (SIGTERMException, StopNow):  # SIGTERMException: a SystemExit without a status, which would exit 0
+        raise Interrupted(f"interrupted during the final evaluation of {ckpt or 'the in-memory weights'}: "
+                          "evaluate it with segcon-eval", request.status) from None
     return metrics
 
 
@@ -183,7 +195,10 @@ def main(cfg: DictConfig) -> float | None:
     except Interrupted as exc:
         log.error(str(exc))
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(INTERRUPTED_STATUS) from None
+        raise SystemExit(exc.status) from None
+    except (KeyboardInterrupt, StopNow):  # Ctrl-C before or after the fit: nothing to save
+        print("error: interrupted by Ctrl-C (SIGINT) before training began or after it ended", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as exc:
         err = find_user_error(exc)
         if err is None:

@@ -123,11 +123,18 @@ class CrashAt(L.Callback):
     written so far survive into the resumed run). With `once_file`, only the first time. With
     `final_eval=True`, at the first batch of the evaluation after the fit instead (`step` unused)."""
 
-    def __init__(self, step: int, how: str = "raise", once_file: str | None = None, final_eval: bool = False) -> None:
+    def __init__(self, step: int, how: str = "raise", once_file: str | None = None, final_eval: bool = False,
+                 at_validation: bool = False) -> None:
         self.step, self.how, self.once_file, self.final_eval = step, how, once_file, final_eval
+        self.at_validation = at_validation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if not self.final_eval and trainer.global_step == self.step:
+        if not self.final_eval and not self.at_validation and trainer.global_step == self.step:
+            self._end()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self.at_validation and trainer.state.fn == "fit" and not trainer.sanity_checking \
+                and trainer.global_step == self.step:
             self._end()
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:

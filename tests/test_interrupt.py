@@ -42,12 +42,12 @@ def test_a_signal_checkpoints_the_current_step_and_exits_interrupted(data_dir: P
 
 def test_signal_names_are_checked_and_handlers_restored() -> None:
     from segcon.utils.errors import ConfigError
-    from segcon.utils.signals import as_sigterm
+    from segcon.utils.signals import stop_signals
 
-    before = signal.getsignal(signal.SIGUSR2)
-    with as_sigterm(["SIGUSR2"]):
-        assert signal.getsignal(signal.SIGUSR2) is not before
-    assert signal.getsignal(signal.SIGUSR2) is before
-    for bad in ("SIGKILL", "SIGTERM", "SIGNOPE"):
-        with pytest.raises(ConfigError, match=r"interrupt\.signals"), as_sigterm([bad]):
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR2, signal.SIGINT)}
+    with stop_signals(["SIGUSR2"]):
+        assert all(signal.getsignal(s) is not h for s, h in before.items())
+    assert all(signal.getsignal(s) is h for s, h in before.items())
+    for bad in ("SIGKILL", "SIGTERM", "SIGINT", "SIGNOPE"):
+        with pytest.raises(ConfigError, match=r"interrupt\.signals"), stop_signals([bad]):
             pass

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from segcon.data.sampling import ResumableSampler, TrainItems
+from segcon.utils.checkpoint import read_progress
 from segcon.utils.errors import ConfigError, DataError
 from tests.helpers import SimulatedCrash
 
@@ -50,14 +51,24 @@ RUNS = {
     # step-based schedule with validation every 3 steps (mid-epoch)
     "fixmatch": ["experiment=ssl_synthetic", "debug=fast", "trainer.max_steps=8", "trainer.val_check_interval=3",
                  "data.unlabeled_batch_size=4"],
+    # bounded by steps, validation at epoch ends (Lightning's epoch-end resume goes wrong here):
+    # the memory bank with 4 batches an epoch, FixMatch with 3 (15 unlabeled images in batches of 4)
+    "memory_bank_by_steps": ["trainer.max_steps=8", "trainer.max_epochs=-1", "contrast=pixel_memory",
+                             "contrast.pixel_memory.memory_size=50", "contrast.pixel_memory.warmup_steps=0",
+                             "contrast.pixel_memory.pixel_update_freq=2", "sampler.max_views=20"],
+    "fixmatch_epoch_end": ["experiment=ssl_synthetic", "debug=fast", "trainer.max_steps=6", "data.unlabeled_batch_size=4",
+                           "trainer.val_check_interval=1.0", "trainer.check_val_every_n_epoch=1"],
 }
 EVERY_STEP = ["callbacks.model_checkpoint.last_every_n_steps=1", "data.num_workers=0"]
+AT_VALIDATIONS = ["callbacks.model_checkpoint.last_every_minutes=null", "data.num_workers=0"]
+"""Checkpoints only where Lightning writes them: at validations (epoch ends or mid-epoch)."""
 
 
-def _config(data_dir: Path, run: Path, kind: str, *extra: str) -> DictConfig:
+def _config(data_dir: Path, run: Path, kind: str, *extra: str, periodic: bool = True) -> DictConfig:
     from tests.conftest import compose_train, tiny_overrides
 
-    return compose_train([*tiny_overrides(data_dir), *EVERY_STEP, *RUNS[kind], *extra], output_dir=run)
+    writes = EVERY_STEP if periodic else AT_VALIDATIONS
+    return compose_train([*tiny_overrides(data_dir), *writes, *RUNS[kind], *extra], output_dir=run)
 
 
 @pytest.fixture(scope="module")
@@ -71,25 +82,93 @@ def whole_supervised(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("kind", "crash_step"), [("memory_bank", 4), ("fixmatch", 4)])
+@pytest.mark.parametrize(("kind", "crash_step", "periodic"), [
+    ("memory_bank", 4, True), ("fixmatch", 4, True),
+    # from the checkpoint of the epoch-end validation itself, in runs bounded by steps
+    ("memory_bank_by_steps", 4, False), ("fixmatch_epoch_end", 3, False),
+])
 def test_a_crashed_run_resumed_from_last_ends_as_the_uninterrupted_run(
-    kind: str, crash_step: int, data_dir: Path, tmp_path: Path
+    kind: str, crash_step: int, periodic: bool, data_dir: Path, tmp_path: Path
 ) -> None:
-    """Crashes at an epoch end after its validation (memory bank), and between two mid-epoch
-    validations of a step-based run (FixMatch); a supervised run killed mid-epoch is below."""
+    """Crashes right after an epoch's end and its validation (memory bank; FixMatch with
+    `periodic=False`), and between two mid-epoch validations of a step-based run (FixMatch). With
+    `periodic`, last.ckpt is written at the start of every step; without, the resumed checkpoint is
+    the one the epoch-end validation wrote (supervised runs are below)."""
     from segcon.train import train
 
     whole = tmp_path / "whole"
-    train(_config(data_dir, whole, kind))
+    train(_config(data_dir, whole, kind, periodic=periodic))
     crashed = tmp_path / "crashed"
     with pytest.raises(SimulatedCrash):
         train(_config(data_dir, crashed, kind, "+callbacks.crash._target_=tests.helpers.CrashAt",
-                      f"+callbacks.crash.step={crash_step}"))
+                      f"+callbacks.crash.step={crash_step}", periodic=periodic))
     saved = torch.load(crashed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     # written at the start of the batch that crashed, or at the validation just before it
-    assert saved["global_step"] in (crash_step - 1, crash_step)
-    train(_config(data_dir, crashed, kind, "ckpt_path=last"))
+    assert saved["global_step"] in ((crash_step - 1, crash_step) if periodic else (crash_step,))
+    train(_config(data_dir, crashed, kind, "ckpt_path=last", periodic=periodic))
     _assert_same_run(whole, crashed)
+
+
+BY_STEPS = ["trainer.max_steps=12", "trainer.max_epochs=-1", "data.subset.train=8", "data.batch_size=2"]
+"""A supervised run of 12 steps, 4 an epoch, validated at each epoch end."""
+
+
+def _stop_and_resume(data_dir: Path, tmp_path: Path, whole: Path, name: str, crash: list[str], settings: list[str],
+                     resume_from: str = "last") -> int:
+    """Stop a run as `crash` says, resume it from `resume_from` (`last`, or a file name in its
+    checkpoints/) and check it against `whole`; returns the step of the checkpoint resumed from."""
+    from segcon.train import Interrupted, train
+
+    stopped = tmp_path / name
+    crash = ["+callbacks.crash._target_=tests.helpers.CrashAt", *crash]
+    with pytest.raises((SimulatedCrash, Interrupted)):
+        train(_config(data_dir, stopped, "supervised", *settings, *crash, periodic=False))
+    if "+callbacks.crash.how=term" in crash:  # a validation due when the signal came ran to its end
+        logged = (stopped / "csv" / "metrics.csv").read_text().splitlines()
+        column = logged[0].split(",").index("val/mIoU")
+        assert any(row.split(",")[column] for row in logged[1:])
+    resumed = stopped if resume_from == "last" else tmp_path / f"{name}-resumed"
+    source = stopped / "checkpoints" / ("last.ckpt" if resume_from == "last" else resume_from)
+    step = read_progress(source)[0]
+    train(_config(data_dir, resumed, "supervised", *settings, f"ckpt_path={source}", periodic=False))
+    _assert_same_run(whole, resumed)
+    return step
+
+
+@pytest.mark.slow
+def test_every_checkpoint_of_a_run_bounded_by_steps_resumes_exactly(data_dir: Path, tmp_path: Path) -> None:
+    """From every checkpoint a step-bounded run writes around an epoch end: the one written at the
+    epoch-end validation (as last.ckpt and as best-*.ckpt), and the one a SIGTERM leaves when it
+    comes during that validation or in the step before it; the loader has two workers, which
+    prefetch the next epoch before Lightning names it."""
+    from segcon.train import train
+
+    settings = [*BY_STEPS, "data.num_workers=2"]
+    whole = tmp_path / "whole"
+    train(_config(data_dir, whole, "supervised", *settings, periodic=False))
+    assert _stop_and_resume(data_dir, tmp_path, whole, "killed", ["+callbacks.crash.step=4"], settings) == 4
+    assert _stop_and_resume(data_dir, tmp_path, whole, "best", ["+callbacks.crash.step=4"], settings,
+                            resume_from="best-epoch000.ckpt") == 4
+    for name, crash in (("term-in-validation", ["+callbacks.crash.at_validation=true"]), ("term-before-it", [])):
+        signal_at = 4 if crash else 3
+        # the step the signal came in and the validation after it end before the run stops
+        assert _stop_and_resume(data_dir, tmp_path, whole, name, [f"+callbacks.crash.step={signal_at}",
+                                                                  "+callbacks.crash.how=term", *crash], settings) == 4
+
+
+@pytest.mark.slow
+def test_checkpoints_of_mid_epoch_validations_resume_exactly(data_dir: Path, tmp_path: Path) -> None:
+    """Validation every 2 steps of 4-step epochs: a crash right after the mid-epoch validation of
+    step 2 (its checkpoint), and SIGTERM during the mid-epoch validation of step 6 (the
+    checkpoint of that step, written once the validation has ended)."""
+    from segcon.train import train
+
+    settings = [*BY_STEPS, "+trainer.val_check_interval=2"]
+    whole = tmp_path / "whole"
+    train(_config(data_dir, whole, "supervised", *settings, periodic=False))
+    assert _stop_and_resume(data_dir, tmp_path, whole, "killed", ["+callbacks.crash.step=2"], settings) == 2
+    assert _stop_and_resume(data_dir, tmp_path, whole, "term", ["+callbacks.crash.step=6", "+callbacks.crash.how=term",
+                                                                "+callbacks.crash.at_validation=true"], settings) == 6
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -67,7 +67,7 @@ class SegconOptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         from segcon import search
-        from segcon.train import INTERRUPTED_STATUS
+        from segcon.train import INTERRUPTED_STATUSES
         from segcon.utils.targets import instantiate
 
         # heartbeats and stale-trial retries are used through ask/tell here, as designed for
@@ -118,7 +118,7 @@ class SegconOptunaSweeper(Sweeper):
                 with beat:
                     results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
             except (SystemExit, KeyboardInterrupt) as stop:
-                if isinstance(stop, SystemExit) and stop.code != INTERRUPTED_STATUS:
+                if isinstance(stop, SystemExit) and stop.code not in INTERRUPTED_STATUSES:
                     # a trial's own error in an in-process launcher (e.g. a diverged run): this
                     # batch's trials fail, the search goes on
                     failures += self._fail(study, trials, str(stop.code))

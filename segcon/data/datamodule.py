@@ -350,11 +350,15 @@ class SegDataModule(L.LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint of a fit: where the training streams are, as (epoch, batches
-        trained in it) — what training consumed, not what the loaders prefetched."""
+        trained in it) — what training consumed, not what the loaders prefetched. The epoch is the
+        last one started, not `current_epoch`: once an epoch has ended (a checkpoint written by a
+        signal at its end) `current_epoch` already counts it, while its batches still do."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return {}
-        return {"train_position": [trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed]}
+        loop = trainer.fit_loop
+        started = max(loop.epoch_progress.current.ready - 1, 0)
+        return {"train_position": [started, loop.epoch_loop.batch_progress.current.processed]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resuming: the next training loader starts where the checkpoint's fit was. (Lightning

@@ -35,11 +35,11 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
 
     Lightning writes last.ckpt only together with another checkpoint (after a validation or an
     epoch), so a run stopped by max_steps between two validations would leave an older one. On
-    SIGTERM (or an `interrupt.signals` signal) every rank finishes the same step (StopTogether)
-    and raises SIGTERMException; this writes last.ckpt of that step before the run ends (every rank
-    takes part; the write is atomic, so a second signal during it leaves the previous file). A
-    signal during a validation inside a one-process fit ends it there without a new checkpoint:
-    the newest one (periodic, or of the last validation) is what a resumed run starts from.
+    SIGTERM (or Ctrl-C, or an `interrupt.signals` signal) every rank finishes the same step, and
+    the validation due after it (StopTogether), and raises SIGTERMException; this writes last.ckpt
+    of that step before the run ends (every rank takes part; the write is atomic, so a second
+    Ctrl-C during it leaves the previous file). Every checkpoint resumes exactly, also one written
+    at the end of an epoch (ResumeState).
     """
 
     def __init__(self, *args: Any, last_every_n_steps: int | None = None, last_every_minutes: float | None = None,
@@ -69,10 +69,8 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
             self._last_global_step_saved, self._last_write = step, time.monotonic()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Not in the middle of a validation: its partial scores are not part of any checkpoint,
-        # so a state saved there could not resume exactly; the newest checkpoint stays the last.
-        if (isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING
-                and not trainer.validating):
+        # StopTogether raises SIGTERMException only between steps, never inside a validation
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == TrainerFn.FITTING:
             self._write_last(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -80,9 +78,15 @@ class ModelCheckpoint(L.pytorch.callbacks.ModelCheckpoint):
             self._write_last(trainer)
 
     def _write_last(self, trainer: L.Trainer) -> None:
-        path = self.final_path()
-        trainer.save_checkpoint(path)
+        # named before the write, so the checkpoint's own copy of this callback's state knows it
+        # (a run resumed from it writes last.ckpt again, not a last-v1.ckpt beside it)
+        path, before = self.final_path(), self.last_model_path
         self.last_model_path = str(path)
+        try:
+            trainer.save_checkpoint(path)
+        except BaseException:
+            self.last_model_path = before
+            raise
 
     def final_path(self) -> Path:
         """Where last.ckpt is (also known to processes that did not save it, e.g. after spawn)."""
@@ -97,6 +101,8 @@ class ResumeState(L.Callback):
     resumed fit sets them back at its first training batch, after model set-up and the sanity
     check have drawn what they draw. The data order and augmentation need no state of this kind:
     they are functions of the position in the run (segcon.data.sampling), which Lightning keeps.
+    A checkpoint written at the end of an epoch is resumed from the start of the next one
+    (`start_next_epoch`).
     """
 
     KEY = "segcon_rng"
@@ -108,6 +114,10 @@ class ResumeState(L.Callback):
         checkpoint[self.KEY] = gather_objects(rng_state(), trainer.world_size)  # every rank dumps a checkpoint
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Called before Lightning restores its loops from the same dict.
+        fit_loop = (checkpoint.get("loops") or {}).get("fit_loop")
+        if trainer.state.fn == TrainerFn.FITTING and fit_loop is not None:
+            start_next_epoch(fit_loop)
         states = checkpoint.get(self.KEY) or []
         if len(states) != trainer.world_size:
             rank_zero_warn(f"the checkpoint holds the random state of {len(states)} process(es), this run has "
@@ -124,29 +134,75 @@ class ResumeState(L.Callback):
             trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
 
 
+def start_next_epoch(fit_loop: dict[str, Any]) -> bool:
+    """Rewrite a Lightning fit-loop state saved at the end of an epoch (every batch trained; saved
+    in `on_train_epoch_end` after the epoch-end validation, or by a signal once the epoch had
+    ended) as the state at the start of the next epoch; True if it was one. Other states are
+    left as they are.
+
+    Lightning 2.6 resumes such a state exactly only when training is bounded by epochs. With
+    `max_steps` set, it replays the end of the saved epoch and counts it a second time: the
+    samplers are told the epoch after the right one and `max_epochs` stops the run an epoch early
+    (Lightning issue #19617 is the same state machine). From the start of the next epoch both
+    bounds resume alike: the next epoch starts with its own hooks (`on_train_epoch_start`), and
+    what the saved epoch's end had still to do after the save is the part Lightning's own
+    epoch-bounded resume leaves out too (epoch-interval scheduler steps, which segcon does not
+    use, and epoch-level logging).
+    """
+    epochs, batches = fit_loop["epoch_progress"], fit_loop["epoch_loop.batch_progress"]
+    now = epochs["current"]
+    ended = (batches.get("is_last_batch") and now["ready"] == now["started"] == now["processed"]
+             and now["completed"] in (now["processed"] - 1, now["processed"]))
+    if not ended:
+        return False
+    for counts in (epochs["current"], epochs["total"]):
+        counts["completed"] = counts["processed"]
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False
+    return True
+
+
 class StopTogether(L.Callback):
-    """Stops every rank of a multi-process fit after the same optimizer step when any of them
-    receives SIGTERM (or an `interrupt.signals` signal), so that all of them reach the collective
-    write of last.ckpt instead of one waiting in a step the others never start.
+    """Stops a fit after the same optimizer step on every rank when any of them receives SIGTERM
+    (or Ctrl-C, or an `interrupt.signals` signal), and never inside a validation: every rank
+    reaches the collective write of last.ckpt instead of one waiting in a step the others never
+    start, and a validation that has begun ends and is checkpointed as in an uninterrupted run.
 
     It installs `AgreedSigterm` in place of Lightning's signal handling (at set-up, before
-    Lightning registers the handlers) and, after each batch that ends an optimizer step, reduces
-    the ranks' requests with one boolean all-reduce; if any rank asked, every rank's trainer sees
-    `received_sigterm` and raises SIGTERMException at the end of that step. A signal during a
-    validation inside the fit takes effect after the first training step that follows it.
+    Lightning registers the handlers), whose handler only records a request during a fit. After
+    each batch that ends an optimizer step, and at the end of each validation of the fit, the
+    ranks' requests are reduced (one boolean all-reduce; none in a one-process fit): if any rank
+    asked, every rank's trainer sees `received_sigterm` and raises SIGTERMException when that
+    step (and the validation that follows it, if one is due) is done. Lightning's validation loop
+    would stop at its next batch on `received_sigterm`, so it is held back while a validation runs.
     """
+
+    def __init__(self) -> None:
+        self._held = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if not isinstance(trainer._signal_connector, AgreedSigterm):
             trainer._signal_connector = AgreedSigterm(trainer)
 
+    @staticmethod
+    def _agreed(trainer: L.Trainer) -> bool:
+        requested = trainer._signal_connector.requested
+        return trainer.strategy.reduce_boolean_decision(requested, all=False) if trainer.world_size > 1 else requested
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.world_size == 1 or (batch_idx + 1) % trainer.accumulate_grad_batches:
-            return
-        connector = trainer._signal_connector
-        if trainer.strategy.reduce_boolean_decision(connector.requested, all=False):
-            connector.received_sigterm = True
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and self._agreed(trainer):
+            trainer._signal_connector.received_sigterm = True
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            connector = trainer._signal_connector
+            self._held, connector.received_sigterm = connector.received_sigterm, False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            trainer._signal_connector.received_sigterm = self._agreed(trainer) or self._held
+            self._held = False
 
 
 class FinalReport(L.Callback):
