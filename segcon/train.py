@@ -137,11 +137,11 @@ def _train(cfg: DictConfig, request: StopRequest) -> dict[str, float]:
     if reporter is not None:
         callbacks.append(reporter)
     loggers = instantiate_all(cfg.get("logger"), "logger")
-    set_run_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     plugins: list = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         plugins.append(SLURMEnvironment(auto_requeue=bool((cfg.get("slurm") or {}).get("auto_requeue", False))))
     trainer: L.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    set_run_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     global_batch = cfg.data.batch_size * trainer.world_size
     rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s) = {global_batch}")
     lr, note = lr_for_batch(

@@ -27,13 +27,29 @@ pytestmark = pytest.mark.ddp
 
 @pytest.fixture(scope="module")
 def ddp_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """With every logger at once (logger=many: W&B offline, the default, with CSV and
+    TensorBoard): only rank 0 talks to them."""
     run = tmp_path_factory.mktemp("ddp") / "run"
     extra = ["trainer=ddp_sim", *OVERRIDES, f"trainer.max_steps={STEPS}", "eval_ckpt=last",
              "+callbacks.dump_memory._target_=tests.helpers.DumpMemory",
              "+callbacks.dump_teacher._target_=tests.helpers.DumpTeacher"]
-    proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={run}"], Path(__file__).resolve().parents[1])
+    args = [a for a in _tiny_cli_args(data_dir) if a != "logger=csv"] + ["logger=many"]
+    proc = _cli([*args, *extra, f"hydra.run.dir={run}"], Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
+
+
+def test_every_logger_is_written_once_by_rank_zero(ddp_run: Path) -> None:
+    """One W&B offline run holding the run config and the final summary, one CSV log, and
+    TensorBoard event files of one process: rank 1 opened none."""
+    runs = sorted((ddp_run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    (log,) = runs[0].glob("run-*.wandb")  # W&B's own record file: the config update and summary as JSON text
+    record = log.read_bytes()
+    assert b'"accelerator":"cpu","devices":2' in record and b"val/mIoU_best" in record
+    assert len(list(ddp_run.rglob("metrics.csv"))) == 1
+    events = list(ddp_run.rglob("events.out.tfevents.*"))
+    assert events and len({e.name.split(".")[-2] for e in events}) == 1  # ...<host>.<pid>.<n>: one process
 
 
 def test_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_entries(ddp_run: Path) -> None:
@@ -183,3 +199,38 @@ def test_skipped_bad_files_of_every_rank_reach_metrics_json(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr[-3000:]
     recorded = json.loads((run / "metrics.json").read_text())["train/skipped_files"]
     assert len(recorded) == 2 and all(any(str(p) in r for r in recorded) for p in bad)
+
+
+@pytest.mark.parametrize("logger", ["wandb", "csv", "tensorboard", "many", "none"])
+def test_every_logger_composes_with_ddp_sim_and_only_rank_zero_writes(
+    logger: str, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a run does with its loggers outside Lightning's own calls (the run config, the final
+    summary, figures), on a rank other than 0 and on rank 0, for every logger option: rank 1
+    writes nothing and raises nothing (it met `'function' object has no attribute 'update'`
+    before); rank 0 writes its W&B run with the run config."""
+    import numpy as np
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning_utilities.core import rank_zero as utils_rank_zero
+    from omegaconf import OmegaConf
+
+    from segcon.build import instantiate_all
+    from segcon.utils.loggers import finish_wandb, log_images, set_run_config, set_summary
+    from tests.conftest import compose_train, tiny_overrides
+
+    overrides = [o for o in tiny_overrides(data_dir) if o != "logger=csv"]
+    cfg = compose_train([*overrides, "trainer=ddp_sim", f"logger={logger}"], output_dir=tmp_path / "run")
+    assert cfg.trainer.devices == 2 and cfg.trainer.strategy == "ddp"
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for rank in (1, 0):
+        for holder in (fabric_rank_zero.rank_zero_only, utils_rank_zero.rank_zero_only):
+            monkeypatch.setattr(holder, "rank", rank)
+        loggers = instantiate_all(cfg.get("logger"), "logger")
+        set_run_config(loggers, config)
+        set_summary(loggers, {"val/mIoU": 0.5})
+        log_images(loggers, {"val/overlays": np.zeros((4, 4, 3), np.uint8)}, step=1)
+        if rank == 1:
+            assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*"))
+    finish_wandb(0)
+    offline = list((tmp_path / "run").glob("wandb/offline-run-*"))
+    assert len(offline) == (1 if logger in ("wandb", "many") else 0)

@@ -1,5 +1,11 @@
 """Sending images and run summaries to whichever configured loggers accept them, the W&B group
-of a run, and closing W&B runs."""
+of a run, and closing W&B runs.
+
+Only the process of global rank 0 talks to a logger's run (on the other ranks Lightning's
+loggers hand out stand-ins whose attributes are no-op functions): every function here that uses a
+logger's `experiment` is `rank_zero_only`, and the rest of segcon logs through these functions or
+through Lightning's own rank-aware `log` / `log_hyperparams`. Call them after the Trainer exists:
+it sets the rank they read."""
 
 from __future__ import annotations
 
@@ -9,8 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 
+@rank_zero_only
 def log_images(loggers: list[Logger], images: Mapping[str, np.ndarray], step: int) -> None:
     """Send `[H, W, 3] uint8` RGB images by key to the loggers that take images (W&B, TensorBoard)."""
     for logger in loggers:
@@ -42,6 +50,7 @@ def wandb_group(sweep_id: str | None, sweep_dir: str | None, log_dir: str | None
     return single
 
 
+@rank_zero_only
 def set_summary(loggers: list[Logger], values: Mapping[str, float]) -> None:
     """Put `values` in the W&B run summary (what the runs table and sweep views show)."""
     for logger in loggers:
@@ -49,6 +58,7 @@ def set_summary(loggers: list[Logger], values: Mapping[str, float]) -> None:
             logger.experiment.summary.update(dict(values))
 
 
+@rank_zero_only
 def set_run_config(loggers: list[Logger], config: Mapping[str, object]) -> None:
     """The resolved run config as the W&B run config (nested, as composed), for filtering and
     grouping runs and for sweeps. (Given to the run when it starts, not through the logger's
