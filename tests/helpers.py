@@ -173,3 +173,16 @@ class PruneTrials(optuna.pruners.BasePruner):
 
 class NotATerm(torch.nn.Module):
     """A module a config may name as a loss term that is neither a PixelLoss nor a Term."""
+
+
+class SlowSteps(L.Callback):
+    """Sleeps `seconds` at the start of every training batch: a step long enough for a test to
+    send signals inside it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import time
+
+        time.sleep(self.seconds)
