@@ -155,6 +155,11 @@ def check_data_config(data: DictConfig) -> None:
     for key in ("batch_size", "val_batch_size"):
         if int(data.get(key, 1)) < 1:
             raise ConfigError(f"data.{key} must be >= 1")
+    crop = data.get("crop_size")
+    sizes = [crop] if isinstance(crop, int) else list(crop) if crop is not None else [1, 1]
+    if len(sizes) not in (1, 2) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+        raise ConfigError(f"data.crop_size must be [height, width] (or one size) in positive integers, got "
+                          f"{OmegaConf.to_container(crop) if OmegaConf.is_config(crop) else crop!r}; e.g. data.crop_size=[512,512]")
     from segcon.evaluation.inference import InferenceSettings
 
     InferenceSettings.from_config(OmegaConf.to_container(data.eval, resolve=True) if data.get("eval") else None)

@@ -30,6 +30,7 @@ from segcon.restore import build_inference_net, compose_entry, rebuild_config, r
 from segcon.utils.checkpoint import load_run_checkpoint
 from segcon.utils.cli import run_command
 from segcon.utils.errors import ConfigError
+from segcon.utils.io import make_output_dir
 from segcon.utils.loggers import finish_wandb
 from segcon.utils.rich_config import print_config_tree
 from segcon.utils.targets import instantiate
@@ -64,7 +65,7 @@ def evaluate(entry: DictConfig, run_overrides: Sequence[str] = ()) -> dict[str, 
     prepare_data(cfg)
     fill_data_defaults(cfg)
     validate_cfg(cfg, training=False)
-    print_config_tree(cfg, out_dir)
+    print_config_tree(cfg, make_output_dir(out_dir, "out_dir"))
 
     datamodule = build_datamodule(cfg, unlabeled=False)
     module = build_evaluator(cfg, build_inference_net(cfg, ckpt, branch))

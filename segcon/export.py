@@ -44,6 +44,7 @@ from segcon.utils.checkpoint import (
 )
 from segcon.utils.cli import run_command
 from segcon.utils.errors import ConfigError
+from segcon.utils.io import make_output_dir
 
 USAGE = __doc__.split("\n\n")[1]
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -171,7 +172,7 @@ def export(entry: DictConfig, console: Console | None = None) -> list[Parity]:
     # constant by torch.export), the others batch 1, so the batch axis is checked dynamic too.
     shapes = [(2 if i == 0 else 1, 3, -(-h // stride) * stride, -(-w // stride) * stride) for i, (h, w) in enumerate(sizes)]
     card = model_card(cfg, ckpt, entry.branch, stride)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent, "out")
     example = torch.randn(*shapes[0])
     name = type(net).describe(OmegaConf.to_container(cfg.model, resolve=True))
     console.print(f"exporting the {entry.branch} {name} of {ckpt.path} as {fmt} ...")

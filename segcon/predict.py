@@ -39,6 +39,7 @@ from segcon.restore import build_inference_net, compose_entry, rebuild_config, r
 from segcon.utils.checkpoint import load_run_checkpoint
 from segcon.utils.cli import run_command
 from segcon.utils.errors import ConfigError, DataError
+from segcon.utils.io import make_output_dir
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -124,6 +125,7 @@ def predict(entry: DictConfig, run_overrides: Sequence[str] = (), console: Conso
             f"{len(clashes)} output name(s) would be written twice, e.g. {mask} from {[str(s) for s in srcs]}: "
             "images in one folder must have different stems. Rename them, or predict them separately."
         )
+    make_output_dir(output, "output")
 
     predictor = Predictor(build_inference_net(cfg, ckpt, entry.branch), cfg, _device(str(entry.device)))
     palette, ignore = [list(c) for c in cfg.data.palette], cfg.data.ignore_index

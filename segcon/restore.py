@@ -24,7 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 from segcon.build import build_model
 from segcon.config import config_dir
 from segcon.models.base import SegModel
+from segcon.overrides import check_value_type
 from segcon.utils.checkpoint import RunCheckpoint
+from segcon.utils.cli import hydra_error_line
 from segcon.utils.errors import ConfigError
 from segcon.utils.targets import locate
 
@@ -38,9 +40,7 @@ def compose_entry(config_name: str, argv: Sequence[str]) -> tuple[DictConfig, li
             own = [o.input_line for o in parsed if _root_key(o.get_key_element()) in own_keys]
             entry = compose(config_name, overrides=own, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as err:
-        # One line: Hydra's message without its config search path (options stay listed).
-        text = " ".join(line.strip() for line in str(err).split("Config search path")[0].splitlines() if line.strip())
-        raise ConfigError(f"bad command line for segcon-{config_name}: {text}") from None
+        raise ConfigError(f"bad command line for segcon-{config_name}: {hydra_error_line(err)}") from None
     run_dir = next((o.value() for o in parsed if o.get_key_element().lstrip("+") == "hydra.run.dir"), None)
     with open_dict(entry):
         del entry["hydra"]
@@ -77,6 +77,7 @@ def _apply(cfg: DictConfig, override: str, source: str) -> None:
         return
     value = o.value()
     current = OmegaConf.select(cfg, key, default=None)
+    before = OmegaConf.to_container(current) if OmegaConf.is_config(current) else current
     if isinstance(current, DictConfig) and isinstance(value, str):
         raise ConfigError(
             f"{override} selects a config group, but the {key} config comes from the checkpoint "
@@ -93,6 +94,7 @@ def _apply(cfg: DictConfig, override: str, source: str) -> None:
             f"{override}: {key} is not a key of the run config stored in {source} (keys: "
             f"{', '.join(sorted(cfg))}, ...); check the spelling, or add it with +{key}=..."
         ) from None
+    check_value_type(cfg, override, key, before)
 
 
 def rebuild_config(
@@ -107,6 +109,14 @@ def rebuild_config(
     OmegaConf.set_struct(cfg, True)
     for override in run_overrides:
         _apply(cfg, override, str(ckpt.path))
+    trained = ckpt.config.get("data", {}).get("num_classes")
+    if cfg.data.get("num_classes") != trained:
+        names = ", ".join(map(str, ckpt.config["data"].get("class_names") or []))
+        raise ConfigError(
+            f"data.num_classes={cfg.data.get('num_classes')}: {ckpt.path} was trained with {trained} classes "
+            f"({names}); its classifier has {trained} outputs. Drop the data.num_classes override (another class set "
+            "needs a model trained on it)."
+        )
     with open_dict(cfg):
         for key in own_groups:
             cfg[key] = entry[key]

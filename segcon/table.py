@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from segcon.evaluation.sweep import GroupStats, aggregate, format_table, table_rows
+from segcon.utils.cli import USER_ERROR
+from segcon.utils.errors import DataError, SegconError
+from segcon.utils.io import make_output_dir
 
 HEADLINE = ("val/mIoU_best", "val/mIoU_last", "val/teacher/mIoU_best", "val/teacher/mIoU_last")
 """The first columns, where the runs logged them: student and teacher, best and last."""
@@ -55,7 +59,8 @@ def log_wandb(header: list[str], rows: list[list[str]], project: str, name: str)
     return run.dir
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (`segcon-table`); returns the exit status (2: a user error, one line)."""
     parser = argparse.ArgumentParser(prog="segcon-table", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dirs", type=Path, nargs="+", help="multirun directories (one job per subfolder)")
@@ -66,21 +71,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--wandb", action="store_true", help="log the table to W&B")
     parser.add_argument("--wandb-project", default="segcon")
     args = parser.parse_args(argv)
+    try:
+        _table(args)
+    except SegconError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR
+    return 0
+
+
+def _table(args: argparse.Namespace) -> None:
     for d in args.sweep_dirs:
         if not d.is_dir():
-            raise SystemExit(f"error: {d}: no such sweep directory")
+            raise DataError(f"{d}: no such sweep directory")
     try:
         groups = aggregate(args.sweep_dirs, args.over)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise DataError(str(e)) from None
     if not groups:
-        raise SystemExit(f"error: no finished job (a <job>/.hydra/overrides.yaml with metrics.json) under "
-                         f"{', '.join(map(str, args.sweep_dirs))}")
+        raise DataError(f"no finished job (a <job>/.hydra/overrides.yaml with metrics.json) under "
+                        f"{', '.join(map(str, args.sweep_dirs))}")
     metrics = args.metrics or default_metrics(groups)
     table = format_table(groups, metrics)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+        make_output_dir(args.out.parent, "--out")
         args.out.with_suffix(".md").write_text(table + "\n")
         write_csv(args.out.with_suffix(".csv"), groups, metrics)
         print(f"wrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.csv')}")
@@ -90,4 +104,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

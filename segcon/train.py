@@ -15,20 +15,26 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
 from segcon.methods.callbacks import FinalReport, ModelCheckpoint, ResumeState, StopTogether
 from segcon.methods.optim import lr_for_batch
+from segcon.overrides import check_value_types
 from segcon.resume import resume_checkpoint
 from segcon.search import trial_reporter
 from segcon.utils.checkpoint import AtomicCheckpointIO, read_progress, read_segcon_state
+from segcon.utils.cli import USER_ERROR, hydra_error_line
 from segcon.utils.errors import find_user_error
 from segcon.utils.loggers import finish_wandb, set_run_config, wandb_group
 from segcon.utils.rich_config import print_config_tree
@@ -177,6 +183,21 @@ def _train(cfg: DictConfig, request: StopRequest) -> dict[str, float]:
     return metrics
 
 
+def _check_command_line(cfg: DictConfig, hydra_cfg: DictConfig) -> None:
+    """The types of the values set on the command line (segcon.overrides), against the config of
+    the same config groups without them."""
+    parsed = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
+    groups = set(hydra_cfg.runtime.choices)
+    selections = [o.input_line for o in parsed if o.get_key_element().lstrip("+~") in groups]
+    values = [(o.input_line, o.get_key_element().lstrip("+~")) for o in parsed
+              if o.input_line not in selections and not o.is_delete() and not o.get_key_element().startswith("hydra")]
+    try:
+        reference = compose(hydra_cfg.job.config_name, overrides=selections)
+    except (ValueError, HydraException):  # no Hydra app in this process (e.g. a submitit job): annotations only
+        reference = None
+    check_value_types(cfg, values, reference)
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Console entry point; returns `cfg.optimized_metric` for hyper-parameter sweepers."""
@@ -191,6 +212,7 @@ def main(cfg: DictConfig) -> float | None:
     # Resolve once, here: spawned DDP workers have no Hydra context to resolve ${hydra:...} in.
     OmegaConf.resolve(cfg)
     try:
+        _check_command_line(cfg, hydra_cfg)
         metrics = train(cfg)
     except Interrupted as exc:
         log.error(str(exc))
@@ -204,10 +226,26 @@ def main(cfg: DictConfig) -> float | None:
         if err is None:
             raise
         log.error(str(err))
-        raise SystemExit(f"error: {err}") from None
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(USER_ERROR) from None
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
 
 
+def cli() -> None:
+    """Console entry point (`segcon-train`): Hydra's own errors (an unknown key or config group
+    option, a malformed override, a missing value) end as every segcon user error does, in one
+    `error:` line and exit status 2. With HYDRA_FULL_ERROR=1 set, Hydra reports as it does."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors instead of printing them
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"error: {hydra_error_line(err)}", file=sys.stderr)
+        raise SystemExit(USER_ERROR) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -167,7 +167,7 @@ def test_cli_run_prints_table_and_final_miou(data_dir: Path, tmp_path: Path) -> 
 
 def test_cli_user_error_is_one_line_not_a_traceback(data_dir: Path, tmp_path: Path) -> None:
     proc = _cli([*_tiny_cli_args(data_dir), "model.num_classes=3", f"hydra.run.dir={tmp_path}/bad"], tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "error: model.num_classes=3 but data.num_classes=5" in proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -174,7 +174,9 @@ def test_every_target_the_configs_name_is_allowed_and_every_allowed_segcon_name_
     from segcon.utils.targets import SEGCON_TARGETS, is_allowed
 
     named = _conf_targets()
-    plugins = {t for t in named if t.startswith("hydra_plugins.")}  # built by Hydra from the command line
+    hydra_callbacks = OmegaConf.load(REPO / "conf" / "hydra" / "default.yaml").get("callbacks") or {}
+    # Hydra's own plugins and callbacks, which Hydra builds from the command line
+    plugins = {t for t in named if t.startswith("hydra_plugins.")} | {c["_target_"] for c in hydra_callbacks.values()}
     assert not [t for t in named - plugins if not is_allowed(t)]
     assert SEGCON_TARGETS - named == {DEFAULT_DATAMODULE} - named
 

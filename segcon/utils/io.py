@@ -8,6 +8,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from segcon.utils.errors import ConfigError
+
+
+def make_output_dir(path: str | Path, key: str) -> Path:
+    """Create the folder `path` (set by the config key `key`) with its parents, or raise one
+    ConfigError naming the key, the path and what is in the way."""
+    path = Path(path).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        why = (f"{existing} is a file, not a folder" if existing is not None and not existing.is_dir()
+               else f"{err.strerror.lower() if err.strerror else err}" + (f" in {existing}" if existing else ""))
+        raise ConfigError(f"{key}={path}: the output folder cannot be created ({why}). Choose a folder you can "
+                          f"write, e.g. {key}=./runs/<name>") from None
+    return path
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that readers see either the old file or the whole new one."""

@@ -19,9 +19,21 @@ from segcon.utils.errors import ConfigError
 def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
     """`torch.load` with weights_only=True: tensors and plain containers only. A file holding
     other pickled objects is refused (its code never runs) with a ConfigError naming it; so is a
-    missing or unreadable file. `mmap` leaves tensors on disk until used (zipfile format only)."""
+    missing or unreadable file, and one that is not a torch file at all. `mmap` leaves tensors on
+    disk until used (the zip format of torch >= 1.6; older files are read whole)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err}") from None
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip archive, or its older pickle
+        raise ConfigError(f"{path} is not a checkpoint or torch file (torch.save and Lightning write a zip archive; "
+                          "it starts otherwise). Pass a .ckpt from a run's checkpoints/ folder, a run directory, or "
+                          "a .safetensors file written by segcon-export.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head == b"PK\x03\x04")
     except FileNotFoundError:
         raise ConfigError(f"{path} not found") from None
     except pickle.UnpicklingError as err:
