@@ -97,8 +97,9 @@ class ExtraKeyDataModule(SegDataModule):
 
 class NanAfter(PixelLoss):
     """A test loss term: a connected 0 until its `calls`-th call (1-based), then for `times` calls
-    a NaN value (`mode: value`) or a finite value whose gradient is NaN (`mode: grad`); with
-    `rank`, only on that rank of a distributed run."""
+    a NaN value (`mode: value`), a finite value whose gradient is NaN (`mode: grad`) or a finite
+    5e13 with a zero gradient (`mode: huge`, an exploding loss); with `rank`, only on that rank of
+    a distributed run."""
 
     def __init__(self, calls: int, times: int = 10**9, mode: str = "value", ignore_index: int = 255,
                  rank: int | None = None) -> None:
@@ -112,6 +113,8 @@ class NanAfter(PixelLoss):
             return zero
         if self.rank is not None and torch.distributed.is_initialized() and torch.distributed.get_rank() != self.rank:
             return zero
+        if self.mode == "huge":
+            return zero + 5e13
         return zero + float("nan") if self.mode == "value" else zero.clamp_min(0).sqrt()
 
 

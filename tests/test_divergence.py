@@ -93,3 +93,44 @@ def test_settings_are_checked() -> None:
         DivergencePolicy.from_config({"policy": "ignore"})
     with pytest.raises(ConfigError, match="unknown key"):
         DivergencePolicy.from_config({"patience": 3})
+
+
+def test_the_loss_watch_judges_against_the_running_median() -> None:
+    """Constructed losses: no judgement before EXPLODE_WARMUP steps; a loss over factor x the
+    median of the window (and over 1) is exploding, said once per window; below the factor, or
+    under 1 whatever the factor, it is not; non-finite losses stay out of the window; the state
+    round-trips."""
+    from segcon.methods.divergence import EXPLODE_WARMUP, EXPLODE_WINDOW, LossWatch
+
+    watch = LossWatch(factor=100.0)
+    assert all(watch.judge(s, 1e9 if s == 3 else 2.0) is None for s in range(EXPLODE_WARMUP))  # warm-up
+    assert watch.judge(10, 2.0 * 99) is None  # 99x the median (2.0 and a 1e9 outlier: median 2.0)
+    said = watch.judge(11, 2.0 * 101)
+    assert said is not None and said.startswith("step 11: the loss 202 is 101x the median") and "(2)" in said
+    assert watch.judge(12, 1e6) is None  # within the window of the last warning
+    assert watch.judge(11 + EXPLODE_WINDOW, 1e12) is not None
+    small = LossWatch(factor=100.0, history=[1e-4] * EXPLODE_WARMUP)
+    assert small.judge(0, 0.5) is None  # 5000x the median, but under 1
+    watch.judge(100, float("nan"))
+    assert all(v == v for v in watch.history) and len(watch.history) == 14  # the NaN was not kept
+    again = LossWatch(100.0)
+    again.load_state_dict(watch.state_dict())
+    assert again == watch
+    assert LossWatch(None, history=[1.0] * 20).judge(5, 1e30) is None  # off
+
+
+@pytest.mark.parametrize("action", ["warn", "stop"])
+def test_an_exploding_finite_loss_warns_or_stops(action: str, tiny_cfg: Callable[..., DictConfig]) -> None:
+    """A loss of 5e13 from step 12 on (after 12 ordinary steps): a warning naming the step and
+    the factor, once, and the run goes on; with on_explode=stop the run ends there, before the
+    optimizer step."""
+    cfg = tiny_cfg("+loss.nan._target_=tests.helpers.NanAfter", "+loss.nan.calls=13", "+loss.nan.mode=huge",
+                   "trainer.max_steps=14", "trainer.max_epochs=-1", f"divergence.on_explode={action}")
+    said = r"step 12: the loss 5e\+13 is [0-9.e+]+x the median of the last 12 steps .*explode_factor=1000"
+    if action == "stop":
+        with pytest.raises(DivergenceError, match=said):
+            train(cfg)
+        return
+    with pytest.warns(UserWarning, match=said) as caught:
+        train(cfg)
+    assert sum("training is exploding" in str(w.message) for w in caught) == 1

@@ -8,15 +8,20 @@ gradients are dropped (the optimizer leaves every parameter alone, moments inclu
 BatchNorm statistics the forward pass moved are put back, nothing enters memory banks or the
 teacher, the step is counted, and `max_consecutive` skipped steps in a row stop the run.
 
-All ranks take the same decision (the flag is reduced across ranks). Under a GradScaler
-(`16-mixed`) non-finite gradients are the scaler's business (it skips those steps and lowers its
-scale): only the loss is checked there.
+A loss that explodes but stays finite (`explode_factor` times the median of the last
+`EXPLODE_WINDOW` steps' losses, and above 1) warns, at most once per window, or with
+`on_explode: stop` ends the run there the same way (`LossWatch`).
+
+All ranks take the same decision (the flag and the loss are reduced across ranks, with the
+step's one host synchronisation). Under a GradScaler (`16-mixed`) non-finite gradients are the
+scaler's business (it skips those steps and lowers its scale): only the loss is checked there.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +30,11 @@ from torch import Tensor, nn
 from segcon.utils.errors import ConfigError, SegconError
 
 POLICIES = ("stop", "skip")
+EXPLODE_ACTIONS = ("warn", "stop")
+EXPLODE_WINDOW = 50
+"""How many of the latest finite step losses the running median of `LossWatch` is taken over."""
+EXPLODE_WARMUP = 10
+"""Steps seen before `LossWatch` judges (a median of fewer says little)."""
 
 
 class DivergenceError(SegconError, RuntimeError):
@@ -39,21 +49,68 @@ class DivergencePolicy:
     policy: str = "stop"
     max_consecutive: int = 10
     check_gradients: bool = True
+    explode_factor: float | None = 1000.0
+    on_explode: str = "warn"
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> DivergencePolicy:
         """From the `divergence` config node, checked (errors name the key)."""
         node = dict(node or {})
-        unknown = sorted(set(node) - {"policy", "max_consecutive", "check_gradients"})
+        keys = ("policy", "max_consecutive", "check_gradients", "explode_factor", "on_explode")
+        unknown = sorted(set(node) - set(keys))
         if unknown:
-            raise ConfigError(f"divergence has unknown key(s) {unknown}; it takes policy, max_consecutive, check_gradients")
+            raise ConfigError(f"divergence has unknown key(s) {unknown}; it takes {', '.join(keys)}")
+        factor = node.get("explode_factor", 1000.0)
         p = cls(str(node.get("policy", "stop")), int(node.get("max_consecutive", 10)),
-                bool(node.get("check_gradients", True)))
+                bool(node.get("check_gradients", True)), None if factor is None else float(factor),
+                str(node.get("on_explode", "warn")))
         if p.policy not in POLICIES:
             raise ConfigError(f"divergence.policy must be one of {POLICIES}, got {p.policy!r}")
         if p.max_consecutive < 1:
             raise ConfigError(f"divergence.max_consecutive must be >= 1, got {p.max_consecutive}")
+        if p.explode_factor is not None and p.explode_factor <= 1:
+            raise ConfigError(f"divergence.explode_factor must be > 1 (or null: off), got {p.explode_factor}")
+        if p.on_explode not in EXPLODE_ACTIONS:
+            raise ConfigError(f"divergence.on_explode must be one of {EXPLODE_ACTIONS}, got {p.on_explode!r}")
         return p
+
+
+@dataclass
+class LossWatch:
+    """Watches the step losses for one that explodes but stays finite: above `factor` times the
+    median of the last `EXPLODE_WINDOW` finite losses (once `EXPLODE_WARMUP` were seen) and above
+    1. Its state (the window and the step of the last warning) is saved in checkpoints.
+
+    Args:
+        factor: the factor over the running median (None: never judges).
+    """
+
+    factor: float | None
+    history: list[float] = field(default_factory=list)
+    warned_at: int | None = None
+
+    def judge(self, step: int, loss: float) -> str | None:
+        """Record `loss` of `step`; a sentence when it explodes (None otherwise, and for the
+        steps after a warning within one window, so that a long explosion warns once)."""
+        seen = len(self.history)
+        median = statistics.median(self.history) if seen >= EXPLODE_WARMUP else None
+        if loss == loss and abs(loss) != float("inf"):
+            self.history = [*self.history, loss][-EXPLODE_WINDOW:]
+        if median is None or self.factor is None or not (loss > max(self.factor * abs(median), 1.0)):
+            return None
+        if self.warned_at is not None and step - self.warned_at < EXPLODE_WINDOW:
+            return None
+        self.warned_at = step
+        return (f"step {step}: the loss {loss:.4g} is {loss / max(abs(median), 1e-30):.3g}x the median of the last "
+                f"{seen} steps ({median:.4g}): training is exploding "
+                f"(divergence.explode_factor={self.factor:g})")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "warned_at": self.warned_at}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.history = [float(v) for v in state.get("history", [])][-EXPLODE_WINDOW:]
+        self.warned_at = state.get("warned_at")
 
 
 def non_finite_flags(logs: Mapping[str, Tensor], params: Iterable[tuple[str, nn.Parameter]],

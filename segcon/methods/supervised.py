@@ -21,6 +21,7 @@ from segcon.evaluation.visualize import denormalize, panel
 from segcon.methods.divergence import (
     DivergenceError,
     DivergencePolicy,
+    LossWatch,
     buffer_snapshot,
     describe,
     non_finite_flags,
@@ -106,6 +107,7 @@ class SupervisedModule(L.LightningModule):
         self.inference = InferenceSettings.from_config(inference)
         self.detailed_metrics = detailed_metrics
         self.divergence = DivergencePolicy.from_config(divergence)
+        self.loss_watch = LossWatch(self.divergence.explode_factor)
         self.skipped_steps = 0
         self._skips_in_a_row = 0
         # Training files replaced because they could not be read (data.on_bad_file=skip): the errors.
@@ -165,8 +167,18 @@ class SupervisedModule(L.LightningModule):
         check_gradients = self.divergence.check_gradients and scaler is None
         bad_logs, bad_grads, names = non_finite_flags(self._step_logs, self.net.named_parameters(), check_gradients)
         flag = torch.cat([bad_logs.to(self.device), bad_grads.to(self.device)]).any().float()
-        if float(self.trainer.strategy.reduce(flag, reduce_op="max")) == 0.0:  # one host sync per step
+        loss = self._step_logs.get("train/loss", flag.new_zeros(())).detach().float().reshape(())
+        # the largest loss of any rank, so that every rank watches the same values: one host sync per step
+        bad, largest = self.trainer.strategy.reduce(torch.stack([flag, loss]), reduce_op="max").tolist()
+        if bad == 0.0:
             self._skips_in_a_row = 0
+            exploding = self.loss_watch.judge(self.global_step, largest)
+            if exploding and self.divergence.on_explode == "stop":
+                raise DivergenceError(f"{exploding}. Stopped before the optimizer step: the weights and every checkpoint "
+                                      "written so far hold the state before it. Lower optim.lr or check the data.")
+            if exploding:
+                rank_zero_warn(f"{exploding}. Lower optim.lr or check the data; divergence.on_explode=stop stops such "
+                               "a run, divergence.explode_factor=null silences this.")
             return
         what = describe(self.global_step, self._step_logs, bad_logs, bad_grads, names)
         if self.divergence.policy == "stop":
@@ -378,6 +390,7 @@ class SupervisedModule(L.LightningModule):
         bests = {best_key(prefix): self.bests.get(prefix, float("nan")) for prefix in self.evaluated_networks("val")}
         checkpoint["segcon"] = {"config": self.run_config, **bests, **self._split_info(),
                                 "skipped_steps": self.skipped_steps, "skips_in_a_row": self._skips_in_a_row,
+                                "loss_watch": self.loss_watch.state_dict(),
                                 "skipped_files": list(self.skipped_files), "fit_summary": dict(self.fit_summary)}
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
@@ -389,6 +402,7 @@ class SupervisedModule(L.LightningModule):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:  # resuming a fit
             self._skips_in_a_row = int(state.get("skips_in_a_row", 0))
+            self.loss_watch.load_state_dict(state.get("loss_watch", {}))
             self.skipped_files = list(state.get("skipped_files", []))
             self.fit_summary = dict(state.get("fit_summary", {}))
         keys = ("split_hash", "labeled_images", "unlabeled_images", "unlabeled_stream_images", "unlabeled_without_mask")
