@@ -232,5 +232,8 @@ def test_every_logger_composes_with_ddp_sim_and_only_rank_zero_writes(
         if rank == 1:
             assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("*"))
     finish_wandb(0)
+    import wandb
+
+    wandb.teardown()  # W&B keeps process-wide settings (its directory) that later tests must not inherit
     offline = list((tmp_path / "run").glob("wandb/offline-run-*"))
     assert len(offline) == (1 if logger in ("wandb", "many") else 0)
