@@ -7,6 +7,7 @@ DDP, the resumable sampler, split generation and the W&B group / sweep overrides
 from __future__ import annotations
 
 import builtins
+import copy
 import json
 import random
 from pathlib import Path
@@ -534,3 +535,45 @@ def test_a_split_is_not_written_over_any_existing_split_file(present: str, tmp_p
     with pytest.raises(ConfigError, match=f"split files already exist: {out / present}"):
         write_split(make_split(IDS, 4, seed=0), out)
     assert sorted(p.name for p in out.iterdir()) == [present] and (out / present).read_text() == "kept\n"
+
+
+# -- resuming an epoch-end checkpoint --------------------------------------------------------------
+
+
+def _fit_loop(epoch: dict[str, int], batches: dict[str, int], last: bool) -> dict[str, Any]:
+    counts = ("ready", "started", "processed", "completed")
+    return {"epoch_progress": {"current": dict(zip(counts, [epoch[k] for k in counts], strict=True)),
+                               "total": dict(zip(counts, [epoch[k] for k in counts], strict=True))},
+            "epoch_loop.batch_progress": {"current": dict(batches), "total": dict(batches), "is_last_batch": last}}
+
+
+@pytest.mark.parametrize(("epoch", "last", "rewritten"), [
+    # saved in on_train_epoch_end after epoch 0's validation: processed, not yet completed
+    ({"ready": 1, "started": 1, "processed": 1, "completed": 0}, True, True),
+    # saved by a signal once epoch 0 had ended
+    ({"ready": 1, "started": 1, "processed": 1, "completed": 1}, True, True),
+    # saved at the validation of epoch 0's last batch, before the epoch's end: Lightning's own case
+    ({"ready": 1, "started": 1, "processed": 0, "completed": 0}, True, False),
+    # saved mid-epoch
+    ({"ready": 2, "started": 2, "processed": 1, "completed": 1}, False, False),
+])
+def test_an_ended_epochs_loop_state_becomes_the_next_epochs_start(
+    epoch: dict[str, int], last: bool, rewritten: bool
+) -> None:
+    """Catches `start_next_epoch` missing either state of an ended epoch (saved in its end hooks,
+    or after them by a signal) or touching another state: an ended epoch's state becomes
+    "epoch completed, no batch of the next one yet" (the totals keep their counts); every other
+    state is left as saved."""
+    from segcon.methods.callbacks import start_next_epoch
+
+    batches = {"ready": 4, "started": 4, "processed": 4, "completed": 4 if last else 3}
+    state = _fit_loop(epoch, batches, last)
+    before = copy.deepcopy(state)
+    assert start_next_epoch(state) is rewritten
+    if not rewritten:
+        assert state == before
+        return
+    for which in ("current", "total"):
+        assert state["epoch_progress"][which] == {**epoch, "completed": epoch["processed"]}
+    assert state["epoch_loop.batch_progress"] == {"current": dict.fromkeys(batches, 0), "total": batches,
+                                                  "is_last_batch": False}
