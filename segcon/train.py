@@ -236,7 +236,8 @@ def cli() -> None:
     """Console entry point (`segcon-train`): Hydra's own errors (an unknown key or config group
     option, a malformed override, a missing value) end as every segcon user error does, in one
     `error:` line and exit status 2. With HYDRA_FULL_ERROR=1 set, Hydra reports as it does."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    if previous == "1":
         main()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors instead of printing them
@@ -245,6 +246,11 @@ def cli() -> None:
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {hydra_error_line(err)}", file=sys.stderr)
         raise SystemExit(USER_ERROR) from None
+    finally:
+        if previous is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 
 from segcon.overrides import check_value_types
 from segcon.utils.errors import ConfigError
-from tests.test_train import _cli, _tiny_cli_args
+from tests.test_train import _tiny_cli_args
 
 
 def _one_error_line(stderr: str) -> str:
@@ -20,7 +20,7 @@ def _one_error_line(stderr: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(("override", "said"), [
+TRAIN_ERRORS = [
     ("data.batch_size=abc", "error: data.batch_size=abc: data.batch_size takes an integer, not 'abc' (e.g. "
                             "data.batch_size=4)"),
     ("optim.lr=fast", "error: optim.lr=fast: optim.lr takes a number or null, not 'fast' (e.g. optim.lr=0.001)"),
@@ -30,14 +30,48 @@ def _one_error_line(stderr: str) -> str:
     ("model=nope", "error: In 'train': Could not find 'model/nope' Available options in 'model': deeplabv3plus_r101"),
     ("hydra.run.dir={file}/run", "error: hydra.run.dir={file}/run: the output folder cannot be created ({file} is a "
                                  "file, not a folder)"),
-])
-def test_segcon_train_user_errors(override: str, said: str, data_dir: Path, tmp_path: Path) -> None:
+]
+
+# segcon-train's console entry run once per case in one process (Hydra's global state cleared
+# between runs): each case's exit status and stderr, as JSON
+_RUN_CASES = """
+import contextlib, io, json, sys
+from hydra.core.global_hydra import GlobalHydra
+from segcon.train import cli
+common, cases, results = json.loads(sys.argv[1]), json.loads(sys.argv[2]), []
+for case in cases:
+    err = io.StringIO()
+    sys.argv = ["segcon-train", *common, *case]
+    with contextlib.redirect_stderr(err):
+        try:
+            cli()
+            status = 0
+        except SystemExit as stop:
+            status = stop.code
+    GlobalHydra.instance().clear()
+    results.append([status, err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def test_segcon_train_user_errors(data_dir: Path, tmp_path: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
     (tmp_path / "a_file").write_text("")
-    override, said = (s.replace("{file}", str(tmp_path / "a_file")) for s in (override, said))
-    run = [] if override.startswith("hydra.run.dir") else [f"hydra.run.dir={tmp_path / 'run'}"]
-    proc = _cli([*_tiny_cli_args(data_dir), *run, override], tmp_path)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert _one_error_line(proc.stderr).startswith(said)
+    cases = [[o.replace("{file}", str(tmp_path / "a_file"))] for o, _ in TRAIN_ERRORS]
+    for case in cases:
+        if not case[0].startswith("hydra.run.dir"):
+            case.append(f"hydra.run.dir={tmp_path / 'run'}")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    proc = subprocess.run([sys.executable, "-c", _RUN_CASES, json.dumps(_tiny_cli_args(data_dir)), json.dumps(cases)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (status, stderr), (_, said) in zip(json.loads(proc.stdout.splitlines()[-1]), TRAIN_ERRORS, strict=True):
+        assert status == 2, stderr[-3000:]
+        assert _one_error_line(stderr).startswith(said.replace("{file}", str(tmp_path / "a_file")))
 
 
 def test_values_of_the_types_a_key_takes_pass(data_dir: Path) -> None:
