@@ -2,7 +2,7 @@
 #   make train [ARGS="data=... model=..."]   train (default: the embedded synthetic dataset)
 #   make test  [PYTEST_ARGS="-k ..."] [TEST_WORKERS=0]   the whole test suite (TEST_WORKERS=0: serial)
 #   make lint                                ruff
-#   make bench [ARGS=...]                    scripts/benchmark.py
+#   make bench [ARGS=...]                    scripts/benchmark.py (timings, then --ops)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 
@@ -43,8 +43,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The framework's overhead and loader throughput (ARGS go to this one), then the ATen ops and host
+# syncs per training step of every contrastive term and teacher-student method.
 bench: $(STAMP)
 	$(BIN)/python scripts/benchmark.py $(ARGS)
+	$(BIN)/python scripts/benchmark.py --ops
 
 # The GPU check (scripts/gpu_check.py) on this machine's GPU; `gpu-env` prepares the wheels a
 # GPU machine without a registry needs (scripts/gpu_env.sh: there, `scripts/gpu_env.sh run`).

@@ -4,9 +4,17 @@
                                 [--warmup 5] [--precision 32-true] [--accelerator auto]
                                 [--loader-batches 30] [--json out.json]
     python scripts/benchmark.py --compare contrast=none contrast=pixel contrast=pixel_memory
+    python scripts/benchmark.py --ops [--compare contrast=none contrast=pixel ...] [--batch 4 --size 64]
     python scripts/benchmark.py --inference [--model segformer_b0] [--infer-size 1024 2048]
                                 [--images 2] [--crop 512 1024] [--stride 341 683] [--chunk 4]
                                 [--scales 0.5 0.75 1.0 1.25 1.5 1.75] [--modes whole slide ms_flip ms_slide]
+
+`--ops` counts ATen ops and host-synchronising ops per training step (segcon.utils.opcount) of
+each `--compare` set (default: every contrastive term and teacher-student method, OPS_SETS) in a
+CPU Lightning fit with every term at full weight, and each set's difference to the first: what a
+GPU step would launch and wait for, whatever device counts it. Only device tensors count (the
+module's parameters and buffers, the batch, and what is computed from them or built with a
+`device=`): host-only scalars are left out. The optimizer's own update is not counted.
 
 `--inference` measures evaluation inference (segcon.evaluation.inference) on random images of
 `--infer-size` with a `--infer-classes`-class head: images/s and peak memory of whole, slide and
@@ -375,7 +383,116 @@ def child_inference(args: argparse.Namespace) -> dict:
     }
 
 
-CHILDREN = {"bare": child_bare, "forward": child_forward, "segcon": child_segcon, "loader": child_loader, "inference": child_inference}
+def count_step(overrides: list[str], model: str = "unet_r18", batch: int = 4, size: tuple[int, int] = (64, 64),
+               steps: int = 3, data_root: str | None = None) -> dict:
+    """ATen ops and host-synchronising ops (segcon.utils.opcount) of the last of `steps` training
+    steps of segcon's module in a CPU Lightning fit, with every term at full weight: the step's
+    forward, losses, backward and the checks before the optimizer step, and what the module does
+    after it (teacher EMA, memory banks); the optimizer's own update is not counted."""
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from segcon.build import build_module
+    from segcon.utils.opcount import OpCounter, counting
+
+    args = argparse.Namespace(model=model, batch=batch, size=size)
+    root = data_root or str(ROOT / "data" / "synthetic")
+    torch.manual_seed(0)
+    cfg = _compose(args, root, [*overrides, "trainer.accelerator=cpu"])
+    module = build_module(cfg)
+    _full_weights(module)
+    batches = _batches(args, torch.device("cpu"))
+    if getattr(module, "uses_unlabeled", False):
+        others = batches[1:] + batches[:1]
+        batches = [_with_unlabeled(b, o, int(cfg.data.num_strong)) for b, o in zip(batches, others, strict=True)]
+    loader = DataLoader([batches[i % len(batches)] for i in range(steps)], batch_size=None)
+    counter = OpCounter()
+    counter.counting = False
+
+    class Count(L.Callback):
+        """Counting on in the last step, off during the optimizer's own update."""
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            counter.mark([*pl_module.parameters(), *pl_module.buffers()])
+            optimizer = trainer.optimizers[0]
+            update = optimizer.step
+
+            def step(closure=None, **kwargs):
+                active = counter.counting
+
+                def counted_closure():
+                    counter.counting = active
+                    try:
+                        return closure()
+                    finally:
+                        counter.counting = False
+
+                counter.counting = False
+                try:
+                    return update(closure=counted_closure, **kwargs)
+                finally:
+                    counter.counting = active
+
+            optimizer.step = step
+            after = pl_module.on_train_batch_end
+
+            def on_train_batch_end(*a, **k):
+                try:
+                    return after(*a, **k)
+                finally:
+                    counter.counting = False
+
+            pl_module.on_train_batch_end = on_train_batch_end
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if batch_idx == steps - 1:
+                counter.reset()
+                counter.mark(batch)
+                counter.counting = True
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        logger=False, log_every_n_steps=1000, callbacks=[Count()])
+    with counting(counter):
+        trainer.fit(module, train_dataloaders=loader)
+    return {"ops": counter.ops, "syncs": counter.syncs, "sync_ops": dict(counter.sync_ops.most_common()),
+            "top_ops": dict(counter.by_op.most_common(12))}
+
+
+def child_ops(args: argparse.Namespace) -> dict:
+    return count_step(_overrides(args), args.model, args.batch, args.size, data_root=args.data_root)
+
+
+OPS_SETS = ["contrast=none", "contrast=pixel", "contrast=cac", "contrast=pixel_memory", "contrast=contextrast",
+            "method=mean_teacher", "method=fixmatch", "method=unimatch", "method=confidence_ssl,contrast=confidence"]
+"""`--ops` default: every contrastive term and teacher-student method, against the first set."""
+
+
+def ops(args: argparse.Namespace, argv: list[str]) -> None:
+    """ATen ops and host syncs per training step of each override set (`--compare`, default
+    OPS_SETS), and each set's difference to the first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    sets = args.compare or OPS_SETS
+    counts = {c: _run_child("ops", [*argv, "--overrides", c]) for c in sets}
+    base = counts[sets[0]]
+    table = Table(title=f"ATen ops and host syncs per training step: {args.model}, batch {args.batch} x "
+                        f"{_size_text(args.size)}, every term at full weight (CPU count, device tensors only)")
+    for col in ("overrides", "ops", "host syncs", f"ops vs {sets[0]}", f"syncs vs {sets[0]}", "syncs by op"):
+        table.add_column(col, justify="left" if col in ("overrides", "syncs by op") else "right")
+    for c, r in counts.items():
+        table.add_row(c, str(r["ops"]), str(r["syncs"]), f"{r['ops'] - base['ops']:+d}", f"{r['syncs'] - base['syncs']:+d}",
+                      ", ".join(f"{k} {v}" for k, v in r["sync_ops"].items()))
+    Console(width=220).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "child"},
+                                               "counts": counts}, indent=2) + "\n")
+
+
+CHILDREN = {"bare": child_bare, "forward": child_forward, "segcon": child_segcon, "loader": child_loader,
+            "inference": child_inference, "ops": child_ops}
 
 
 def _run_child(kind: str, argv: list[str], checkout: Path = ROOT) -> dict:
@@ -478,6 +595,7 @@ def main() -> None:
     parser.add_argument("--against", default=None, metavar="CHECKOUT",
                         help="with --compare: also measure the segcon of this checkout (before / after)")
     parser.add_argument("--inference", action="store_true", help="time whole / slide / ms_flip inference (see above)")
+    parser.add_argument("--ops", action="store_true", help="count ATen ops and host syncs per step (see above)")
     parser.add_argument("--modes", nargs="+", default=["whole", "slide", "ms_flip"],
                         choices=["whole", "slide", "ms_flip", "ms_slide"], help="ms_slide: ms_flip with slide views")
     parser.add_argument("--infer-size", type=int, nargs=2, default=[1024, 2048], metavar=("H", "W"))
@@ -500,6 +618,10 @@ def main() -> None:
         return
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--json") and a != args.json]
+    if args.ops:
+        argv = [a for a in argv if a != "--ops"]
+        ops(args, _argv_without(argv, "--compare", len(args.compare)) if args.compare else argv)
+        return
     if args.compare:
         argv = _argv_without(argv, "--compare", len(args.compare))
         if args.against is not None:
