@@ -456,8 +456,8 @@ def count_step(overrides: list[str], model: str = "unet_r18", batch: int = 4, si
                         logger=False, log_every_n_steps=1000, callbacks=[Count()])
     with counting(counter):
         trainer.fit(module, train_dataloaders=loader)
-    return {"ops": counter.ops, "syncs": counter.syncs, "sync_ops": dict(counter.sync_ops.most_common()),
-            "top_ops": dict(counter.by_op.most_common(12))}
+    return {"ops": counter.ops, "views": counter.views, "syncs": counter.syncs, "sync_ops": dict(counter.sync_ops.most_common()),
+            "sync_sites": dict(counter.sync_sites.most_common()), "by_op": dict(counter.by_op.most_common())}
 
 
 def child_ops(args: argparse.Namespace) -> dict:

@@ -65,7 +65,7 @@ def test_aligned_probabilities_give_the_pseudo_labels(tiny_cfg: Callable[..., Di
     cfg = tiny_cfg("method=mean_teacher", "method.cutmix_prob=0", "method.confidence.threshold=0.4",
                    "method.distribution_alignment=true", "contrast=pixel", "sampler.max_views=5")
     module = build_module(cfg)
-    module._trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, world_size=1)
+    module._trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, world_size=1, log_every_n_steps=1)
     captured = capture_contrast_target(module)
     g = torch.Generator().manual_seed(2)
     mask = torch.zeros(2, 32, 32, dtype=torch.long)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from segcon.objectives.boundary import boundary_errors, edt
+from segcon.objectives.boundary import boundary_errors, edt, squared_region_edt
 
 
 def _masks() -> list[np.ndarray]:
@@ -42,6 +42,23 @@ def test_edt_of_an_image_without_background_is_inf_and_bad_input_is_refused() ->
         edt(torch.ones(4, 5, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("chunk", [1 << 24, 64])
+def test_region_edt_equals_one_scipy_edt_per_region(chunk: int) -> None:
+    """Every region of a label map at once (touching regions, an id on the border, a region of
+    one pixel): each pixel's squared distance to the nearest pixel of another id is scipy's EDT
+    of its own region's mask."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 3, (2, 17, 23))
+    ids[0, 3:14, 4:19] = 5  # a large block
+    ids[1, :, :] = np.where(rng.random((17, 23)) < 0.8, 7, ids[1])  # mostly one id
+    ids[1, 8, 8] = 9  # one pixel
+    got = squared_region_edt(torch.from_numpy(ids), chunk_elements=chunk).numpy()
+    for b in range(2):
+        for i in np.unique(ids[b]):
+            region = ids[b] == i
+            np.testing.assert_allclose(got[b][region], distance_transform_edt(region)[region] ** 2, rtol=1e-6)
+
+
 def _reference(labels: np.ndarray, preds: np.ndarray, ignore: int) -> dict[int, dict[int, float]]:
     """Per true class: {flat index: distance to the region's edge} of its error pixels (scipy)."""
     out: dict[int, dict[int, float]] = {}
@@ -63,8 +80,10 @@ def test_boundary_errors_keep_the_nearest_fraction_of_each_class_region() -> Non
     preds[1, 18:, :] = 1  # background predicted as class 1
     ref = _reference(labels, preds, 255)
     for fraction in (0.5, 0.2, 1.0):
-        index, true, pred = boundary_errors(torch.from_numpy(labels), torch.from_numpy(preds), 255, fraction,
-                                            max_per_class=10_000, generator=torch.Generator().manual_seed(0))
+        index, true, pred, ok = boundary_errors(torch.from_numpy(labels), torch.from_numpy(preds), 4, 255, fraction,
+                                                max_per_class=10_000, generator=torch.Generator().manual_seed(0))
+        assert index.numel() == 4 * 10_000
+        index, true, pred = index[ok], true[ok], pred[ok]
         flat_labels, flat_preds = labels.reshape(-1), preds.reshape(-1)
         assert np.array_equal(true.numpy(), flat_labels[index.numpy()])
         assert np.array_equal(pred.numpy(), flat_preds[index.numpy()])
@@ -85,17 +104,17 @@ def test_boundary_errors_cap_and_degenerate_batches() -> None:
     labels = torch.zeros(1, 30, 30, dtype=torch.long)
     labels[0, 5:25, 5:25] = 1
     preds = torch.zeros_like(labels)  # the class-1 square is wholly wrong: 400 error pixels
-    index, true, _ = boundary_errors(labels, preds, fraction=1.0, max_per_class=37,
+    index, true, _, ok = boundary_errors(labels, preds, 2, fraction=1.0, max_per_class=37,
+                                         generator=torch.Generator().manual_seed(0))
+    assert int(ok.sum()) == 37 and (true[ok] == 1).all()
+    again, _, _, _ = boundary_errors(labels, preds, 2, fraction=1.0, max_per_class=37,
                                      generator=torch.Generator().manual_seed(0))
-    assert index.numel() == 37 and (true == 1).all()
-    again, _, _ = boundary_errors(labels, preds, fraction=1.0, max_per_class=37,
-                                  generator=torch.Generator().manual_seed(0))
     assert torch.equal(index, again)
     # the whole image wrong: no edge inside it, every pixel still a candidate
-    index, _, _ = boundary_errors(torch.ones(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long),
+    _, _, _, ok = boundary_errors(torch.ones(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4, dtype=torch.long), 2,
                                   fraction=0.5)
-    assert index.numel() == 8
+    assert int(ok.sum()) == 8
     # no errors, or only ignored ones: nothing
     for lab, pred in ((labels, labels), (torch.full_like(labels, 255), preds)):
-        index, true, pred_cls = boundary_errors(lab, pred)
-        assert index.numel() == true.numel() == pred_cls.numel() == 0
+        index, true, pred_cls, ok = boundary_errors(lab, pred, 2)
+        assert index.numel() == true.numel() == pred_cls.numel() == 2 * 256 and not ok.any()

@@ -42,7 +42,9 @@ def test_anchors_are_exactly_the_low_confidence_pixels_with_their_labels() -> No
     term = _term(anchors_per_class=1000)
     term.prototype_set[:] = True
     term.prototype_set[2] = False  # a class without a prototype gives no anchor
-    index, y = term.anchors(out, Targets(labels, IGNORE, confidence=confidence, labeled=labeled))
+    index, y, ok = term.anchors(out, Targets(labels, IGNORE, confidence=confidence, labeled=labeled))
+    assert index.numel() == K * 1000  # a fixed-size list, the valid anchors first
+    index, y = index[ok], y[ok]
     probs = out.logits.softmax(1)
     expected = set()
     for i in range(3):
@@ -65,8 +67,8 @@ def test_every_class_gets_the_same_anchor_budget() -> None:
     confidence = torch.zeros(2, 8, 8, dtype=torch.float64)  # every pixel a candidate
     term = _term(anchors_per_class=10)
     term.prototype_set[:] = True
-    _, y = term.anchors(out, Targets(labels, IGNORE, confidence=confidence, labeled=torch.tensor([False, False])))
-    assert torch.bincount(y, minlength=K).tolist() == [10, 10, 4]
+    _, y, ok = term.anchors(out, Targets(labels, IGNORE, confidence=confidence, labeled=torch.tensor([False, False])))
+    assert torch.bincount(y[ok], minlength=K).tolist() == [10, 10, 4]
 
 
 def _teacher(seed: int, b: int = 2) -> SegOutput:
@@ -221,7 +223,9 @@ def test_negatives_are_drawn_uniformly_from_the_other_classes_filled_slots() -> 
     feats = torch.arange(K * 6 * D, dtype=torch.float64).reshape(K * 6, D)[:7]  # distinct rows
     term.bank.push(feats, torch.tensor([0, 0, 0, 1, 1, 2, 2]))  # filled: class 0: 3, class 1: 2, class 2: 2
     torch.manual_seed(0)
-    drawn = term.draw_negatives(1, (4000, 5)).reshape(-1, D)
+    drawn, found_any = term.draw_negatives(torch.ones(4000, dtype=torch.long), 5)
+    drawn = drawn.reshape(-1, D)
+    assert bool(found_any.all())
     allowed = {tuple(r) for r in feats[[0, 1, 2, 5, 6]].tolist()}  # classes 0 and 2, never 1 or an empty slot
     found = [tuple(r) for r in drawn.tolist()]
     assert set(found) == allowed
@@ -229,4 +233,5 @@ def test_negatives_are_drawn_uniformly_from_the_other_classes_filled_slots() -> 
     assert torch.allclose(share, torch.full((5,), 0.2, dtype=torch.float64), atol=0.02)  # uniform over the union
     empty = _term()
     empty.bank.push(feats[:2], torch.tensor([1, 1]))
-    assert empty.draw_negatives(1, (3, 2)) is None
+    _, found_any = empty.draw_negatives(torch.tensor([1, 1, 1, 0]), 2)
+    assert found_any.tolist() == [False, False, False, True]  # class 0's other classes hold class 1's entries

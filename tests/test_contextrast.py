@@ -16,9 +16,11 @@ from segcon.objectives.samplers import ViewsSampler
 IGNORE = 255
 
 
-def every_valid_pixel(labels: torch.Tensor, preds: torch.Tensor, *_: object) -> torch.Tensor:
-    """A deterministic sampler for the reference: all labelled pixels."""
-    return (labels != IGNORE).reshape(-1).nonzero().squeeze(1)
+def every_valid_pixel(labels: torch.Tensor, preds: torch.Tensor, *_: object,
+                      **__: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """A deterministic sampler for the reference: all labelled pixels, as a list of every pixel
+    with the labelled ones valid."""
+    return torch.arange(labels.numel()), (labels != IGNORE).reshape(-1)
 
 
 def _nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -192,14 +194,19 @@ def test_views_sampler_takes_the_same_count_from_every_kept_pair() -> None:
     labels[0, :40], labels[0, 40:44] = 1, 2  # class 2 has 4 < 5 pixels in image 0: dropped
     labels[1, :30], labels[1, 30:90] = 0, 1
     sampler = ViewsSampler(min_pixels=5, max_views=2500, max_total=10_000, ignore_index=IGNORE)
-    index = sampler(labels, labels, generator=torch.Generator().manual_seed(0))
+    index, ok = sampler(labels, labels, num_classes=3, generator=torch.Generator().manual_seed(0))
+    assert index.numel() == ok.numel() == 10_000  # max_total rows, the valid ones first
+    index = index[ok]
     image, cls = index // 100, labels.reshape(-1)[index]
     counts = {(int(i), int(c)): int(((image == i) & (cls == c)).sum()) for i, c in {(0, 1), (1, 0), (1, 1)}}
     assert counts == {(0, 1): 30, (1, 0): 30, (1, 1): 30}  # the smallest kept pair has 30
     assert not ((image == 0) & (cls == 2)).any()
-    capped = ViewsSampler(min_pixels=5, max_views=2500, max_total=60, ignore_index=IGNORE)(labels, labels)
-    assert capped.numel() == 60  # 60 // 3 pairs = 20 each
-    assert ViewsSampler(max_views=7, ignore_index=IGNORE)(labels, labels).numel() == 21
+    _, capped = ViewsSampler(min_pixels=5, max_views=2500, max_total=60, ignore_index=IGNORE)(labels, labels,
+                                                                                              num_classes=3)
+    assert int(capped.sum()) == 60  # 60 // 3 pairs = 20 each
+    assert int(ViewsSampler(max_views=7, ignore_index=IGNORE)(labels, labels, num_classes=3)[1].sum()) == 21
+    _, one_each = ViewsSampler(min_pixels=5, max_total=2, ignore_index=IGNORE)(labels, labels, num_classes=3)
+    assert one_each.numel() == 2 * 3 and int(one_each.sum()) == 3  # fewer rows than pairs: one per pair
     assert len(set(index.tolist())) == index.numel()
 
 

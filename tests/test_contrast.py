@@ -77,7 +77,9 @@ def test_pixel_contrast_term_equals_reference_on_its_samples() -> None:
     out, target = _output(0)
     loss_fn = PixelContrastLoss(RandomSampler(max_samples=64, max_views=5), 0.1, 0.07)
     torch.manual_seed(5)
-    z, y, index = loss_fn.sample(out, target)
+    anchors = loss_fn.sample(out, target)
+    z, y, index = anchors.z[anchors.valid], anchors.y[anchors.valid], anchors.index[anchors.valid]
+    assert anchors.z.shape[0] == 64 and 0 < len(index) <= 64  # the sampler's capacity, valid rows first
     torch.manual_seed(5)
     loss = loss_fn(out, target)
     small = labels_at(target.labels, (8, 8)).reshape(-1)
@@ -127,7 +129,9 @@ def _constructed(n_per_class: dict[int, tuple[int, int]], ignore: int = 10):
 def test_hard_easy_exact_counts_and_fallbacks() -> None:
     # max_views 10, 3 pairs, max_samples 30 -> n_view = 10 per class
     labels, preds = _constructed({0: (20, 20), 1: (30, 3), 2: (2, 40)})
-    idx = HardEasySampler(max_samples=30, max_views=10)(labels, preds, None, torch.Generator().manual_seed(0))
+    idx, ok = HardEasySampler(max_samples=30, max_views=10)(labels, preds, num_classes=3,
+                                                            generator=torch.Generator().manual_seed(0))
+    assert idx.shape == ok.shape == (30,) and bool(ok.all())
     lab, pr = labels[0, idx], preds[0, idx]
     for c, (want_hard, want_easy) in {0: (5, 5), 1: (7, 3), 2: (2, 8)}.items():
         assert int(((lab == c) & (pr != c)).sum()) == want_hard
@@ -140,18 +144,20 @@ def test_hard_easy_exact_counts_and_fallbacks() -> None:
 def test_samplers_skip_small_classes_budget_and_determinism() -> None:
     labels, preds = _constructed({0: (50, 50), 1: (3, 4), 2: (60, 0)})  # class 1 has 7 <= max_views
     for sampler in (RandomSampler(max_samples=40, max_views=10), HardEasySampler(max_samples=40, max_views=10)):
-        a = sampler(labels, preds, None, torch.Generator().manual_seed(1))
-        b = sampler(labels, preds, None, torch.Generator().manual_seed(1))
-        c = sampler(labels, preds, None, torch.Generator().manual_seed(2))
-        assert torch.equal(a, b) and not torch.equal(a, c)
-        counts = torch.bincount(labels[0, a], minlength=3)
+        a = sampler(labels, preds, num_classes=3, generator=torch.Generator().manual_seed(1))
+        b = sampler(labels, preds, num_classes=3, generator=torch.Generator().manual_seed(1))
+        c = sampler(labels, preds, num_classes=3, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and not torch.equal(a[0], c[0])
+        counts = torch.bincount(labels[0, a[0][a[1]]], minlength=3)
         assert counts.tolist() == [10, 0, 10]  # n_view = min(40 // 2, 10)
+        assert int(a[1].sum()) == 20 and not a[1][20:].any()  # the valid rows come first
 
 
 def test_sampler_flat_indices_address_the_right_image() -> None:
     labels = torch.tensor([[0] * 12 + [1] * 12, [1] * 24])
     preds = labels.clone()
-    idx = RandomSampler(max_samples=100, max_views=5)(labels, preds)
+    idx, ok = RandomSampler(max_samples=100, max_views=5)(labels, preds, num_classes=2)
+    idx = idx[ok]
     flat = labels.reshape(-1)[idx]
     assert torch.bincount(idx // 24).tolist() == [10, 5]  # image 0: two classes, image 1: one
     assert (flat[idx // 24 == 1] == 1).all()
@@ -169,7 +175,9 @@ def test_memory_wraps_around_in_fifo_order_and_keeps_class_zero() -> None:
     assert mem.ordered(1)[:, 0].tolist() == [13, 14, 15, 16]
     feats, labels = torch.tensor([[9.0, 9.0], [8.0, 8.0]]), torch.tensor([-1, 2])  # -1 = padding
     mem.push(feats, labels)
-    all_feats, all_labels = mem.entries()
+    all_feats, all_labels, filled = mem.entries()
+    assert all_feats.shape == (12, 2) and filled.shape == all_labels.shape == (12,)
+    all_feats, all_labels = all_feats[filled], all_labels[filled]
     assert sorted(all_labels.tolist()) == [0] * 4 + [1] * 4 + [2]
     assert [8.0, 8.0] in all_feats.tolist() and [9.0, 9.0] not in all_feats.tolist()
 
@@ -195,8 +203,8 @@ def test_memory_term_state_round_trip_gives_identical_bank_and_next_loss() -> No
     torch.manual_seed(3)
     b = restored(out, target)
     assert a.item() == b.item()
-    segment_labels = restored.memories["segment"].entries()[1]
-    assert (segment_labels != 3).all()  # class 3 never appears in these targets: no fake entries
+    _, segment_labels, filled = restored.memories["segment"].entries()
+    assert (segment_labels[filled] != 3).all()  # class 3 never appears in these targets: no fake entries
 
 
 @pytest.mark.parametrize(("kind", "dim"), [("convmlp", 5), ("linear", 5), ("residual", 5), ("residual", 32)],
@@ -400,12 +408,14 @@ def test_memory_bank_entries_and_keys_against_an_independent_computation() -> No
 
     out2, targets2 = _output(4, k=k)
     torch.manual_seed(9)
-    z, y, _ = term.sample(out2, targets2)
+    anchors = term.sample(out2, targets2)
+    z, y = anchors.z[anchors.valid], anchors.y[anchors.valid]
     torch.manual_seed(9)
     loss = term(out2, targets2)
-    keys = [z.detach()] + [term.memories[m].entries()[0] for m in ("pixel", "segment")]
-    key_labels = [y] + [term.memories[m].entries()[1] for m in ("pixel", "segment")]
-    assert int((seg_labels >= 0).sum()) == len(term.memories["segment"].entries()[1]) > 0
+    filled = {m: term.memories[m].entries() for m in ("pixel", "segment")}
+    keys = [z.detach()] + [f[v] for f, _, v in filled.values()]
+    key_labels = [y] + [lab[v] for _, lab, v in filled.values()]
+    assert int((seg_labels >= 0).sum()) == int(filled["segment"][2].sum()) > 0
     expected = reference_loss(z.detach(), y, torch.cat(keys), torch.cat(key_labels), 0.1, 0.07, "per_positive")
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 
@@ -421,7 +431,8 @@ def test_contrast_labels_are_nearest_resized_never_blended() -> None:
     target[:, :, 1::2] = 4  # every other column: a blend would land between 0 and 4
     target[:, 5:9] = 2
     out = SegOutput(logits=logits, embeddings={"projection": PixelEmbedding.from_dense(emb)})
-    _, y, index = PixelContrastLoss(RandomSampler(max_samples=200, max_views=2)).sample(out, Targets(target))
+    anchors = PixelContrastLoss(RandomSampler(max_samples=200, max_views=2)).sample(out, Targets(target))
+    y, index = anchors.y[anchors.valid], anchors.index[anchors.valid]
     rows, cols = index // 8, index % 8
     assert len(index) > 0 and torch.equal(y, target[0, 2 * rows, 2 * cols])
     assert set(y.tolist()) <= {0, 2}  # the even columns hold 0, the rows 5-8 band 2

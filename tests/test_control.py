@@ -577,3 +577,13 @@ def test_an_ended_epochs_loop_state_becomes_the_next_epochs_start(
         assert state["epoch_progress"][which] == {**epoch, "completed": epoch["processed"]}
     assert state["epoch_loop.batch_progress"] == {"current": dict.fromkeys(batches, 0), "total": batches,
                                                   "is_last_batch": False}
+
+
+def test_the_agreed_stop_rides_on_the_modules_own_reduction_when_it_has_one() -> None:
+    """Catches StopTogether reducing again after a segcon module's step (a second collective and
+    host read per step): the module's `stop_agreed` (the any-rank request, read with its
+    divergence check) decides, without a call to the strategy."""
+    for agreed in (True, False):
+        trainer = _training_trainer(False, [not agreed])  # the strategy would say the opposite
+        StopTogether().on_train_batch_end(trainer, SimpleNamespace(stop_agreed=agreed), None, None, 0)
+        assert trainer.strategy.calls == 0 and trainer._signal_connector.received_sigterm is agreed

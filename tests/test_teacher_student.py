@@ -131,7 +131,7 @@ def test_supervised_baseline_trains_on_the_labeled_images_only(tiny_cfg: Callabl
 def _module(tiny_cfg: Callable[..., DictConfig], *overrides: str):
     cfg = tiny_cfg(*overrides)
     module = build_module(cfg)
-    module._trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, world_size=1)
+    module._trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, world_size=1, log_every_n_steps=1)
     return module
 
 

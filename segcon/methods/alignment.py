@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from segcon.utils.static import group_counts
+
 
 class DistributionAlignment(nn.Module):
     """Running class statistics (buffers: saved with the checkpoint) and the alignment itself.
@@ -48,8 +50,9 @@ class DistributionAlignment(nn.Module):
             labels: `[B', H', W']` ground truth of the labeled batch (ignore_index left out of pi_l).
         Returns: `[B, K, H, W]` aligned probabilities (each pixel sums to 1).
         """
-        scored = labels[labels != self.ignore_index]
-        counts = torch.bincount(scored.flatten(), minlength=self.num_classes)[: self.num_classes].to(probs.dtype)
+        k = self.num_classes
+        scored = (labels != self.ignore_index) & (labels >= 0) & (labels < k)
+        counts = group_counts(torch.where(scored, labels, k).flatten(), k + 1)[:k].to(probs.dtype)
         sums = (probs * valid.unsqueeze(1)).sum((0, 2, 3))
         stats = torch.cat([counts, sums, valid.sum().to(probs.dtype).reshape(1)])
         if dist.is_available() and dist.is_initialized():

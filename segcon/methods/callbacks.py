@@ -171,7 +171,9 @@ class StopTogether(L.Callback):
     It installs `AgreedSigterm` in place of Lightning's signal handling (at set-up, before
     Lightning registers the handlers), whose handler only records a request during a fit. After
     each batch that ends an optimizer step, and at the end of each validation of the fit, the
-    ranks' requests are reduced (one boolean all-reduce; none in a one-process fit): if any rank
+    ranks' requests are reduced: in a training step by segcon's module inside the reduction and
+    host read its divergence check does anyway (`stop_agreed`: no collective or read of its own),
+    at a validation's end with one boolean all-reduce (none in a one-process fit). If any rank
     asked, every rank's trainer sees `received_sigterm` and raises SIGTERMException when that
     step (and the validation that follows it, if one is due) is done. Lightning's validation loop
     would stop at its next batch on `received_sigterm`, so it is held back while a validation runs.
@@ -191,7 +193,13 @@ class StopTogether(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0 and self._agreed(trainer):
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        # segcon's modules agree inside the step's one reduction (SupervisedModule.stop_agreed)
+        agreed = getattr(pl_module, "stop_agreed", None)
+        if agreed is None:
+            agreed = self._agreed(trainer)
+        if agreed:
             trainer._signal_connector.received_sigterm = True
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 from segcon.methods.mixing import cutmix, cutmix_masks
 from segcon.objectives.base import Targets
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import group_counts
 
 CONFIDENCE_MODES = ("threshold", "entropy")
 
@@ -89,15 +90,12 @@ class ConfidenceFilter:
         if self.mode == "threshold":
             return (confidence >= self.threshold) & valid
         drop = self.drop_percent / 100.0 * max(0.0, 1.0 - progress)
-        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
-        n = int(valid.sum())
-        kept = n - int(drop * n)
-        if kept >= n:
-            return valid.clone()
-        if kept == 0:
-            return torch.zeros_like(valid)
-        cutoff = entropy[valid].float().kthvalue(kept).values
-        return (entropy <= cutoff) & valid
+        entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1).float()
+        n = valid.sum()
+        kept = n - torch.floor(drop * n.double()).long()  # the lowest-entropy `kept` valid pixels
+        ordered = torch.where(valid, entropy, float("inf")).flatten().sort().values
+        cutoff = ordered[(kept - 1).clamp_min(0)]  # the kept-th smallest: no read of the count
+        return (entropy <= cutoff) & valid & (kept > 0)
 
 
 def make_pseudo_labels(probs: Tensor, valid: Tensor, confidence: ConfidenceFilter, progress: float,
@@ -126,19 +124,24 @@ def pseudo_label_stats(
     of the class's pixels that got a confident, correct pseudo-label: where rare classes vanish
     from self-training, this is what shows it). A ratio with an empty denominator in this step is
     left out rather than logged as 0, so early steps under a strict threshold do not drag the
-    curves down. One device-to-host copy per call."""
+    curves down. One device-to-host copy per call: methods call it on the steps whose logs
+    Lightning writes (`SupervisedModule.logs_this_step`)."""
     label, keep = pseudo.label, pseudo.keep
     k = len(class_names)
+
+    def per_class(values: Tensor, where: Tensor) -> Tensor:  # bincount(values[where]) without a sync
+        return group_counts(torch.where(where, values, k).flatten(), k + 1)[:k]
+
     logs = {"mask_ratio": keep.sum() / valid.sum().clamp_min(1)}
     kept = keep & valid
-    shares = torch.bincount(label[kept].flatten(), minlength=k)[:k]
+    shares = per_class(label, kept)
     denominators = [kept.sum().view(1)]
     if gt is not None:
         right = (label == gt) & (gt != ignore_index)
-        scored = valid & (gt != ignore_index)
+        scored = valid & (gt != ignore_index) & (gt >= 0) & (gt < k)
         confident = (keep & scored).sum()
-        gt_counts = torch.bincount(gt[scored].flatten(), minlength=k)[:k]
-        hits = torch.bincount(gt[scored & right & keep].flatten(), minlength=k)[:k]
+        gt_counts = per_class(gt, scored)
+        hits = per_class(gt, scored & right & keep)
         denominators += [confident.view(1), scored.sum().view(1), gt_counts]
     counts = torch.cat(denominators).tolist()
     if counts[0] > 0:

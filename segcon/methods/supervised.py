@@ -114,6 +114,7 @@ class SupervisedModule(L.LightningModule):
         self.skipped_files: list[str] = []
         self._step_logs: dict[str, Tensor] = {}
         self._step_skipped = False
+        self.stop_agreed: bool | None = None  # whether any rank was asked to stop, read with the step's check
         self._statistics: dict[str, Tensor] = {}
         self.metrics = torch.nn.ModuleDict(
             {split: ConfusionMatrix(num_classes, ignore_index) for split in ("val", "test")}
@@ -146,6 +147,12 @@ class SupervisedModule(L.LightningModule):
         self.log_step(logs, batch["image"].shape[0])
         return loss
 
+    def logs_this_step(self) -> bool:
+        """Whether Lightning writes this training step's logged values to the loggers (every
+        `trainer.log_every_n_steps` steps, as its logger connector counts them): values that cost
+        a read of the device are computed only then."""
+        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+
     def log_step(self, logs: Mapping[str, Tensor], batch_size: int) -> None:
         """Log a training step's values as `train/<name>`; the divergence check reads them."""
         self._step_logs = {f"train/{k}": v for k, v in logs.items()}
@@ -162,14 +169,20 @@ class SupervisedModule(L.LightningModule):
             self._statistics = buffer_snapshot(self.net)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The divergence check (segcon.methods.divergence): stop, or drop this step's gradients."""
+        """The divergence check (segcon.methods.divergence): stop, or drop this step's gradients.
+
+        Its one reduction and host read per step also carry whether any rank was asked to stop
+        (a signal: `stop_agreed`, which StopTogether acts on after the step), so the agreement
+        costs no collective or read of its own."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         check_gradients = self.divergence.check_gradients and scaler is None
         bad_logs, bad_grads, names = non_finite_flags(self._step_logs, self.net.named_parameters(), check_gradients)
         flag = torch.cat([bad_logs.to(self.device), bad_grads.to(self.device)]).any().float()
         loss = self._step_logs.get("train/loss", flag.new_zeros(())).detach().float().reshape(())
+        requested = flag.new_tensor(float(getattr(self.trainer._signal_connector, "requested", False)))
         # the largest loss of any rank, so that every rank watches the same values: one host sync per step
-        bad, largest = self.trainer.strategy.reduce(torch.stack([flag, loss]), reduce_op="max").tolist()
+        bad, largest, stop = self.trainer.strategy.reduce(torch.stack([flag, loss, requested]), reduce_op="max").tolist()
+        self.stop_agreed = stop > 0
         if bad == 0.0:
             self._skips_in_a_row = 0
             exploding = self.loss_watch.judge(self.global_step, largest)

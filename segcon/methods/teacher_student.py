@@ -167,6 +167,8 @@ class TeacherStudentModule(SupervisedModule):
         if self.confidence.mode == "entropy":  # the share dropped decays over training
             progress = self.global_step / max(int(self.trainer.estimated_stepping_batches), 1)
         pseudo = make_pseudo_labels(probs, unlabeled["valid"], self.confidence, progress, self.ignore_index)
+        if not self.logs_this_step():  # the statistics need a read of the device; only logged steps pay it
+            return pseudo, {}
         stats = pseudo_label_stats(pseudo, unlabeled["valid"], unlabeled.get("gt"), self.ignore_index, self.class_names)
         return pseudo, stats
 

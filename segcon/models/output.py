@@ -15,6 +15,7 @@ from torch import Tensor
 
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import group_counts
 
 
 def gather_pixels(feature: Tensor, index: Tensor) -> Tensor:
@@ -88,7 +89,7 @@ class PixelEmbedding:
         the sum of the normalised embeddings of a group is `W (sum h / |W h + b|) + b (sum 1 /
         |W h + b|)`, at P C^2 instead of P C D operations (a narrowing tail forms the rows).
         """
-        counts = torch.bincount(group, minlength=num_groups)
+        counts = group_counts(group, num_groups)
         if self.affine is None or self.affine[0].shape[0] < self.affine[0].shape[1]:
             rows = at_least_float32(self.at(index))
             sums = rows.new_zeros(num_groups, rows.shape[1]).index_add_(0, group, rows)
@@ -132,16 +133,18 @@ class StackedEmbedding(PixelEmbedding):
         super().__init__(torch.cat([p.hidden for p in self.pieces]), self.pieces[0].finish)
 
     def at(self, index: Tensor) -> Tensor:
+        # every piece finishes every row (its own images' rows are kept): no data-sized selection
         n = self.size[0] * self.size[1]
         image = index // n
-        rows, order, start = [], [], 0
+        rows, start = None, 0
         for piece in self.pieces:
             b = piece.hidden.shape[0]
-            chosen = ((image >= start) & (image < start + b)).nonzero().squeeze(1)
-            rows.append(piece.at(index[chosen] - start * n))
-            order.append(chosen)
+            mine = (image >= start) & (image < start + b)
+            own = piece.at(torch.where(mine, index - start * n, 0))
+            rows = own if rows is None else torch.where(mine[:, None], own, rows)
             start += b
-        return torch.cat(rows)[torch.argsort(torch.cat(order))]
+        assert rows is not None
+        return rows
 
     def rows(self) -> Tensor:
         return torch.cat([p.rows() for p in self.pieces])

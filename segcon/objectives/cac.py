@@ -30,12 +30,16 @@ WEIGHT_LOGITS = "weight_logits"
 WEIGHT_DECODER_LOGITS = "weight_decoder_logits"
 
 
-def pair_weights(q: Tensor, y: Tensor) -> Tensor:
+def pair_weights(q: Tensor, y: Tensor, valid: Tensor | None = None) -> Tensor:
     """`W [N, N]` with `W_ij = 1 - (q_i[y_j] + q_j[y_i]) / 2` and a zero diagonal, from class
-    probabilities `q [N, K]` and labels `y [N]`."""
-    a = q[:, y]  # a[i, j] = q_i[y_j]
+    probabilities `q [N, K]` and labels `y [N]`; 0 for a pair with an invalid member (`valid
+    [N]`, rows a fixed-size sample pads with)."""
+    a = q.gather(1, y[None, :].expand(len(y), -1))  # a[i, j] = q_i[y_j]
     w = 1.0 - 0.5 * (a + a.T)
-    return w.masked_fill(torch.eye(len(y), dtype=torch.bool, device=w.device), 0.0)
+    off = ~torch.eye(len(y), dtype=torch.bool, device=w.device)
+    if valid is not None:
+        off = off & valid[:, None] & valid[None, :]
+    return w * off
 
 
 def cac_per_anchor(
@@ -45,6 +49,7 @@ def cac_per_anchor(
     temperature: float = 0.1,
     base_temperature: float = 0.07,
     detach_pair_weights: bool = False,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """CAC loss of each of N sampled pixels `[N]`.
 
@@ -52,37 +57,50 @@ def cac_per_anchor(
         z: `[N, D]` L2-normalised embeddings; y: `[N]` labels (no ignore); q: `[N, K]` weight-branch
             probabilities.
         detach_pair_weights: stop the CAC gradient into the weight branch.
+        valid: `[N]` which rows are real (a fixed-size sample's padding takes no part; its own
+            loss is 0). None: all.
 
     ℓ_i = -(τ/τ_base) Σ_{j∈P(i)} W_ij (s_ij - log Σ_{k≠i} W_ik e^{s_ik}) / |P(i)|, s = z·z'/τ,
     P(i) the other pixels of y_i's class (an anchor without positive has ℓ_i = 0). The positive
     count is unweighted, as in the authors' code.
     """
     z, q = at_least_float32(z), at_least_float32(q)
-    w = pair_weights(q, y)
+    w = pair_weights(q, y, valid)
     if detach_pair_weights:
         w = w.detach()
     with torch.autocast(z.device.type, enabled=False):  # float32 similarities under mixed precision
         s = z @ z.T / temperature
     s = s - s.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
     pos = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
+    if valid is not None:
+        pos = pos & valid[:, None] & valid[None, :]
     log_partition = torch.log((w * s.exp()).sum(1, keepdim=True) + 1e-16)
     numer = (w * pos * (s - log_partition)).sum(1)
     return -(temperature / base_temperature) * numer / (pos.sum(1) + 1e-16)
 
 
-def class_balanced_mean(per_anchor: Tensor, y: Tensor, class_mean: str = "scatter") -> Tensor:
-    """Mean of the per-class mean losses (`per_anchor`, `y`: `[N]`).
+def class_balanced_mean(
+    per_anchor: Tensor, y: Tensor, class_mean: str = "scatter", valid: Tensor | None = None,
+    num_classes: int | None = None,
+) -> Tensor:
+    """Mean of the per-class mean losses (`per_anchor`, `y`: `[N]`; only the `valid [N]` rows).
 
     class_mean "scatter" averages over class indices 0..max(y), absent classes counting 0 (the
-    authors' scatter_mean); "present" over the classes in y.
+    authors' scatter_mean); "present" over the classes in y. `num_classes` (K) bounds the labels
+    (default: the largest label + 1, read from the data); 0 when no row is valid.
     """
     if class_mean not in CLASS_MEANS:
         raise ConfigError(f"contrast.cac.class_mean must be one of {CLASS_MEANS}, got {class_mean!r}")
-    n_classes = int(y.max()) + 1
-    sums = per_anchor.new_zeros(n_classes).index_add(0, y, per_anchor)
-    counts = per_anchor.new_zeros(n_classes).index_add(0, y, torch.ones_like(per_anchor))
+    k = num_classes if num_classes is not None else int(y.max()) + 1
+    real = torch.ones_like(per_anchor) if valid is None else valid.to(per_anchor.dtype)
+    sums = per_anchor.new_zeros(k).index_add(0, y, per_anchor * real)
+    counts = per_anchor.new_zeros(k).index_add(0, y, real)
     per_class = sums / counts.clamp_min(1)
-    return per_class.mean() if class_mean == "scatter" else per_class[counts > 0].mean()
+    if class_mean == "scatter":
+        top = torch.where(real > 0, y, -1).max() + 1  # classes 0..max(y)
+        return (per_class * (torch.arange(k, device=y.device) < top)).sum() / top.clamp_min(1)
+    present = counts > 0
+    return (per_class * present).sum() / present.sum().clamp_min(1)
 
 
 class ConfidenceAwareContrastLoss(Term):
@@ -125,15 +143,15 @@ class ConfidenceAwareContrastLoss(Term):
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
         weight_logits = _weight_logits(output, "cac")
-        z, y, index = sample_anchors(output, targets, self.sampler, self.embedding, type(self).__name__)
-        if z.shape[0] == 0:  # no anchor: 0, with the projection head and weight branch in the graph
-            return self.zero(output)
+        anchors = sample_anchors(output, targets, self.sampler, self.embedding, type(self).__name__)
         size = output.embeddings[self.embedding].size
         coarse = output.aux.get(WEIGHT_DECODER_LOGITS)
         weight_logits = SegOutput(logits=weight_logits, decoder_logits=coarse).logits_at(size)
-        q = gather_pixels(weight_logits, index).softmax(1)
-        per_anchor = cac_per_anchor(z, y, q, self.temperature, self.base_temperature, self.detach_pair_weights)
-        return class_balanced_mean(per_anchor, y, self.class_mean)
+        q = gather_pixels(weight_logits, anchors.index).softmax(1)
+        per_anchor = cac_per_anchor(anchors.z, anchors.y, q, self.temperature, self.base_temperature,
+                                    self.detach_pair_weights, anchors.valid)
+        # no valid anchor: 0, with the projection head and the weight branch in the graph
+        return class_balanced_mean(per_anchor, anchors.y, self.class_mean, anchors.valid, q.shape[1])
 
 
 class WeightBranchLoss(Term):

@@ -32,6 +32,7 @@ from segcon.objectives.memory import ClassMemory, MemoryUser
 from segcon.objectives.samplers import first_per_group, random_priority
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import compact, group_counts, rank_in_group
 
 
 class ConfidenceContrastLoss(Term, MemoryUser):
@@ -105,47 +106,43 @@ class ConfidenceContrastLoss(Term, MemoryUser):
                               "(or a teacher-student method with method.teacher_heads=[projection])")
         emb = output.embedding(self.embedding, type(self).__name__)
         self._pending = self._teacher_entries(targets.teacher)
-        index, labels = self.anchors(output, targets)
+        index, labels, valid = self.anchors(output, targets)
         z = at_least_float32(emb.at(index))
-        if index.numel() == 0:
-            return emb.zero()
-        losses = []
-        for c in labels.unique().tolist():
-            rows = (labels == c).nonzero().squeeze(1)
-            negatives = self.draw_negatives(c, (rows.numel(), self.negatives_per_anchor))
-            if negatives is not None:
-                losses.append(self._anchor_losses(z[rows], self.prototypes[c], negatives))
-        if not losses:
-            return emb.zero()
-        return torch.cat(losses).mean()
+        negatives, found = self.draw_negatives(labels, self.negatives_per_anchor)
+        valid = valid & found  # an anchor whose other classes have no bank entry yet takes no part
+        losses = self._anchor_losses(z, self.prototypes[labels], negatives)
+        return (losses * valid).sum() / valid.sum().clamp_min(1)  # a graph-connected 0 without anchors
 
-    def draw_negatives(self, c: int, shape: tuple[int, int]) -> Tensor | None:
-        """`shape` bank entries `[N, n, D]` drawn uniformly, with replacement, from the filled
-        slots of the classes other than `c` (None when they hold none). A class's filled slots
-        are its first `count` ones, so the draw indexes the bank without copying it."""
-        counts = self.bank.count.clone()
-        counts[c] = 0
-        total = int(counts.sum())
-        if total == 0:
-            return None
+    def draw_negatives(self, labels: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """For anchors of classes `labels [N]`: `n` bank entries each `[N, n, D]`, drawn
+        uniformly, with replacement, from the filled slots of the classes other than the anchor's
+        own, and whether it had any `[N]`. A class's filled slots are its first `count` ones, so
+        the draw indexes the bank without copying it: a draw u among the other classes' slots is
+        slot u of the bank's order, moved past the anchor's own class."""
+        counts = self.bank.count
         ends = torch.cumsum(counts, 0)
-        u = torch.randint(total, shape, device=counts.device)
-        cls = torch.searchsorted(ends, u, right=True)
-        return self.bank.feats[cls, u - (ends[cls] - counts[cls])]
+        own, start = counts[labels], (ends - counts)[labels]  # [N]
+        others = counts.sum() - own
+        u = (torch.rand(labels.numel(), n, device=counts.device) * others[:, None]).long()
+        u = torch.minimum(u, (others - 1).clamp_min(0)[:, None])  # rand < 1, but float rounding
+        position = u + (u >= start[:, None]) * own[:, None]
+        cls = torch.searchsorted(ends, position, right=True).clamp(max=counts.numel() - 1)
+        return self.bank.feats[cls, position - (ends[cls] - counts[cls])], others > 0
 
-    def _anchor_losses(self, z: Tensor, prototype: Tensor, negatives: Tensor) -> Tensor:
-        """ℓ for anchors `z [N, D]` of one class against its `prototype [D]` and their own
+    def _anchor_losses(self, z: Tensor, prototypes: Tensor, negatives: Tensor) -> Tensor:
+        """ℓ for anchors `z [N, D]` against their classes' `prototypes [N, D]` and their own
         `negatives [N, n, D]`: `[N]`."""
         with torch.autocast(z.device.type, enabled=False):  # float32 similarities under mixed precision
-            pos = (z @ at_least_float32(prototype)) / self.temperature  # [N]
+            pos = (z * at_least_float32(prototypes)).sum(1) / self.temperature  # [N]
             neg = torch.einsum("nd,nkd->nk", z, at_least_float32(negatives)) / self.temperature  # [N, n]
             return torch.logsumexp(torch.cat([pos[:, None], neg], 1), 1) - pos
 
     @torch.no_grad()
-    def anchors(self, output: SegOutput, targets: Targets) -> tuple[Tensor, Tensor]:
-        """The anchors: flat indices `[N]` into `[B * h * w]` (the embedding's resolution) and
-        their labels `[N]`. Low-confidence pixels (module docstring) of the classes whose
-        prototype is set, at most `anchors_per_class` per class, drawn uniformly."""
+    def anchors(self, output: SegOutput, targets: Targets) -> tuple[Tensor, Tensor, Tensor]:
+        """The anchors, a fixed-size list of `K × anchors_per_class`: flat indices into `[B * h *
+        w]` (the embedding's resolution), their labels (0 in the padding) and which are valid.
+        Low-confidence pixels (module docstring) of the classes whose prototype is set, at most
+        `anchors_per_class` per class, drawn uniformly."""
         emb = output.embedding(self.embedding, type(self).__name__)
         b, (h, w) = targets.labels.shape[0], emb.size
         labels = labels_at(targets.labels, (h, w))
@@ -158,12 +155,12 @@ class ConfidenceContrastLoss(Term, MemoryUser):
             confidence = labels_at(targets.confidence, (h, w))
             rows = torch.ones(b, dtype=torch.bool, device=labels.device) if targets.labeled is None else targets.labeled
             score = torch.where(rows[:, None, None], student, confidence)
-        low = valid & (score < self.threshold) & self.prototype_set[safe]
-        candidates = low.reshape(-1).nonzero().squeeze(1)
-        classes = safe.reshape(-1)[candidates]
-        quota = torch.full((self.num_classes,), self.anchors_per_class, dtype=torch.long, device=labels.device)
-        picked = first_per_group(classes, random_priority(classes.numel(), classes.device), quota)
-        return candidates[picked], classes[picked]
+        k, m = self.num_classes, self.anchors_per_class
+        low = (valid & (score < self.threshold) & self.prototype_set[safe]).reshape(-1)
+        group = torch.where(low, safe.reshape(-1), k)
+        quota = torch.cat([torch.full((k,), m, dtype=torch.long, device=labels.device), group.new_zeros(1)])
+        index, ok = compact(low & first_per_group(group, random_priority(group.numel(), group.device), quota), k * m)
+        return index, safe.reshape(-1)[index] * ok, ok
 
     # -- prototypes and bank ---------------------------------------------------------------
 
@@ -180,21 +177,18 @@ class ConfidenceContrastLoss(Term, MemoryUser):
         high = confidence >= self.threshold
         if "valid" in teacher.aux:
             high &= labels_at(teacher.aux["valid"], (h, w))
-        index = high.reshape(-1).nonzero().squeeze(1)
-        group = label.reshape(-1)[index]
-        counts = torch.bincount(group, minlength=k).to(probs.dtype)
-        means = emb.group_means(index, group, k, normalize=False) if index.numel() else probs.new_zeros(k, self.dim)
+        group = torch.where(high, label, k).reshape(-1)  # k: not confident
+        every = torch.arange(group.numel(), device=group.device)
+        counts = group_counts(group, k + 1)[:k].to(probs.dtype)
+        means = emb.group_means(every, group, k + 1, normalize=False)[:k]
         proto = torch.cat([means * counts[:, None], counts[:, None]], 1)
-        picked = first_per_group(group, random_priority(group.numel(), group.device),
-                                 torch.full((k,), u, dtype=torch.long, device=group.device))
-        chosen = group[picked]
-        sizes = torch.bincount(chosen, minlength=k)
-        slot = chosen * u + torch.arange(chosen.numel(), device=chosen.device) - (torch.cumsum(sizes, 0) - sizes)[chosen]
-        bank = probs.new_zeros(k * u, self.dim)
-        bank_labels = torch.full((k * u,), -1, dtype=torch.long, device=chosen.device)
-        if chosen.numel():
-            bank[slot] = at_least_float32(emb.at(index[picked])).to(bank.dtype)
-            bank_labels[slot] = chosen
+        # up to u random confident pixels of each class, in slot (class, rank)
+        rank = rank_in_group(group, random_priority(group.numel(), group.device), k + 1)
+        slot = torch.where((group < k) & (rank < u), group * u + rank.clamp(max=u - 1), k * u)
+        source = torch.full((k * u + 1,), -1, dtype=torch.long, device=group.device).scatter_(0, slot, every)[:-1]
+        filled = source >= 0
+        bank = at_least_float32(emb.at(source.clamp_min(0))).to(probs.dtype) * filled[:, None]
+        bank_labels = torch.where(filled, torch.arange(k * u, device=group.device) // u, -1)
         return {"prototype": (proto, torch.arange(k, device=proto.device)), "bank": (bank, bank_labels)}
 
     def pending_entries(self) -> dict[str, tuple[Tensor, Tensor]]:

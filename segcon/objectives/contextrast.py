@@ -53,6 +53,9 @@ def anchor_contrast(
     extra: Tensor | None = None,
     extra_true: Tensor | None = None,
     extra_negative_of: Tensor | None = None,
+    anchor_valid: Tensor | None = None,
+    key_valid: Tensor | None = None,
+    extra_valid: Tensor | None = None,
 ) -> Tensor:
     """Mean over the anchors of each anchor's mean per-positive InfoNCE loss.
 
@@ -60,12 +63,14 @@ def anchor_contrast(
     a positive of anchor c when `key_labels[k] == classes[c]`, else a negative. `extra [E, D]`
     (BANE pixels) are positives of the anchor of `extra_true [E]` and negatives of the anchors
     where `extra_negative_of [C, E]` is True. An anchor without negatives contributes 0; one
-    without positives is not counted. Returns a scalar (a graph-connected 0 when no anchor has a
-    positive).
+    without positives is not counted. `anchor_valid [C]`, `key_valid [N]`, `extra_valid [E]`: the
+    rows that are real (fixed-size lists; None: all). Returns a scalar (a graph-connected 0 when
+    no anchor has a positive).
     """
     with torch.autocast(anchors.device.type, enabled=False):  # float32 similarities under mixed precision
         return _anchor_contrast(at_least_float32(anchors), classes, at_least_float32(keys), key_labels, temperature,
-                                None if extra is None else at_least_float32(extra), extra_true, extra_negative_of)
+                                None if extra is None else at_least_float32(extra), extra_true, extra_negative_of,
+                                anchor_valid, key_valid, extra_valid)
 
 
 def _anchor_contrast(
@@ -77,14 +82,19 @@ def _anchor_contrast(
     extra: Tensor | None,
     extra_true: Tensor | None,
     extra_negative_of: Tensor | None,
+    anchor_valid: Tensor | None,
+    key_valid: Tensor | None,
+    extra_valid: Tensor | None,
 ) -> Tensor:
-    pos = classes[:, None] == key_labels[None, :]
-    neg = ~pos
-    if extra is not None and extra.shape[0] > 0:
+    same = classes[:, None] == key_labels[None, :]
+    real = torch.ones_like(same[0]) if key_valid is None else key_valid
+    pos, neg = same & real, ~same & real
+    if extra is not None:
         assert extra_true is not None and extra_negative_of is not None
+        extra_real = torch.ones_like(extra_true, dtype=torch.bool) if extra_valid is None else extra_valid
         keys = torch.cat([keys, extra])
-        pos = torch.cat([pos, classes[:, None] == extra_true[None, :]], 1)
-        neg = torch.cat([neg, extra_negative_of], 1)
+        pos = torch.cat([pos, (classes[:, None] == extra_true[None, :]) & extra_real], 1)
+        neg = torch.cat([neg, extra_negative_of & extra_real], 1)
     sim = (anchors / temperature) @ keys.T  # [C, N + E]
     log_neg = torch.logsumexp(sim.masked_fill(~neg, torch.finfo(sim.dtype).min), dim=1, keepdim=True)
     log_neg = torch.where(neg.any(1, keepdim=True), log_neg, torch.full_like(log_neg, float("-inf")))
@@ -92,6 +102,8 @@ def _anchor_contrast(
     n_pos = pos.sum(1)
     per_anchor = torch.where(pos, per_positive, 0.0).sum(1) / n_pos.clamp_min(1)
     has_pos = n_pos > 0
+    if anchor_valid is not None:
+        has_pos = has_pos & anchor_valid
     return (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1)
 
 
@@ -161,22 +173,24 @@ class ContextrastLoss(Term):
         name = type(self).__name__
         return sum((output.embedding(e, name).zero() for e in self.embeddings), output.logits.new_zeros(()))
 
-    def _anchors(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Class means of the sampled embeddings `z [M, D]` with labels `y [M]`: (classes `[C]`,
-        anchors `[C, D]`)."""
-        classes, inverse = y.unique(return_inverse=True)
-        sums = z.new_zeros(classes.numel(), z.shape[1]).index_add(0, inverse, z)
-        counts = torch.bincount(inverse, minlength=classes.numel()).to(z.dtype)
-        anchors = sums / counts[:, None]
-        return classes, F.normalize(anchors, dim=1) if self.normalize_anchors else anchors
+    def _anchors(self, z: Tensor, y: Tensor, valid: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+        """Class means of the valid sampled embeddings `z [M, D]` with labels `y [M]`, one row per
+        class: (anchors `[K, D]`, which classes are present `[K]`)."""
+        real = valid.to(z.dtype)
+        sums = z.new_zeros(num_classes, z.shape[1]).index_add(0, y, z * real[:, None])
+        counts = z.new_zeros(num_classes).index_add(0, y, real)
+        anchors = sums / counts.clamp_min(1)[:, None]
+        return F.normalize(anchors, dim=1) if self.normalize_anchors else anchors, counts > 0
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
         """`Σ_i λ_i L_i` over the layers (see the module docstring): a scalar, a graph-connected
         0 when no layer has a sampled pixel. Reads the embeddings `[B, D, h_i, w_i]` named by
-        `embeddings`, the kept labels `[B, H, W]` and the main logits `[B, K, H, W]`."""
+        `embeddings`, the kept labels `[B, H, W]` and the main logits `[B, K, H, W]`. Anchors are
+        one row per class (K), with a mask of the classes present in the layer's sample."""
         name = type(self).__name__
         labels, ignore = targets.reliable(), targets.ignore_index
-        b = labels.shape[0]
+        b, k = labels.shape[0], output.logits.shape[1]
+        classes = torch.arange(k, device=labels.device)
         with torch.no_grad():
             logits = output.logits.detach()
             preds = logits.max(1).indices  # argmax of the main logits, nearest-resized per layer like the labels
@@ -193,38 +207,33 @@ class ContextrastLoss(Term):
             probs = None
             if getattr(self.sampler, "needs_probs", False):
                 with torch.no_grad():
-                    probs = output.logits_at(size).detach().softmax(1).reshape(b, logits.shape[1], -1)
-            index = self.sampler(lab.reshape(b, -1), pred.reshape(b, -1), probs)
-            z, y = emb.at(index), lab.reshape(-1)[index]
+                    probs = output.logits_at(size).detach().softmax(1).reshape(b, k, -1)
+            index, valid = self.sampler(lab.reshape(b, -1), pred.reshape(b, -1), probs, num_classes=k)
+            z, y = emb.at(index), lab.reshape(-1)[index] * valid  # padding rows: label 0, not valid
             bane = None
-            if self.bane and z.shape[0] > 0:
-                b_index, b_true, b_pred = boundary_errors(lab, pred, ignore, self.bane_fraction, self.bane_max)
-                bane = (emb.at(b_index), b_true, b_pred)
-            layers.append((z, y, bane))
-        anchors_per_layer = [self._anchors(z, y) if z.shape[0] else None for z, y, _ in layers]
-        deep = anchors_per_layer[-1]
+            if self.bane:
+                b_index, b_true, b_pred, b_valid = boundary_errors(lab, pred, k, ignore, self.bane_fraction,
+                                                                   self.bane_max)
+                bane = (emb.at(b_index), b_true, b_pred, b_valid)
+            layers.append((z, y, valid, bane))
+        anchors_per_layer = [self._anchors(z, y, valid, k) for z, y, valid, _ in layers]
+        deep_anchors, deep_present = anchors_per_layer[-1]
         total = self.zero(output)
-        for i, ((z, y, bane), weight, found_anchors) in enumerate(
+        for i, ((z, y, valid, bane), weight, (anchors, present)) in enumerate(
             zip(layers, self.level_weights, anchors_per_layer, strict=True)
         ):
-            if found_anchors is None:
-                continue
-            classes, anchors = found_anchors
-            if i < len(layers) - 1 and deep is not None:
-                deep_classes, deep_anchors = deep
-                found = torch.searchsorted(deep_classes, classes).clamp(max=deep_classes.numel() - 1)
-                shared = deep_classes[found] == classes
-                contextual = self.w_low * anchors + self.w_high * deep_anchors[found]
+            if i < len(layers) - 1:
+                contextual = self.w_low * anchors + self.w_high * deep_anchors
                 if self.normalize_anchors:
                     contextual = F.normalize(contextual, dim=1)
-                anchors = torch.where(shared[:, None], contextual, anchors)
-            extra = extra_true = negative_of = None
+                anchors = torch.where((present & deep_present)[:, None], contextual, anchors)
+            extra = extra_true = negative_of = extra_valid = None
             if bane is not None:
-                extra, extra_true, extra_pred = bane
+                extra, extra_true, extra_pred, extra_valid = bane
                 if self.bane_negatives == "predicted":
                     negative_of = classes[:, None] == extra_pred[None, :]
                 else:
                     negative_of = classes[:, None] != extra_true[None, :]
-            total = total + weight * anchor_contrast(anchors, classes, z, y, self.temperature,
-                                                     extra, extra_true, negative_of)
+            total = total + weight * anchor_contrast(anchors, classes, z, y, self.temperature, extra, extra_true,
+                                                     negative_of, present, valid, extra_valid)
         return total

@@ -14,6 +14,7 @@ bank as well.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -23,9 +24,10 @@ from torch import Tensor, nn
 from segcon.models.output import PixelEmbedding, SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.memory import ClassMemory, MemoryUser
-from segcon.objectives.samplers import first_per_group, random_priority
+from segcon.objectives.samplers import pair_ids, random_priority
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import group_counts, rank_in_group
 
 DENOMINATORS = ("per_positive", "supcon")
 
@@ -39,6 +41,8 @@ def pair_contrast(
     base_temperature: float,
     denominator: str = "per_positive",
     keys_include_anchors: bool = True,
+    anchor_valid: Tensor | None = None,
+    key_valid: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Supervised InfoNCE of each anchor against a set of keys.
 
@@ -48,10 +52,12 @@ def pair_contrast(
             keys are the anchors themselves and key i is not a pair of anchor i.
         denominator: "per_positive" (ContrastiveSeg: each positive against itself plus all
             negatives) or "supcon" (all other keys in the partition).
+        anchor_valid, key_valid: `[N]` / `[M]` which rows are real (fixed-size lists padded by a
+            sampler or a memory); the others take no part. None: all.
 
     Returns:
         per-anchor losses `[N]` (0 where an anchor has no positive) and a `[N]` bool mask of the
-        anchors that have at least one positive.
+        anchors that are valid and have at least one positive.
 
     ℓ_i = -(τ/τ_base) · mean_{p ∈ P(i)} [ s_ip - log( e^{s_ip} + Σ_{n ∈ Neg(i)} e^{s_in} ) ]
     (per_positive), or with log Σ_{k ≠ i} e^{s_ik} as the second term (supcon); s = z·z'/τ.
@@ -64,23 +70,25 @@ def pair_contrast(
     with torch.autocast(anchors.device.type, enabled=False):  # float32 similarities under mixed precision
         sim = (anchors / temperature) @ keys.T
     same = anchor_labels[:, None] == key_labels[None, :]
-    pos = same
+    real = torch.ones_like(same[0]) if key_valid is None else key_valid  # [M]
+    pos = same & real
     if keys_include_anchors:
         n = anchors.shape[0]
-        pos = same.clone()
         pos[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=anchors.device)
     minus_inf = torch.finfo(sim.dtype).min
     if denominator == "per_positive":
-        log_neg = torch.logsumexp(sim.masked_fill(same, minus_inf), dim=1, keepdim=True)  # [N, 1]
+        log_neg = torch.logsumexp(sim.masked_fill(same | ~real, minus_inf), dim=1, keepdim=True)  # [N, 1]
         # -(s_ip - log(e^{s_ip} + e^{log_neg})) = softplus(log_neg - s_ip): one pass over [N, M]
         neg_log_prob = F.softplus(log_neg - sim)
     else:
-        others = torch.ones_like(same)
+        others = real.expand_as(same).clone()
         if keys_include_anchors:
-            others[:, :n] = ~torch.eye(n, dtype=torch.bool, device=anchors.device)
+            others[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=anchors.device)
         neg_log_prob = torch.logsumexp(sim.masked_fill(~others, minus_inf), dim=1, keepdim=True) - sim
     n_pos = pos.sum(1)
     has_pos = n_pos > 0
+    if anchor_valid is not None:
+        has_pos = has_pos & anchor_valid
     loss = (temperature / base_temperature) * torch.where(pos, neg_log_prob, 0.0).sum(1) / n_pos.clamp_min(1)
     return loss, has_pos
 
@@ -94,15 +102,28 @@ def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(work[:, None], size=size, mode="nearest")[:, 0].to(target.dtype)
 
 
+@dataclass(frozen=True)
+class Anchors:
+    """A sampler's choice, gathered: a fixed-size list (the sampler's capacity `M`) of which only
+    the `valid` rows are real.
+
+    Attributes:
+        z: embeddings `[M, D]`. y: labels `[M]` (0 in the padding). index: flat pixel indices
+        `[M]` into `[B * h * w]`. valid: `[M]` bool.
+    """
+
+    z: Tensor
+    y: Tensor
+    index: Tensor
+    valid: Tensor
+
+
 def sample_anchors(
-    output: SegOutput, targets: Targets, sampler: Callable[..., Tensor], embedding: str, term: str
-) -> tuple[Tensor, Tensor, Tensor]:
+    output: SegOutput, targets: Targets, sampler: Callable[..., tuple[Tensor, Tensor]], embedding: str, term: str
+) -> Anchors:
     """Let `sampler` choose anchors at the resolution `h x w` of the embedding named `embedding`,
     from the kept labels (nearest-resized) and the main classifier's predictions (and, only for
-    samplers that need them, probabilities) at that resolution, without gradient.
-
-    Returns embeddings `[M, D]`, labels `[M]` and flat indices `[M]` into `[B * h * w]`.
-    """
+    samplers that need them, probabilities) at that resolution, without gradient."""
     emb = output.embedding(embedding, term)
     b, (h, w) = targets.labels.shape[0], emb.size
     labels = labels_at(targets.reliable(), (h, w)).reshape(b, -1)
@@ -110,8 +131,9 @@ def sample_anchors(
         logits = output.logits_at((h, w)).detach()
         preds = logits.max(1).indices.reshape(b, -1)  # argmax (the first maximum), several times faster on CPU
         probs = logits.softmax(1).reshape(b, logits.shape[1], -1) if getattr(sampler, "needs_probs", False) else None
-    index = sampler(labels, preds, probs)
-    return emb.at(index), labels.reshape(-1)[index], index
+    index, valid = sampler(labels, preds, probs, num_classes=logits.shape[1])
+    # a padding row reads pixel 0; its label is 0, a class, so that lookups by label stay in range
+    return Anchors(emb.at(index), labels.reshape(-1)[index] * valid, index, valid)
 
 
 class PixelContrastLoss(Term):
@@ -144,17 +166,21 @@ class PixelContrastLoss(Term):
         self.denominator = denominator
         self.embedding = embedding
 
-    def sample(self, output: SegOutput, targets: Targets) -> tuple[Tensor, Tensor, Tensor]:
-        """Anchors: (embeddings `[M, D]`, labels `[M]`, flat indices `[M]` into `[B * h * w]`)."""
+    def sample(self, output: SegOutput, targets: Targets) -> Anchors:
+        """The sampled anchors (a fixed-size list with a validity mask)."""
         return sample_anchors(output, targets, self.sampler, self.embedding, type(self).__name__)
 
-    def contrast(self, z: Tensor, y: Tensor, keys: Tensor | None = None, key_labels: Tensor | None = None) -> Tensor:
-        """Mean loss of anchors (z, y) against the batch anchors plus optional extra keys."""
-        all_keys = z if keys is None else torch.cat([z, keys])
-        all_labels = y if key_labels is None else torch.cat([y, key_labels])
-        loss, has_pos = pair_contrast(
-            z, y, all_keys, all_labels, self.temperature, self.base_temperature, self.denominator
-        )
+    def contrast(self, anchors: Anchors, keys: Tensor | None = None, key_labels: Tensor | None = None,
+                 key_valid: Tensor | None = None) -> Tensor:
+        """Mean loss of the valid anchors against the batch's anchors plus optional extra keys
+        (`[T, D]`, `[T]`, `[T]` valid)."""
+        z, y, valid = anchors.z, anchors.y, anchors.valid
+        if keys is not None:
+            z_all, y_all, valid_all = torch.cat([z, keys]), torch.cat([y, key_labels]), torch.cat([valid, key_valid])
+        else:
+            z_all, y_all, valid_all = z, y, valid
+        loss, has_pos = pair_contrast(z, y, z_all, y_all, self.temperature, self.base_temperature, self.denominator,
+                                      anchor_valid=valid, key_valid=valid_all)
         # mean over anchors with a positive; a graph-connected 0 when there is none
         return (loss * has_pos).sum() / has_pos.sum().clamp_min(1)
 
@@ -162,10 +188,7 @@ class PixelContrastLoss(Term):
         return output.embedding(self.embedding, type(self).__name__).zero()
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
-        z, y, _ = self.sample(output, targets)
-        if z.shape[0] == 0:
-            return self.zero(output)  # no anchor: 0, but the head stays in the graph (DDP)
-        return self.contrast(z, y)
+        return self.contrast(self.sample(output, targets))
 
 
 class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
@@ -205,13 +228,11 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         return super().zero(output)
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
-        z, y, _ = self.sample(output, targets)
+        anchors = self.sample(output, targets)
         emb = output.embedding(self.embedding, type(self).__name__)
         self._pending = self._new_entries(emb, targets.reliable())
-        if z.shape[0] == 0:
-            return emb.zero()
-        keys, key_labels = zip(*(m.entries() for m in self.memories.values()), strict=True)
-        return self.contrast(z, y, torch.cat(keys), torch.cat(key_labels))
+        keys, key_labels, key_valid = zip(*(m.entries() for m in self.memories.values()), strict=True)
+        return self.contrast(anchors, torch.cat(keys), torch.cat(key_labels), torch.cat(key_valid))
 
     @torch.no_grad()
     def _new_entries(self, embedding: PixelEmbedding, target: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
@@ -223,21 +244,19 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         b, (h, w) = target.shape[0], embedding.size
         k, f = self.num_classes, self.pixel_update_freq
         device = target.device
-        labels = labels_at(target, (h, w)).reshape(-1)
-        index = ((labels >= 0) & (labels < k)).nonzero().squeeze(1)  # flat indices of the valid pixels
-        pair = (index // (h * w)) * k + labels[index]  # (image, class) of every valid pixel
-        counts = torch.bincount(pair, minlength=b * k)
-        seg = embedding.group_means(index, pair, b * k)
+        pair, valid = pair_ids(labels_at(target, (h, w)).reshape(b, -1), k, -1)
+        group = torch.where(valid, pair, b * k)  # (image, class) of every pixel; b * k: no class
+        counts = group_counts(group, b * k + 1)[: b * k]
+        every = torch.arange(pair.numel(), device=device)
+        seg = embedding.group_means(every, group, b * k + 1)[: b * k]
         seg_lab = torch.where(counts > 0, torch.arange(b * k, device=device) % k, -1)
-        picked = first_per_group(pair, random_priority(pair.numel(), device), torch.full_like(counts, f))
-        rows = embedding.at(index[picked])
-        chosen = pair[picked]
-        start = torch.cumsum(counts.clamp(max=f), 0) - counts.clamp(max=f)
-        slot = chosen * f + torch.arange(chosen.numel(), device=device) - start[chosen]
-        pix = rows.new_zeros(b * k * f, rows.shape[1])
-        pix_lab = torch.full((b * k * f,), -1, dtype=torch.long, device=device)
-        pix[slot] = rows
-        pix_lab[slot] = chosen % k
+        # up to f random pixels of each (image, class), in slot (image, class, rank)
+        rank = rank_in_group(group, random_priority(pair.numel(), device), b * k + 1)
+        slot = torch.where(valid & (rank < f), group * f + rank.clamp(max=f - 1), b * k * f)
+        source = torch.full((b * k * f + 1,), -1, dtype=torch.long, device=device).scatter_(0, slot, every)[:-1]
+        filled = source >= 0
+        pix = embedding.at(source.clamp_min(0)) * filled[:, None]
+        pix_lab = torch.where(filled, torch.arange(b * k * f, device=device) // f % k, -1)
         return {"pixel": (pix, pix_lab), "segment": (seg, seg_lab)}
 
     def pending_entries(self) -> dict[str, tuple[Tensor, Tensor]]:

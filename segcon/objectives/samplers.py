@@ -1,15 +1,18 @@
 """Anchor samplers: which labelled pixels a contrastive loss uses.
 
-A sampler is called with flattened per-image tensors and returns flat pixel indices into the
-`[B * N]` batch (image b, pixel n -> b * N + n); the loss gathers embeddings and labels with
-them. Samplers never return ignore pixels and are deterministic under a seeded generator.
+A sampler is called with flattened per-image tensors and returns a fixed-size list of flat
+pixel indices into the `[B * N]` batch (image b, pixel n -> b * N + n) with a validity mask; the
+loss gathers embeddings and labels with them and leaves the invalid rows out. Samplers never
+choose ignore pixels and are deterministic under a seeded generator.
 
-    indices = sampler(labels [B, N], preds [B, N], probs [B, K, N] | None, generator) -> [M]
+    index, valid = sampler(labels [B, N], preds [B, N], probs [B, K, N] | None, num_classes=K,
+                           generator=None)  # index, valid: [sampler.capacity(B, K)]
 
-`probs` are passed only to samplers whose `needs_probs` is True. The whole batch is sampled in
-a few vectorised passes (a constant number of host synchronisations per call, none per image
-or class): every candidate pixel gets a priority (random, or its predicted probability), and
-the first pixels of each (image, class[, hard/easy]) group in priority order are taken.
+`probs` are passed only to samplers whose `needs_probs` is True. The whole batch is sampled as
+one static-shape program (segcon.utils.static): every pixel gets a group (image, class[,
+hard/easy]; a dummy group for the pixels not taken part) and a priority (random, drawn on the
+pixels' device, or its predicted probability), and the first pixels of each group in priority
+order are taken. No op's size depends on the data, so nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -18,51 +21,37 @@ import torch
 from torch import Tensor
 
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import compact, group_counts, rank_in_group
 
 
 def random_priority(n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    """`n` uniform random priorities on `device` (drawn from `generator`, a CPU generator, when
-    given; else from the device's default generator)."""
-    if generator is None:
-        return torch.rand(n, device=device)
-    return torch.rand(n, generator=generator).to(device)
+    """`n` uniform random priorities drawn on `device` (from `generator`, a generator of that
+    device, when given; else from the device's default generator)."""
+    return torch.rand(n, device=device, generator=generator)
 
 
 def first_per_group(group: Tensor, priority: Tensor, quota: Tensor) -> Tensor:
-    """Positions `[M]` into `group [L]` of the `quota[g]` elements of lowest `priority [L]` in each
-    group g (ties: the earlier position first), ordered by group, then by priority.
-
-    `group` holds non-negative ids `< len(quota)`.
-    """
-    order = torch.argsort(priority, stable=True)
-    order = order[torch.argsort(group[order], stable=True)]
-    sizes = torch.bincount(group, minlength=quota.numel())
-    start = torch.cumsum(sizes, 0) - sizes
-    sorted_group = group[order]
-    rank = torch.arange(order.numel(), device=group.device) - start[sorted_group]
-    return order[rank < quota[sorted_group]]
+    """Whether each element `[L]` of `group [L]` is among the `quota[g]` elements of lowest
+    `priority [L]` of its group g (ties: the earlier position first). `group` holds ids `<
+    len(quota)`."""
+    return rank_in_group(group, priority, quota.numel()) < quota[group]
 
 
-def pair_counts(labels: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For `labels [B, N]`: each pixel's (image, class) id `[B * N]` (image b, class c ->
-    b * C + c, with C = the largest label + 1), which pixels are labelled `[B * N]`, and the
-    labelled pixel count of every id `[B * C]`."""
-    b = labels.shape[0]
-    valid = labels != ignore_index
-    cls = labels.masked_fill(~valid, 0)
-    num_classes = int(cls.max()) + 1 if cls.numel() else 1
-    pair = (torch.arange(b, device=labels.device)[:, None] * num_classes + cls).reshape(-1)
-    valid = valid.reshape(-1)
-    return pair, valid, torch.bincount(pair[valid], minlength=b * num_classes)
+def pair_ids(labels: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """For `labels [B, N]`: each pixel's (image, class) id `[B * N]` (image b, class c -> b * K +
+    c) and whether it is labelled with a class `[B * N]` (neither ignore nor outside [0, K))."""
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
+    image = torch.arange(labels.shape[0], device=labels.device)[:, None]
+    return (image * num_classes + labels.masked_fill(~valid, 0)).reshape(-1), valid.reshape(-1)
 
 
-def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: int) -> tuple[Tensor, Tensor]:
+def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: Tensor | int) -> tuple[Tensor, Tensor]:
     """How many hard and easy pixels to take per (image, class), ContrastiveSeg's rule, for
-    every group at once (`[P]` counts). Where num_hard + num_easy > n_view, at least one set
-    reaches n_view / 2: both do -> n_view // 2 hard, the rest easy; only hard -> all easy, the
-    rest hard; only easy -> all hard, the rest easy."""
+    every group at once (`[P]` counts; `n_view` an int or a 0-d tensor). Where num_hard +
+    num_easy > n_view, at least one set reaches n_view / 2: both do -> n_view // 2 hard, the rest
+    easy; only hard -> all easy, the rest hard; only easy -> all hard, the rest easy."""
     hard_ok, easy_ok = num_hard * 2 >= n_view, num_easy * 2 >= n_view
-    half = torch.full_like(num_hard, n_view // 2)
+    half = torch.zeros_like(num_hard) + n_view // 2
     n_hard = torch.where(hard_ok & easy_ok, half, torch.where(hard_ok, n_view - num_easy, num_hard))
     return n_hard, n_view - n_hard
 
@@ -70,7 +59,8 @@ def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: int) -> tuple[Tenso
 class _PerClassSampler:
     """Shared budget: for each (image, class) with more than `max_views` pixels, `n_view =
     min(max_samples // pairs, max_views)` pixels, chosen by the subclass: `split` into hard
-    (misclassified) and easy (correct) quotas or not, in the order of `_priority`."""
+    (misclassified) and easy (correct) quotas or not, in the order of `_priority`. At most
+    `max_samples` pixels in all: that is the capacity."""
 
     needs_probs = False
     split = True
@@ -78,35 +68,42 @@ class _PerClassSampler:
     def __init__(self, max_samples: int = 1024, max_views: int = 100, ignore_index: int = 255) -> None:
         self.max_samples, self.max_views, self.ignore_index = max_samples, max_views, ignore_index
 
+    def capacity(self, batch: int, num_classes: int) -> int:
+        """The length of the index list for a batch of `batch` images and `num_classes` classes."""
+        return self.max_samples
+
     def __call__(
-        self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, generator: torch.Generator | None = None
-    ) -> Tensor:
-        n = labels.shape[1]
-        pair, valid, counts = pair_counts(labels, self.ignore_index)
+        self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, num_classes: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        b, n = labels.shape
+        k = num_classes if num_classes is not None else probs.shape[1] if probs is not None else None
+        if k is None:
+            raise ValueError(f"{type(self).__name__} needs num_classes (the logits' channel count)")
+        pair, valid = pair_ids(labels, k, self.ignore_index)
+        counts = group_counts(pair, b * k, valid)
         eligible = counts > self.max_views
-        num_pairs = int(eligible.sum())
-        if num_pairs == 0:
-            return labels.new_zeros(0, dtype=torch.long)
-        n_view = min(self.max_samples // num_pairs, self.max_views)
-        cand = (valid & eligible[pair]).nonzero().squeeze(1)  # flat pixel indices
-        cand_pair = pair[cand]
-        hard = preds.reshape(-1)[cand] != labels.reshape(-1)[cand]
+        n_view = torch.clamp(self.max_samples // eligible.sum().clamp_min(1), max=self.max_views)
+        cand = valid & eligible[pair]
+        hard = preds.reshape(-1) != labels.reshape(-1)
         prob = None
         if self.needs_probs:
             if probs is None:
                 raise ValueError(f"{type(self).__name__} sorts by the predicted probabilities; the loss passed none")
-            prob = probs[cand // n, labels.reshape(-1)[cand], cand % n]
+            prob = probs.gather(1, labels.clamp(0, k - 1).reshape(b, 1, n)).reshape(-1)
         priority = self._priority(hard, prob, generator)
         if self.split:
-            num_hard = torch.bincount(cand_pair[hard], minlength=counts.numel())
+            num_hard = group_counts(pair, b * k, cand & hard)
             n_hard, n_easy = split_counts(num_hard, counts - num_hard, n_view)
-            group, quota = cand_pair * 2 + (~hard).long(), torch.stack([n_hard, n_easy], 1).reshape(-1)
+            group = torch.where(cand, pair * 2 + (~hard).long(), 2 * b * k)
+            quota = torch.cat([torch.stack([n_hard, n_easy], 1).reshape(-1), n_hard.new_zeros(1)])
         else:
-            group, quota = cand_pair, torch.full_like(counts, n_view)
-        return cand[first_per_group(group, priority, quota)]
+            group = torch.where(cand, pair, b * k)
+            quota = torch.cat([torch.zeros_like(counts) + n_view, counts.new_zeros(1)])
+        return compact(cand & first_per_group(group, priority, quota), self.max_samples)
 
     def _priority(self, hard: Tensor, prob: Tensor | None, generator: torch.Generator | None) -> Tensor:
-        """Per candidate pixel `[L]`: lower is taken first within its group."""
+        """Per pixel `[B * N]`: lower is taken first within its group."""
         return random_priority(hard.numel(), hard.device, generator)
 
 
@@ -173,20 +170,28 @@ class ViewsSampler:
         world = torch.distributed.get_world_size()
         return -(-self.max_views // world), -(-self.max_total // world)
 
+    def capacity(self, batch: int, num_classes: int) -> int:
+        """The length of the index list: `max_total`, or one pixel per (image, class) where that is more."""
+        return max(self.limits()[1], batch * num_classes)
+
     def __call__(
-        self, labels: Tensor, preds: Tensor | None = None, probs: Tensor | None = None,
+        self, labels: Tensor, preds: Tensor | None = None, probs: Tensor | None = None, num_classes: int | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Flat indices `[M]` into `[B * N]` of the chosen pixels of `labels [B, N]` (`preds` and
-        `probs` are not read). At least one pixel per kept pair, even where `max_total` is below
-        the number of pairs."""
-        pair, valid, counts = pair_counts(labels, self.ignore_index)
+    ) -> tuple[Tensor, Tensor]:
+        """Flat indices `[capacity]` into `[B * N]` of the chosen pixels of `labels [B, N]`, and
+        which are valid (`preds` and `probs` are not read). At least one pixel per kept pair, even
+        where `max_total` is below the number of pairs."""
+        if num_classes is None:
+            raise ValueError("ViewsSampler needs num_classes (the logits' channel count)")
+        b, k = labels.shape[0], num_classes
+        pair, valid = pair_ids(labels, k, self.ignore_index)
+        counts = group_counts(pair, b * k, valid)
         kept = counts >= self.min_pixels
-        num_pairs = int(kept.sum())
-        if num_pairs == 0:
-            return labels.new_zeros(0, dtype=torch.long)
         max_views, max_total = self.limits()
-        views = min(int(counts[kept].min()), max_views, max(1, max_total // num_pairs))
-        cand = (valid & kept[pair]).nonzero().squeeze(1)
-        quota = torch.full_like(counts, views)
-        return cand[first_per_group(pair[cand], random_priority(cand.numel(), labels.device, generator), quota)]
+        smallest = torch.where(kept, counts, counts.new_full((), torch.iinfo(torch.long).max)).min()
+        views = torch.minimum(smallest.clamp(max=max_views), (max_total // kept.sum().clamp_min(1)).clamp_min(1))
+        cand = valid & kept[pair]
+        group = torch.where(cand, pair, b * k)
+        quota = torch.cat([torch.zeros_like(counts) + views, counts.new_zeros(1)])
+        chosen = cand & first_per_group(group, random_priority(pair.numel(), labels.device, generator), quota)
+        return compact(chosen, self.capacity(b, k))

@@ -153,8 +153,8 @@ def soft_dice(
     valid = (target != ignore_index).unsqueeze(1)
     mask = valid if weight is None else valid * weight.unsqueeze(1)
     prob = logits.softmax(1) * mask
-    onehot = F.one_hot(target.masked_fill(~valid.squeeze(1), 0), logits.shape[1]).permute(0, 3, 1, 2)
-    onehot = onehot.to(prob.dtype) * mask
+    classes = torch.arange(logits.shape[1], device=target.device).view(1, -1, 1, 1)
+    onehot = (target.masked_fill(~valid.squeeze(1), 0).unsqueeze(1) == classes).to(prob.dtype) * mask  # no range check
     inter = (prob * onehot).sum((0, 2, 3))
     card = prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     return (2 * inter + smooth) / (card + smooth), onehot.sum((0, 2, 3)) > 0
