@@ -50,9 +50,9 @@ def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: Tensor | int) -> tu
     every group at once (`[P]` counts; `n_view` an int or a 0-d tensor). Where num_hard +
     num_easy > n_view, at least one set reaches n_view / 2: both do -> n_view // 2 hard, the rest
     easy; only hard -> all easy, the rest hard; only easy -> all hard, the rest easy."""
-    hard_ok, easy_ok = num_hard * 2 >= n_view, num_easy * 2 >= n_view
-    half = torch.zeros_like(num_hard) + n_view // 2
-    n_hard = torch.where(hard_ok & easy_ok, half, torch.where(hard_ok, n_view - num_easy, num_hard))
+    # the three cases in one expression: half, but at least what the easy pixels leave to fill,
+    # and at most the hard pixels there are
+    n_hard = torch.minimum(torch.maximum(n_view - num_easy, n_view // 2 + torch.zeros_like(num_hard)), num_hard)
     return n_hard, n_view - n_hard
 
 
@@ -81,11 +81,13 @@ class _PerClassSampler:
         if k is None:
             raise ValueError(f"{type(self).__name__} needs num_classes (the logits' channel count)")
         pair, valid = pair_ids(labels, k, self.ignore_index)
-        counts = group_counts(pair, b * k, valid)
+        hard = preds.reshape(-1) != labels.reshape(-1)
+        # labelled pixels per (image, class) and, of them, the hard ones: one scatter
+        split = group_counts(pair * 2 + hard.long(), 2 * b * k, valid).view(b * k, 2)
+        counts = split.sum(1)
         eligible = counts > self.max_views
         n_view = torch.clamp(self.max_samples // eligible.sum().clamp_min(1), max=self.max_views)
         cand = valid & eligible[pair]
-        hard = preds.reshape(-1) != labels.reshape(-1)
         prob = None
         if self.needs_probs:
             if probs is None:
@@ -93,8 +95,7 @@ class _PerClassSampler:
             prob = probs.gather(1, labels.clamp(0, k - 1).reshape(b, 1, n)).reshape(-1)
         priority = self._priority(hard, prob, generator)
         if self.split:
-            num_hard = group_counts(pair, b * k, cand & hard)
-            n_hard, n_easy = split_counts(num_hard, counts - num_hard, n_view)
+            n_hard, n_easy = split_counts(split[:, 1], split[:, 0], n_view)
             group = torch.where(cand, pair * 2 + (~hard).long(), 2 * b * k)
             quota = torch.cat([torch.stack([n_hard, n_easy], 1).reshape(-1), n_hard.new_zeros(1)])
         else:
