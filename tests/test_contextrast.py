@@ -16,11 +16,15 @@ from segcon.objectives.samplers import ViewsSampler
 IGNORE = 255
 
 
-def every_valid_pixel(labels: torch.Tensor, preds: torch.Tensor, *_: object,
+def every_valid_pixel(labels: torch.Tensor, preds: torch.Tensor, *_: object, segments: tuple[torch.Tensor, int],
                       **__: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """A deterministic sampler for the reference: all labelled pixels, as a list of every pixel
-    with the labelled ones valid."""
-    return torch.arange(labels.numel()), (labels != IGNORE).reshape(-1)
+    """A deterministic sampler for the reference: all labelled pixels, as one list of every pixel
+    per layer, with the layer's labelled ones valid."""
+    column_level, levels = segments
+    level = column_level[None, :].expand_as(labels).reshape(-1)
+    labelled = (labels != IGNORE).reshape(-1)
+    valid = labelled[None, :] & (level[None, :] == torch.arange(levels)[:, None])
+    return torch.arange(labels.numel()) * valid, valid  # padding rows: pixel 0, as samplers give
 
 
 def _nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 # divergence check, which also carries the stop agreement), and the kernels they add today,
 # as a ceiling that catches a change which multiplies them.
 BUDGETS = {  # measured at batch 2 x 64^2 (pixel 161, CAC 233, ...), and about 10 % of room
-    "contrast=pixel": 180, "contrast=cac": 260, "contrast=pixel_memory": 390, "contrast=contextrast": 1550,
+    "contrast=pixel": 180, "contrast=cac": 260, "contrast=pixel_memory": 390, "contrast=contextrast": 400,
     "method=mean_teacher": 210, "method=fixmatch": 240, "method=unimatch": 580,
     "method=confidence_ssl,contrast=confidence": 550,
 }

@@ -25,6 +25,12 @@ def gather_pixels(feature: Tensor, index: Tensor) -> Tensor:
     return feature.flatten(2)[index // n, :, index % n]
 
 
+def pixels_at(feature: Tensor, image: Tensor, pixel: Tensor) -> Tensor:
+    """Rows `[M, C]` of `feature [B, C, h, w]` at images `image [M]` and flat pixels `pixel [M]`
+    into `h * w` (`gather_pixels` with the division done)."""
+    return feature.flatten(2)[image, :, pixel]
+
+
 def normalize_rows(rows: Tensor) -> Tensor:
     """Rows `[M, D]` L2-normalised (the whole tail of an embedding given as a dense map)."""
     return F.normalize(rows, dim=1)
@@ -66,6 +72,23 @@ class PixelEmbedding:
     def at(self, index: Tensor) -> Tensor:
         """Embeddings `[M, D]` at flat pixel indices `index [M]` into `[B * h * w]`."""
         return self.finish(gather_pixels(self.hidden, index))
+
+    @staticmethod
+    def stack_at(embeddings: Sequence[PixelEmbedding], image: Tensor, pixel: Tensor) -> Tensor:
+        """Embeddings `[L, M, D]` of several heads of one dimension: `embeddings[l]` at the images
+        `image[l]` and flat pixels `pixel[l]` (`[L, M]` each; pixel n of image b is flat index
+        b·h·w + n). Where every tail is affine, the rows of all heads are L2-normalised together
+        (one normalisation, not one per head)."""
+        pairs = zip(embeddings, image, pixel, strict=True)
+        if all(e.affine is not None for e in embeddings):
+            rows = []
+            for e, b, n in pairs:
+                weight, bias = e.affine  # type: ignore[misc]
+                gathered = pixels_at(e.hidden, b, n)
+                # a dense map's tail is the normalisation alone (its affine map is the identity)
+                rows.append(gathered if e.finish is normalize_rows else F.linear(gathered, weight, bias))
+            return F.normalize(torch.stack(rows), dim=2)
+        return torch.stack([e.at(b * e.size[0] * e.size[1] + n) for e, b, n in pairs])
 
     def rows(self) -> Tensor:
         """Every pixel's embedding `[B * h * w, D]`, in flat-index order (costly; losses use `at`)."""

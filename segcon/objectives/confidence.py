@@ -183,7 +183,7 @@ class ConfidenceContrastLoss(Term, MemoryUser):
         means = emb.group_means(every, group, k + 1, normalize=False)[:k]
         proto = torch.cat([means * counts[:, None], counts[:, None]], 1)
         # up to u random confident pixels of each class, in slot (class, rank)
-        rank = rank_in_group(group, random_priority(group.numel(), group.device), k + 1)
+        rank = rank_in_group(group, random_priority(group.numel(), group.device))
         slot = torch.where((group < k) & (rank < u), group * u + rank.clamp(max=u - 1), k * u)
         source = torch.full((k * u + 1,), -1, dtype=torch.long, device=group.device).scatter_(0, slot, every)[:-1]
         filled = source >= 0

@@ -33,78 +33,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segcon.models.output import SegOutput
+from segcon.models.output import PixelEmbedding, SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.boundary import boundary_errors
-from segcon.objectives.contrast import labels_at
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import constant, level_layout
 
 LEVEL_ORDERS = ("deep_first", "fine_first")
 BANE_NEGATIVES = ("predicted", "other_classes")
 
 
-def anchor_contrast(
-    anchors: Tensor,
-    classes: Tensor,
-    keys: Tensor,
-    key_labels: Tensor,
-    temperature: float,
-    extra: Tensor | None = None,
-    extra_true: Tensor | None = None,
-    extra_negative_of: Tensor | None = None,
-    anchor_valid: Tensor | None = None,
-    key_valid: Tensor | None = None,
-    extra_valid: Tensor | None = None,
-) -> Tensor:
-    """Mean over the anchors of each anchor's mean per-positive InfoNCE loss.
+def anchor_contrast(anchors: Tensor, keys: Tensor, pos: Tensor, neg: Tensor, temperature: float,
+                    anchor_valid: Tensor) -> Tensor:
+    """Per level, the mean over its anchors of each anchor's mean per-positive InfoNCE loss.
 
-    anchors `[C, D]` with their classes `[C]` (distinct); keys `[N, D]` with labels `[N]`: key k is
-    a positive of anchor c when `key_labels[k] == classes[c]`, else a negative. `extra [E, D]`
-    (BANE pixels) are positives of the anchor of `extra_true [E]` and negatives of the anchors
-    where `extra_negative_of [C, E]` is True. An anchor without negatives contributes 0; one
-    without positives is not counted. `anchor_valid [C]`, `key_valid [N]`, `extra_valid [E]`: the
-    rows that are real (fixed-size lists; None: all). Returns a scalar (a graph-connected 0 when
-    no anchor has a positive).
+    anchors `[L, C, D]` (`anchor_valid [L, C]`: the real ones), keys `[L, M, D]`; key m is a
+    positive of anchor c of level l where `pos[l, c, m]`, a negative where `neg[l, c, m]` (rows a
+    fixed-size list pads are neither). An anchor without negatives contributes 0; one without
+    positives is not counted. Returns `[L]` (0 for a level where no anchor has a positive; always
+    connected to the graph). Similarities in float32, also under mixed precision.
     """
-    with torch.autocast(anchors.device.type, enabled=False):  # float32 similarities under mixed precision
-        return _anchor_contrast(at_least_float32(anchors), classes, at_least_float32(keys), key_labels, temperature,
-                                None if extra is None else at_least_float32(extra), extra_true, extra_negative_of,
-                                anchor_valid, key_valid, extra_valid)
-
-
-def _anchor_contrast(
-    anchors: Tensor,
-    classes: Tensor,
-    keys: Tensor,
-    key_labels: Tensor,
-    temperature: float,
-    extra: Tensor | None,
-    extra_true: Tensor | None,
-    extra_negative_of: Tensor | None,
-    anchor_valid: Tensor | None,
-    key_valid: Tensor | None,
-    extra_valid: Tensor | None,
-) -> Tensor:
-    same = classes[:, None] == key_labels[None, :]
-    real = torch.ones_like(same[0]) if key_valid is None else key_valid
-    pos, neg = same & real, ~same & real
-    if extra is not None:
-        assert extra_true is not None and extra_negative_of is not None
-        extra_real = torch.ones_like(extra_true, dtype=torch.bool) if extra_valid is None else extra_valid
-        keys = torch.cat([keys, extra])
-        pos = torch.cat([pos, (classes[:, None] == extra_true[None, :]) & extra_real], 1)
-        neg = torch.cat([neg, extra_negative_of & extra_real], 1)
-    sim = (anchors / temperature) @ keys.T  # [C, N + E]
-    log_neg = torch.logsumexp(sim.masked_fill(~neg, torch.finfo(sim.dtype).min), dim=1, keepdim=True)
-    log_neg = torch.where(neg.any(1, keepdim=True), log_neg, torch.full_like(log_neg, float("-inf")))
+    with torch.autocast(anchors.device.type, enabled=False):
+        sim = torch.bmm(at_least_float32(anchors) / temperature, at_least_float32(keys).transpose(1, 2))  # [L, C, M]
+    log_neg = torch.logsumexp(sim.masked_fill(~neg, torch.finfo(sim.dtype).min), dim=2, keepdim=True)
+    log_neg = torch.where(neg.any(2, keepdim=True), log_neg, float("-inf"))
     per_positive = F.softplus(log_neg - sim)  # -log(e^s / (e^s + Σ_neg e^s')), 0 without negatives
-    n_pos = pos.sum(1)
-    per_anchor = torch.where(pos, per_positive, 0.0).sum(1) / n_pos.clamp_min(1)
-    has_pos = n_pos > 0
-    if anchor_valid is not None:
-        has_pos = has_pos & anchor_valid
-    return (per_anchor * has_pos).sum() / has_pos.sum().clamp_min(1)
+    n_pos = pos.sum(2)
+    per_anchor = torch.where(pos, per_positive, 0.0).sum(2) / n_pos.clamp_min(1)
+    has_pos = (n_pos > 0) & anchor_valid
+    return (per_anchor * has_pos).sum(1) / has_pos.sum(1).clamp_min(1)
 
 
 class ContextrastLoss(Term):
@@ -174,66 +132,69 @@ class ContextrastLoss(Term):
         return sum((output.embedding(e, name).zero() for e in self.embeddings), output.logits.new_zeros(()))
 
     def _anchors(self, z: Tensor, y: Tensor, valid: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-        """Class means of the valid sampled embeddings `z [M, D]` with labels `y [M]`, one row per
-        class: (anchors `[K, D]`, which classes are present `[K]`)."""
-        real = valid.to(z.dtype)
-        sums = z.new_zeros(num_classes, z.shape[1]).index_add(0, y, z * real[:, None])
-        counts = z.new_zeros(num_classes).index_add(0, y, real)
-        anchors = sums / counts.clamp_min(1)[:, None]
-        return F.normalize(anchors, dim=1) if self.normalize_anchors else anchors, counts > 0
+        """Per level, the class means of the valid sampled embeddings `z [L, M, D]` with labels
+        `y [L, M]`, one row per class: (anchors `[L, K, D]`, which classes are present `[L, K]`)."""
+        levels, k = z.shape[0], num_classes
+        group = (y + torch.arange(levels, device=y.device)[:, None] * k).reshape(-1)
+        real = valid.reshape(-1).to(z.dtype)
+        sums = z.new_zeros(levels * k, z.shape[2]).index_add(0, group, z.reshape(-1, z.shape[2]) * real[:, None])
+        counts = z.new_zeros(levels * k).index_add(0, group, real)
+        anchors = (sums / counts.clamp_min(1)[:, None]).view(levels, k, -1)
+        return F.normalize(anchors, dim=2) if self.normalize_anchors else anchors, (counts > 0).view(levels, k)
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
-        """`Σ_i λ_i L_i` over the layers (see the module docstring): a scalar, a graph-connected
-        0 when no layer has a sampled pixel. Reads the embeddings `[B, D, h_i, w_i]` named by
-        `embeddings`, the kept labels `[B, H, W]` and the main logits `[B, K, H, W]`. Anchors are
-        one row per class (K), with a mask of the classes present in the layer's sample."""
+        """`Σ_i λ_i L_i` over the layers (see the module docstring): a scalar, 0 (connected to
+        the graph) when no layer has a sampled pixel. Reads the embeddings `[B, D, h_i, w_i]`
+        named by `embeddings`, the kept labels `[B, H, W]` and the main logits `[B, K, H, W]`.
+
+        Every layer is handled in the same ops (segcon.utils.static.LevelLayout): the layers'
+        label and prediction maps side by side, one sampler call and one BANE selection for all
+        of them (each layer as if alone), anchors `[L, K, D]` with a mask of the classes present
+        in each layer's sample, and one batched contrast."""
         name = type(self).__name__
         labels, ignore = targets.reliable(), targets.ignore_index
         b, k = labels.shape[0], output.logits.shape[1]
-        classes = torch.arange(k, device=labels.device)
+        embs = [output.embedding(e, name) for e in self.embeddings]
+        sizes = tuple(e.size for e in embs)
+        for i in range(1, len(sizes)):
+            if sizes[i][0] > sizes[i - 1][0] or sizes[i][1] > sizes[i - 1][1]:
+                raise ConfigError(f"contrast.contextrast.embeddings must run from the finest layer to the deepest; "
+                                  f"{self.embeddings[i]} is {sizes[i]}, finer than the layer before it ({sizes[i - 1]})")
+        layout = level_layout(sizes, b, labels.device)
+        levels = len(sizes)
         with torch.no_grad():
             logits = output.logits.detach()
-            preds = logits.max(1).indices  # argmax of the main logits, nearest-resized per layer like the labels
-        layers = []
-        previous: tuple[int, int] | None = None
-        for emb_name in self.embeddings:
-            emb = output.embedding(emb_name, name)
-            size = emb.size
-            if previous is not None and (size[0] > previous[0] or size[1] > previous[1]):
-                raise ConfigError(f"contrast.contextrast.embeddings must run from the finest layer to the deepest; "
-                                  f"{emb_name} is {size}, finer than the layer before it ({previous})")
-            previous = size
-            lab, pred = labels_at(labels, size), labels_at(preds, size)
+            preds = layout.gather(logits.max(1).indices)  # the main logits' argmax, nearest-resized per layer
             probs = None
             if getattr(self.sampler, "needs_probs", False):
-                with torch.no_grad():
-                    probs = output.logits_at(size).detach().softmax(1).reshape(b, k, -1)
-            index, valid = self.sampler(lab.reshape(b, -1), pred.reshape(b, -1), probs, num_classes=k)
-            z, y = emb.at(index), lab.reshape(-1)[index] * valid  # padding rows: label 0, not valid
-            bane = None
-            if self.bane:
-                b_index, b_true, b_pred, b_valid = boundary_errors(lab, pred, k, ignore, self.bane_fraction,
-                                                                   self.bane_max)
-                bane = (emb.at(b_index), b_true, b_pred, b_valid)
-            layers.append((z, y, valid, bane))
-        anchors_per_layer = [self._anchors(z, y, valid, k) for z, y, valid, _ in layers]
-        deep_anchors, deep_present = anchors_per_layer[-1]
-        total = self.zero(output)
-        for i, ((z, y, valid, bane), weight, (anchors, present)) in enumerate(
-            zip(layers, self.level_weights, anchors_per_layer, strict=True)
-        ):
-            if i < len(layers) - 1:
-                contextual = self.w_low * anchors + self.w_high * deep_anchors
-                if self.normalize_anchors:
-                    contextual = F.normalize(contextual, dim=1)
-                anchors = torch.where((present & deep_present)[:, None], contextual, anchors)
-            extra = extra_true = negative_of = extra_valid = None
-            if bane is not None:
-                extra, extra_true, extra_pred, extra_valid = bane
-                if self.bane_negatives == "predicted":
-                    negative_of = classes[:, None] == extra_pred[None, :]
-                else:
-                    negative_of = classes[:, None] != extra_true[None, :]
-            total = total + weight * anchor_contrast(anchors, classes, z, y, self.temperature, extra, extra_true,
-                                                     negative_of, present, valid, extra_valid)
-        return total
+                probs = torch.cat([output.logits_at(size).detach().softmax(1).reshape(b, k, -1) for size in sizes], 2)
+        lab = layout.gather(labels)  # [B, N]
+        index, valid = self.sampler(lab, preds, probs, num_classes=k, segments=(layout.column_level, levels))
+        y = lab.reshape(-1)[index] * valid  # [L, M]; padding rows: label 0, not valid
+        rows = index
+        if self.bane:
+            b_index, b_true, b_pred, b_valid = boundary_errors(lab, preds, k, ignore, self.bane_fraction, self.bane_max,
+                                                               layout=layout)
+            rows = torch.cat([index, b_index], 1)
+        keys = PixelEmbedding.stack_at(embs, layout.image[rows], layout.pixel[rows])  # [L, M (+ E), D]
+        m = index.shape[1]
+        anchors, present = self._anchors(keys[:, :m], y, valid, k)
+        if levels > 1:  # the contextual update of the shallower layers' anchors
+            deep, deep_present = anchors[-1:], present[-1:]
+            contextual = self.w_low * anchors[:-1] + self.w_high * deep
+            if self.normalize_anchors:
+                contextual = F.normalize(contextual, dim=2)
+            update = (present[:-1] & deep_present)[..., None]
+            anchors = torch.cat([torch.where(update, contextual, anchors[:-1]), deep])
+        cls = torch.arange(k, device=labels.device)[None, :, None]  # [1, K, 1]
+        pos = (y[:, None, :] == cls) & valid[:, None, :]
+        neg = pos ^ valid[:, None, :]  # the other valid pixels
+        if self.bane:
+            b_pos = (b_true[:, None, :] == cls) & b_valid[:, None, :]
+            if self.bane_negatives == "predicted":
+                b_neg = (b_pred[:, None, :] == cls) & b_valid[:, None, :]
+            else:
+                b_neg = b_pos ^ b_valid[:, None, :]
+            pos, neg = torch.cat([pos, b_pos], 2), torch.cat([neg, b_neg], 2)
+        per_level = anchor_contrast(anchors, keys, pos, neg, self.temperature, present)
+        return (per_level * constant(tuple(self.level_weights), per_level.dtype, per_level.device)).sum()

@@ -251,7 +251,7 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         seg = embedding.group_means(every, group, b * k + 1)[: b * k]
         seg_lab = torch.where(counts > 0, torch.arange(b * k, device=device) % k, -1)
         # up to f random pixels of each (image, class), in slot (image, class, rank)
-        rank = rank_in_group(group, random_priority(pair.numel(), device), b * k + 1)
+        rank = rank_in_group(group, random_priority(pair.numel(), device))
         slot = torch.where(valid & (rank < f), group * f + rank.clamp(max=f - 1), b * k * f)
         source = torch.full((b * k * f + 1,), -1, dtype=torch.long, device=device).scatter_(0, slot, every)[:-1]
         filled = source >= 0

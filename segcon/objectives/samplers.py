@@ -8,7 +8,10 @@ choose ignore pixels and are deterministic under a seeded generator.
     index, valid = sampler(labels [B, N], preds [B, N], probs [B, K, N] | None, num_classes=K,
                            generator=None)  # index, valid: [sampler.capacity(B, K)]
 
-`probs` are passed only to samplers whose `needs_probs` is True. The whole batch is sampled as
+`probs` are passed only to samplers whose `needs_probs` is True. With `segments=(column_level
+[N], S)` (the columns of several maps side by side, segcon.utils.static.LevelLayout), each level
+is sampled as if alone, all in one program: index, valid `[S, sampler.capacity(B, K)]`, row s
+holding level s's pixels (still flat indices into `[B * N]`; 0 in the rows that are not valid). The whole batch is sampled as
 one static-shape program (segcon.utils.static): every pixel gets a group (image, class[,
 hard/easy]; a dummy group for the pixels not taken part) and a priority (random, drawn on the
 pixels' device, or its predicted probability), and the first pixels of each group in priority
@@ -34,20 +37,26 @@ def first_per_group(group: Tensor, priority: Tensor, quota: Tensor) -> Tensor:
     """Whether each element `[L]` of `group [L]` is among the `quota[g]` elements of lowest
     `priority [L]` of its group g (ties: the earlier position first). `group` holds ids `<
     len(quota)`."""
-    return rank_in_group(group, priority, quota.numel()) < quota[group]
+    return rank_in_group(group, priority) < quota[group]
 
 
-def pair_ids(labels: Tensor, num_classes: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+def pair_ids(labels: Tensor, num_classes: int, ignore_index: int,
+             column_level: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """For `labels [B, N]`: each pixel's (image, class) id `[B * N]` (image b, class c -> b * K +
-    c) and whether it is labelled with a class `[B * N]` (neither ignore nor outside [0, K))."""
+    c; with `column_level [N]`, (level, image, class): l * B * K + b * K + c) and whether it is
+    labelled with a class `[B * N]` (neither ignore nor outside [0, K))."""
+    b = labels.shape[0]
     valid = (labels != ignore_index) & (labels >= 0) & (labels < num_classes)
-    image = torch.arange(labels.shape[0], device=labels.device)[:, None]
+    image = torch.arange(b, device=labels.device)[:, None]
+    if column_level is not None:
+        image = image + column_level[None, :] * b
     return (image * num_classes + labels.masked_fill(~valid, 0)).reshape(-1), valid.reshape(-1)
 
 
 def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: Tensor | int) -> tuple[Tensor, Tensor]:
     """How many hard and easy pixels to take per (image, class), ContrastiveSeg's rule, for
-    every group at once (`[P]` counts; `n_view` an int or a 0-d tensor). Where num_hard +
+    every group at once (`[P]` counts, or any shape `n_view` broadcasts against; `n_view` an int
+    or a tensor). Where num_hard +
     num_easy > n_view, at least one set reaches n_view / 2: both do -> n_view // 2 hard, the rest
     easy; only hard -> all easy, the rest hard; only easy -> all hard, the rest easy."""
     # the three cases in one expression: half, but at least what the easy pixels leave to fill,
@@ -74,20 +83,21 @@ class _PerClassSampler:
 
     def __call__(
         self, labels: Tensor, preds: Tensor, probs: Tensor | None = None, num_classes: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, segments: tuple[Tensor, int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         b, n = labels.shape
         k = num_classes if num_classes is not None else probs.shape[1] if probs is not None else None
         if k is None:
             raise ValueError(f"{type(self).__name__} needs num_classes (the logits' channel count)")
-        pair, valid = pair_ids(labels, k, self.ignore_index)
+        column_level, s = segments if segments is not None else (None, 1)
+        pair, valid = pair_ids(labels, k, self.ignore_index, column_level)
         hard = preds.reshape(-1) != labels.reshape(-1)
-        # labelled pixels per (image, class) and, of them, the hard ones: one scatter
-        split = group_counts(pair * 2 + hard.long(), 2 * b * k, valid).view(b * k, 2)
-        counts = split.sum(1)
+        # labelled pixels per (level, image, class) and, of them, the hard ones: one scatter
+        split = group_counts(pair * 2 + hard.long(), 2 * s * b * k, valid).view(s, b * k, 2)
+        counts = split.sum(2)  # [S, B * K]
         eligible = counts > self.max_views
-        n_view = torch.clamp(self.max_samples // eligible.sum().clamp_min(1), max=self.max_views)
-        cand = valid & eligible[pair]
+        n_view = torch.clamp(self.max_samples // eligible.sum(1, keepdim=True).clamp_min(1), max=self.max_views)
+        cand = valid & eligible.view(-1)[pair]
         prob = None
         if self.needs_probs:
             if probs is None:
@@ -95,13 +105,14 @@ class _PerClassSampler:
             prob = probs.gather(1, labels.clamp(0, k - 1).reshape(b, 1, n)).reshape(-1)
         priority = self._priority(hard, prob, generator)
         if self.split:
-            n_hard, n_easy = split_counts(split[:, 1], split[:, 0], n_view)
-            group = torch.where(cand, pair * 2 + (~hard).long(), 2 * b * k)
-            quota = torch.cat([torch.stack([n_hard, n_easy], 1).reshape(-1), n_hard.new_zeros(1)])
+            n_hard, n_easy = split_counts(split[..., 1], split[..., 0], n_view)
+            group = torch.where(cand, pair * 2 + (~hard).long(), 2 * s * b * k)
+            quota = torch.cat([torch.stack([n_hard, n_easy], 2).reshape(-1), n_hard.new_zeros(1)])
         else:
-            group = torch.where(cand, pair, b * k)
-            quota = torch.cat([torch.zeros_like(counts) + n_view, counts.new_zeros(1)])
-        return compact(cand & first_per_group(group, priority, quota), self.max_samples)
+            group = torch.where(cand, pair, s * b * k)
+            quota = torch.cat([(torch.zeros_like(counts) + n_view).reshape(-1), counts.new_zeros(1)])
+        chosen = cand & first_per_group(group, priority, quota)
+        return compact(chosen, self.max_samples, None if segments is None else pair // (b * k), s)
 
     def _priority(self, hard: Tensor, prob: Tensor | None, generator: torch.Generator | None) -> Tensor:
         """Per pixel `[B * N]`: lower is taken first within its group."""
@@ -177,22 +188,24 @@ class ViewsSampler:
 
     def __call__(
         self, labels: Tensor, preds: Tensor | None = None, probs: Tensor | None = None, num_classes: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, segments: tuple[Tensor, int] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Flat indices `[capacity]` into `[B * N]` of the chosen pixels of `labels [B, N]`, and
-        which are valid (`preds` and `probs` are not read). At least one pixel per kept pair, even
-        where `max_total` is below the number of pairs."""
+        which are valid (`preds` and `probs` are not read); `[S, capacity]` with `segments`. At
+        least one pixel per kept pair, even where `max_total` is below the number of pairs."""
         if num_classes is None:
             raise ValueError("ViewsSampler needs num_classes (the logits' channel count)")
         b, k = labels.shape[0], num_classes
-        pair, valid = pair_ids(labels, k, self.ignore_index)
-        counts = group_counts(pair, b * k, valid)
+        column_level, s = segments if segments is not None else (None, 1)
+        pair, valid = pair_ids(labels, k, self.ignore_index, column_level)
+        counts = group_counts(pair, s * b * k, valid).view(s, b * k)
         kept = counts >= self.min_pixels
         max_views, max_total = self.limits()
-        smallest = torch.where(kept, counts, counts.new_full((), torch.iinfo(torch.long).max)).min()
-        views = torch.minimum(smallest.clamp(max=max_views), (max_total // kept.sum().clamp_min(1)).clamp_min(1))
-        cand = valid & kept[pair]
-        group = torch.where(cand, pair, b * k)
-        quota = torch.cat([torch.zeros_like(counts) + views, counts.new_zeros(1)])
+        smallest = torch.where(kept, counts, torch.iinfo(torch.long).max).amin(1, keepdim=True)  # [S, 1]
+        views = torch.minimum(smallest.clamp(max=max_views),
+                              (max_total // kept.sum(1, keepdim=True).clamp_min(1)).clamp_min(1))
+        cand = valid & kept.view(-1)[pair]
+        group = torch.where(cand, pair, s * b * k)
+        quota = torch.cat([(torch.zeros_like(counts) + views).reshape(-1), counts.new_zeros(1)])
         chosen = cand & first_per_group(group, random_priority(pair.numel(), labels.device, generator), quota)
-        return compact(chosen, self.capacity(b, k))
+        return compact(chosen, self.capacity(b, k), None if segments is None else pair // (b * k), s)
