@@ -192,19 +192,29 @@ def test_memory_term_state_round_trip_gives_identical_bank_and_next_loss() -> No
         for name, (f, lab) in term.pending_entries().items():
             term.enqueue(name, f, lab)
     state = {k: v.clone() for k, v in term.state_dict().items()}
-    assert {"memories.pixel.feats", "memories.segment.ptr"} <= state.keys()
+    assert {"memory.feats", "memory.ptr", "memory.count"} <= state.keys()
     restored = make()
     restored.load_state_dict(state)
     for k, v in term.state_dict().items():
         assert torch.equal(v, restored.state_dict()[k]), k
+    # a checkpoint of the earlier layout (two memories of K rings each) loads into the same bank
+    old = make()
+    old_state = {k: v for k, v in state.items() if not k.startswith("memory.")}
+    for i, name in enumerate(("pixel", "segment")):
+        for buf in ("feats", "ptr", "count"):
+            old_state[f"memories.{name}.{buf}"] = state[f"memory.{buf}"][i * 4:(i + 1) * 4].clone()
+    old.load_state_dict(old_state)
+    for k, v in term.state_dict().items():
+        assert torch.equal(v, old.state_dict()[k]), k
     out, target = _output(7)
     torch.manual_seed(3)
     a = term(out, target)
     torch.manual_seed(3)
     b = restored(out, target)
     assert a.item() == b.item()
-    _, segment_labels, filled = restored.memories["segment"].entries()
-    assert (segment_labels[filled] != 3).all()  # class 3 never appears in these targets: no fake entries
+    _, rings, filled = restored.memory.entries()
+    assert (rings[filled] % 4 != 3).all()  # class 3 never appears in these targets: no fake entries
+    assert (rings[filled] >= 4).any() and (rings[filled] < 4).any()  # segment and pixel entries
 
 
 @pytest.mark.parametrize(("kind", "dim"), [("convmlp", 5), ("linear", 5), ("residual", 5), ("residual", 32)],
@@ -385,8 +395,11 @@ def test_memory_bank_entries_and_keys_against_an_independent_computation() -> No
     pending = term.pending_entries()
     emb = F.normalize(out.embeddings["projection"].hidden.detach(), dim=1)  # [B, D, 8, 8]
     small = labels_at(targets.labels, (8, 8))
-    seg, seg_labels = pending["segment"]
-    pix, pix_labels = pending["pixel"]
+    entries, rings = pending["memory"]
+    b_k = emb.shape[0] * k
+    pix, pix_labels = entries[:b_k * freq], rings[:b_k * freq]  # pixel entries: ring = class
+    seg, seg_labels = entries[b_k * freq:], torch.where(rings[b_k * freq:] >= 0, rings[b_k * freq:] - k, -1)
+    assert entries.shape[0] == rings.shape[0] == b_k * (freq + 1)
     for b in range(emb.shape[0]):
         for c in range(k):
             where = small[b] == c
@@ -412,10 +425,11 @@ def test_memory_bank_entries_and_keys_against_an_independent_computation() -> No
     z, y = anchors.z[anchors.valid], anchors.y[anchors.valid]
     torch.manual_seed(9)
     loss = term(out2, targets2)
-    filled = {m: term.memories[m].entries() for m in ("pixel", "segment")}
-    keys = [z.detach()] + [f[v] for f, _, v in filled.values()]
-    key_labels = [y] + [lab[v] for _, lab, v in filled.values()]
-    assert int((seg_labels >= 0).sum()) == int(filled["segment"][2].sum()) > 0
+    feats, rings, filled = term.memory.entries()
+    keys = [z.detach(), feats[filled]]
+    key_labels = [y, rings[filled] % k]  # pixel and segment rings of a class: that class
+    assert int((seg_labels >= 0).sum()) == int((filled & (rings >= k)).sum()) > 0
+    assert int((pix_labels >= 0).sum()) == int((filled & (rings < k)).sum()) > 0
     expected = reference_loss(z.detach(), y, torch.cat(keys), torch.cat(key_labels), 0.1, 0.07, "per_positive")
     assert loss.item() == pytest.approx(expected, abs=1e-6)
 

@@ -57,14 +57,15 @@ def test_memory_bank_is_identical_on_both_ranks_and_holds_both_ranks_entries(ddp
     for k, v in ranks[0]["memory"].items():
         assert torch.equal(v, ranks[1]["memory"][k]), k
     assert len(ranks[0]["steps"]) == len(ranks[1]["steps"]) == STEPS
-    for name in ("pixel", "segment"):
-        expected = ClassMemory(5, SIZE, ranks[0]["memory"][f"memories.{name}.feats"].shape[-1])
-        for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
-            expected.push(torch.cat([s0[name][0], s1[name][0]]), torch.cat([s0[name][1], s1[name][1]]))
-        for buf in ("feats", "ptr", "count"):
-            assert torch.equal(getattr(expected, buf), ranks[0]["memory"][f"memories.{name}.{buf}"]), (name, buf)
-        own = sum(int((s[name][1] >= 0).sum()) for s in ranks[0]["steps"])
-        assert int(ranks[0]["memory"][f"memories.{name}.count"].sum()) > min(own, SIZE)  # more than rank 0 alone
+    memory = ranks[0]["memory"]
+    expected = ClassMemory(2 * 5, SIZE, memory["memory.feats"].shape[-1])  # pixel and segment rings of 5 classes
+    for s0, s1 in zip(ranks[0]["steps"], ranks[1]["steps"], strict=True):
+        expected.push(torch.cat([s0["memory"][0], s1["memory"][0]]), torch.cat([s0["memory"][1], s1["memory"][1]]))
+    for buf in ("feats", "ptr", "count"):
+        assert torch.equal(getattr(expected, buf), memory[f"memory.{buf}"]), buf
+    for rings in (slice(0, 5), slice(5, 10)):  # pixel rings, segment rings
+        own = sum(int(((s["memory"][1] >= rings.start) & (s["memory"][1] < rings.stop)).sum()) for s in ranks[0]["steps"])
+        assert int(memory["memory.count"][rings].sum()) > min(own, SIZE)  # more than rank 0 alone
 
 
 def test_teacher_is_identical_on_both_ranks(ddp_run: Path) -> None:

@@ -151,12 +151,16 @@ class SupervisedModule(L.LightningModule):
         """Whether Lightning writes this training step's logged values to the loggers (every
         `trainer.log_every_n_steps` steps, as its logger connector counts them): values that cost
         a read of the device are computed only then."""
-        return (self.global_step + 1) % self.trainer.log_every_n_steps == 0
+        every = self.trainer.log_every_n_steps
+        return every > 0 and ((self.global_step + 1) % every == 0 or self.trainer.should_stop)
 
     def log_step(self, logs: Mapping[str, Tensor], batch_size: int) -> None:
-        """Log a training step's values as `train/<name>`; the divergence check reads them."""
+        """Log a training step's values as `train/<name>` on the steps whose values Lightning
+        writes (`self.log` costs two copies on the device per value); the divergence check reads
+        every step's values."""
         self._step_logs = {f"train/{k}": v for k, v in logs.items()}
-        self.log_dict(self._step_logs, batch_size=batch_size)
+        if self.logs_this_step():
+            self.log_dict(self._step_logs, batch_size=batch_size)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_skipped = False

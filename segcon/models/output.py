@@ -71,7 +71,12 @@ class PixelEmbedding:
 
     def at(self, index: Tensor) -> Tensor:
         """Embeddings `[M, D]` at flat pixel indices `index [M]` into `[B * h * w]`."""
-        return self.finish(gather_pixels(self.hidden, index))
+        n = self.hidden.shape[2] * self.hidden.shape[3]
+        return self.at_pixels(index // n, index % n)
+
+    def at_pixels(self, image: Tensor, pixel: Tensor) -> Tensor:
+        """Embeddings `[M, D]` at images `image [M]` and flat pixels `pixel [M]` into `h * w`."""
+        return self.finish(pixels_at(self.hidden, image, pixel))
 
     @staticmethod
     def stack_at(embeddings: Sequence[PixelEmbedding], image: Tensor, pixel: Tensor) -> Tensor:
@@ -88,7 +93,7 @@ class PixelEmbedding:
                 # a dense map's tail is the normalisation alone (its affine map is the identity)
                 rows.append(gathered if e.finish is normalize_rows else F.linear(gathered, weight, bias))
             return F.normalize(torch.stack(rows), dim=2)
-        return torch.stack([e.at(b * e.size[0] * e.size[1] + n) for e, b, n in pairs])
+        return torch.stack([e.at_pixels(b, n) for e, b, n in pairs])
 
     def rows(self) -> Tensor:
         """Every pixel's embedding `[B * h * w, D]`, in flat-index order (costly; losses use `at`)."""
@@ -101,31 +106,36 @@ class PixelEmbedding:
         return self.rows().reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
     @torch.no_grad()
-    def group_means(self, index: Tensor, group: Tensor, num_groups: int, normalize: bool = True) -> Tensor:
+    def group_means(self, index: Tensor | None, group: Tensor, num_groups: int, normalize: bool = True) -> Tensor:
         """The L2-normalised mean embedding `[G, D]` (float32 or wider, no gradient) of the
-        pixels `index [P]` (flat, into `[B * h * w]`) of every group (`group [P]` in `[0, G)`);
-        0 for a group without pixels. `normalize=False`: the plain mean of the (normalised)
-        pixel embeddings.
+        pixels `index [P]` (flat, into `[B * h * w]`; None: every pixel, in that order) of every
+        group (`group [P]` in `[0, G)`); 0 for a group without pixels. `normalize=False`: the
+        plain mean of the (normalised) pixel embeddings.
 
         With an affine tail widening C channels to D >= C the D-channel embeddings are never
         formed: each pixel's norm `|W h + b|` is a quadratic form of its C-channel state `h`, so
-        the sum of the normalised embeddings of a group is `W (sum h / |W h + b|) + b (sum 1 /
-        |W h + b|)`, at P C^2 instead of P C D operations (a narrowing tail forms the rows).
+        the sum of the normalised embeddings of a group is `[W b] [sum h / |W h + b|; sum 1 /
+        |W h + b|]`, at P C^2 instead of P C D operations (a narrowing tail forms the rows).
         """
-        counts = group_counts(group, num_groups)
         if self.affine is None or self.affine[0].shape[0] < self.affine[0].shape[1]:
-            rows = at_least_float32(self.at(index))
+            rows = at_least_float32(self.rows() if index is None else self.at(index))
             sums = rows.new_zeros(num_groups, rows.shape[1]).index_add_(0, group, rows)
         else:
             weight, bias = (at_least_float32(t) for t in self.affine)
-            h = at_least_float32(gather_pixels(self.hidden, index))  # [P, C]
-            square = ((h @ (weight.T @ weight)) * h).sum(1) + 2 * (h @ (weight.T @ bias)) + bias @ bias
-            inv = 1.0 / square.clamp_min(0).sqrt().clamp_min(1e-12)  # F.normalize's eps
-            sum_h = h.new_zeros(num_groups, h.shape[1]).index_add_(0, group, h * inv[:, None])
-            sum_inv = h.new_zeros(num_groups).index_add_(0, group, inv)
-            sums = sum_h @ weight.T + sum_inv[:, None] * bias
-        means = sums / counts.clamp_min(1)[:, None].to(sums.dtype)
-        return F.normalize(means, dim=1) if normalize else means
+            c = self.hidden.shape[1]
+            if index is None:
+                h = at_least_float32(self.hidden.permute(0, 2, 3, 1).reshape(-1, c))  # [P, C]
+            else:
+                h = at_least_float32(gather_pixels(self.hidden, index))
+            # |W h + b|² = h·(WᵀW h + 2 Wᵀb) + b·b
+            square = (torch.addmm(weight.T @ bias, h, weight.T @ weight, beta=2) * h).sum(1) + bias @ bias
+            inv = square.clamp_min(1e-24).rsqrt()  # F.normalize's eps: 1 / max(|W h + b|, 1e-12)
+            sums_aug = h.new_zeros(num_groups, c + 1).index_add_(0, group, torch.cat([h * inv[:, None], inv[:, None]], 1))
+            sums = sums_aug @ torch.cat([weight.T, bias[None, :]])  # [G, D]
+        if normalize:  # the mean's direction is the sum's: no division by the counts
+            return F.normalize(sums, dim=1)
+        counts = group_counts(group, num_groups)
+        return sums / counts.clamp_min(1)[:, None].to(sums.dtype)
 
     def zero(self) -> Tensor:
         """A 0 connected to every parameter of the head (for batches without anchors, so DDP
@@ -155,15 +165,13 @@ class StackedEmbedding(PixelEmbedding):
         self.pieces = list(pieces)
         super().__init__(torch.cat([p.hidden for p in self.pieces]), self.pieces[0].finish)
 
-    def at(self, index: Tensor) -> Tensor:
+    def at_pixels(self, image: Tensor, pixel: Tensor) -> Tensor:
         # every piece finishes every row (its own images' rows are kept): no data-sized selection
-        n = self.size[0] * self.size[1]
-        image = index // n
         rows, start = None, 0
         for piece in self.pieces:
             b = piece.hidden.shape[0]
             mine = (image >= start) & (image < start + b)
-            own = piece.at(torch.where(mine, index - start * n, 0))
+            own = piece.at_pixels(torch.where(mine, image - start, 0), pixel)
             rows = own if rows is None else torch.where(mine[:, None], own, rows)
             start += b
         assert rows is not None

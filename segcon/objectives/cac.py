@@ -17,29 +17,26 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from segcon.models.output import SegOutput, gather_pixels
+from segcon.models.output import SegOutput, pixels_at
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.contrast import sample_anchors
 from segcon.objectives.objective import build_terms
 from segcon.objectives.supervised import OhemCrossEntropyLoss
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import arange, off_diagonal
 
 CLASS_MEANS = ("scatter", "present")
 WEIGHT_LOGITS = "weight_logits"
 WEIGHT_DECODER_LOGITS = "weight_decoder_logits"
 
 
-def pair_weights(q: Tensor, y: Tensor, valid: Tensor | None = None) -> Tensor:
-    """`W [N, N]` with `W_ij = 1 - (q_i[y_j] + q_j[y_i]) / 2` and a zero diagonal, from class
-    probabilities `q [N, K]` and labels `y [N]`; 0 for a pair with an invalid member (`valid
-    [N]`, rows a fixed-size sample pads with)."""
+def pair_weights(q: Tensor, y: Tensor, pairs: Tensor) -> Tensor:
+    """`W [N, N]` with `W_ij = 1 - (q_i[y_j] + q_j[y_i]) / 2` where `pairs [N, N]` (bool) holds,
+    0 elsewhere (the diagonal, and pairs with a row a fixed-size sample pads with), from class
+    probabilities `q [N, K]` and labels `y [N]`."""
     a = q.gather(1, y[None, :].expand(len(y), -1))  # a[i, j] = q_i[y_j]
-    w = 1.0 - 0.5 * (a + a.T)
-    off = ~torch.eye(len(y), dtype=torch.bool, device=w.device)
-    if valid is not None:
-        off = off & valid[:, None] & valid[None, :]
-    return w * off
+    return torch.where(pairs, torch.rsub(a + a.T, 1.0, alpha=0.5), 0.0)  # 1 - (a + a.T) / 2
 
 
 def cac_per_anchor(
@@ -65,18 +62,19 @@ def cac_per_anchor(
     count is unweighted, as in the authors' code.
     """
     z, q = at_least_float32(z), at_least_float32(q)
-    w = pair_weights(q, y, valid)
+    pairs = off_diagonal(len(y), y.device)
+    if valid is not None:
+        pairs = pairs & (valid[:, None] & valid[None, :])
+    w = pair_weights(q, y, pairs)
     if detach_pair_weights:
         w = w.detach()
     with torch.autocast(z.device.type, enabled=False):  # float32 similarities under mixed precision
-        s = z @ z.T / temperature
-    s = s - s.max(dim=1, keepdim=True).values.detach()  # stability only; cancels out
-    pos = (y[:, None] == y[None, :]) & ~torch.eye(len(y), dtype=torch.bool, device=y.device)
-    if valid is not None:
-        pos = pos & valid[:, None] & valid[None, :]
+        # shifted by the largest similarity of unit vectors, 1/τ: stability only, it cancels out
+        s = (z / temperature) @ z.T - 1.0 / temperature
+    pos = (y[:, None] == y[None, :]) & pairs
     log_partition = torch.log((w * s.exp()).sum(1, keepdim=True) + 1e-16)
-    numer = (w * pos * (s - log_partition)).sum(1)
-    return -(temperature / base_temperature) * numer / (pos.sum(1) + 1e-16)
+    numer = (torch.where(pos, w, 0.0) * (s - log_partition)).sum(1)
+    return numer * (-temperature / base_temperature) / (pos.sum(1) + 1e-16)
 
 
 def class_balanced_mean(
@@ -95,12 +93,12 @@ def class_balanced_mean(
     real = torch.ones_like(per_anchor) if valid is None else valid.to(per_anchor.dtype)
     sums = per_anchor.new_zeros(k).index_add(0, y, per_anchor * real)
     counts = per_anchor.new_zeros(k).index_add(0, y, real)
-    per_class = sums / counts.clamp_min(1)
-    if class_mean == "scatter":
-        top = torch.where(real > 0, y, -1).max() + 1  # classes 0..max(y)
-        return (per_class * (torch.arange(k, device=y.device) < top)).sum() / top.clamp_min(1)
+    per_class = sums / counts.clamp_min(1)  # an absent class: 0
     present = counts > 0
-    return (per_class * present).sum() / present.sum().clamp_min(1)
+    if class_mean == "scatter":  # classes 0..max(y); those above are absent (0)
+        top = (present * arange(k + 1, y.device)[1:]).amax()
+        return per_class.sum() / top.clamp_min(1)
+    return per_class.sum() / present.sum().clamp_min(1)
 
 
 class ConfidenceAwareContrastLoss(Term):
@@ -147,7 +145,7 @@ class ConfidenceAwareContrastLoss(Term):
         size = output.embeddings[self.embedding].size
         coarse = output.aux.get(WEIGHT_DECODER_LOGITS)
         weight_logits = SegOutput(logits=weight_logits, decoder_logits=coarse).logits_at(size)
-        q = gather_pixels(weight_logits, anchors.index).softmax(1)
+        q = pixels_at(weight_logits, anchors.image, anchors.pixel).softmax(1)
         per_anchor = cac_per_anchor(anchors.z, anchors.y, q, self.temperature, self.base_temperature,
                                     self.detach_pair_weights, anchors.valid)
         # no valid anchor: 0, with the projection head and the weight branch in the graph
@@ -180,13 +178,16 @@ class WeightBranchLoss(Term):
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
         logits = _weight_logits(output, "weight_branch")
         target = targets.reliable()
-        total = logits.new_zeros(())
+        total: Tensor | None = None
         for name, term in self.terms.items():
             if isinstance(term, OhemCrossEntropyLoss):
                 value = term(logits, target, mining_logits=output.logits.detach())
             else:
                 value = term(logits, target)
-            total = total + self.weights[name] * value
+            weight = self.weights[name]
+            value = value if weight == 1.0 else weight * value  # 1.0 * x is x: no kernel for it
+            total = value if total is None else total + value
+        assert total is not None  # the group is not empty (checked when built)
         return total
 
 

@@ -13,13 +13,14 @@ bank as well.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from segcon.models.output import PixelEmbedding, SegOutput
 from segcon.objectives.base import Targets, Term
@@ -27,7 +28,7 @@ from segcon.objectives.memory import ClassMemory, MemoryUser
 from segcon.objectives.samplers import pair_ids, random_priority
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
-from segcon.utils.static import group_counts, rank_in_group
+from segcon.utils.static import arange, group_counts, off_diagonal, rank_in_group
 
 DENOMINATORS = ("per_positive", "supcon")
 
@@ -74,7 +75,7 @@ def pair_contrast(
     pos = same & real
     if keys_include_anchors:
         n = anchors.shape[0]
-        pos[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=anchors.device)
+        pos[:, :n] &= off_diagonal(n, anchors.device)
     minus_inf = torch.finfo(sim.dtype).min
     if denominator == "per_positive":
         log_neg = torch.logsumexp(sim.masked_fill(same | ~real, minus_inf), dim=1, keepdim=True)  # [N, 1]
@@ -83,7 +84,7 @@ def pair_contrast(
     else:
         others = real.expand_as(same).clone()
         if keys_include_anchors:
-            others[:, :n] &= ~torch.eye(n, dtype=torch.bool, device=anchors.device)
+            others[:, :n] &= off_diagonal(n, anchors.device)
         neg_log_prob = torch.logsumexp(sim.masked_fill(~others, minus_inf), dim=1, keepdim=True) - sim
     n_pos = pos.sum(1)
     has_pos = n_pos > 0
@@ -109,12 +110,15 @@ class Anchors:
 
     Attributes:
         z: embeddings `[M, D]`. y: labels `[M]` (0 in the padding). index: flat pixel indices
-        `[M]` into `[B * h * w]`. valid: `[M]` bool.
+        `[M]` into `[B * h * w]`, and the same as each row's image and flat pixel into `h * w`.
+        valid: `[M]` bool.
     """
 
     z: Tensor
     y: Tensor
     index: Tensor
+    image: Tensor
+    pixel: Tensor
     valid: Tensor
 
 
@@ -132,8 +136,16 @@ def sample_anchors(
         preds = logits.max(1).indices.reshape(b, -1)  # argmax (the first maximum), several times faster on CPU
         probs = logits.softmax(1).reshape(b, logits.shape[1], -1) if getattr(sampler, "needs_probs", False) else None
     index, valid = sampler(labels, preds, probs, num_classes=logits.shape[1])
+    image, pixel = index // (h * w), index % (h * w)
     # a padding row reads pixel 0; its label is 0, a class, so that lookups by label stay in range
-    return Anchors(emb.at(index), labels.reshape(-1)[index] * valid, index, valid)
+    return Anchors(emb.at_pixels(image, pixel), labels.reshape(-1)[index] * valid, index, image, pixel, valid)
+
+
+@functools.lru_cache(maxsize=16)
+def _slot_classes(slots: int, per_class: int, num_classes: int, device: torch.device, offset: int = 0) -> Tensor:
+    """The class (+ `offset`) of each of `slots` slots laid out as (image or ring, class, rank <
+    per_class): `[slots]`, built once."""
+    return torch.arange(slots, device=device) // per_class % num_classes + offset
 
 
 class PixelContrastLoss(Term):
@@ -197,11 +209,15 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
     Two per-class FIFO memories of detached embeddings: pixel entries (up to
     `pixel_update_freq` random pixels per class per image per step) and segment entries (one
     L2-normalised region mean per class per image per step). Anchors contrast with the batch's
-    anchors and every filled memory slot (no class is special, empty slots are not used).
+    anchors and every filled memory slot (no class is special, empty slots are not used). Both
+    live in one `ClassMemory` of 2K rings (ring c < K: class c's pixel entries; ring K + c: its
+    segment entries), so that a step writes and reads them in one program.
 
     New entries are not written by `forward`: the training method collects `pending_entries()`
     from every rank (tensor all_gather) and calls `enqueue`, so all ranks hold the same memory.
     """
+
+    MEMORY = "memory"
 
     def __init__(
         self,
@@ -218,10 +234,16 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         super().__init__(sampler, temperature, base_temperature, denominator, embedding)
         self.num_classes = num_classes
         self.pixel_update_freq = pixel_update_freq
-        self.memories = nn.ModuleDict(
-            {"pixel": ClassMemory(num_classes, memory_size, dim), "segment": ClassMemory(num_classes, memory_size, dim)}
-        )
+        self.memory = ClassMemory(2 * num_classes, memory_size, dim)
         self._pending: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # checkpoints written before the two memories shared one ClassMemory: pixel rings first
+        old = [f"{prefix}memories.{name}." for name in ("pixel", "segment")]
+        if f"{old[0]}feats" in state_dict:
+            for buf in ("feats", "ptr", "count"):
+                state_dict[f"{prefix}memory.{buf}"] = torch.cat([state_dict.pop(f"{o}{buf}") for o in old])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def zero(self, output: SegOutput) -> Tensor:
         self._pending = {}  # in warm-up nothing is computed, and nothing enters the memory
@@ -231,14 +253,16 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         anchors = self.sample(output, targets)
         emb = output.embedding(self.embedding, type(self).__name__)
         self._pending = self._new_entries(emb, targets.reliable())
-        keys, key_labels, key_valid = zip(*(m.entries() for m in self.memories.values()), strict=True)
-        return self.contrast(anchors, torch.cat(keys), torch.cat(key_labels), torch.cat(key_valid))
+        keys, _, filled = self.memory.entries()
+        classes = _slot_classes(keys.shape[0], self.memory.size, self.num_classes, keys.device)  # ring % K
+        return self.contrast(anchors, keys, classes, filled)
 
     @torch.no_grad()
     def _new_entries(self, embedding: PixelEmbedding, target: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
         """Fixed-size entries of this step (padded with label -1, so every rank gathers the same
-        shapes): pixel `[B * K * freq, D]` (up to `freq` random pixels per image and class) and
-        segment `[B * K, D]` (each image's L2-normalised class means) with their labels. Region
+        shapes), as one list with their rings: pixel entries `[B * K * freq, D]` (up to `freq`
+        random pixels per image and class; ring = class) and segment entries `[B * K, D]` (each
+        image's L2-normalised class means; ring = K + class). Region
         means read every pixel (`PixelEmbedding.group_means`: for the usual heads without forming
         the D-channel map), the pixel entries only the chosen ones; no graph."""
         b, (h, w) = target.shape[0], embedding.size
@@ -247,17 +271,17 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
         pair, valid = pair_ids(labels_at(target, (h, w)).reshape(b, -1), k, -1)
         group = torch.where(valid, pair, b * k)  # (image, class) of every pixel; b * k: no class
         counts = group_counts(group, b * k + 1)[: b * k]
-        every = torch.arange(pair.numel(), device=device)
-        seg = embedding.group_means(every, group, b * k + 1)[: b * k]
-        seg_lab = torch.where(counts > 0, torch.arange(b * k, device=device) % k, -1)
+        seg = embedding.group_means(None, group, b * k + 1)[: b * k]
+        seg_lab = torch.where(counts > 0, _slot_classes(b * k, 1, k, device, offset=k), -1)  # its ring, or padding
         # up to f random pixels of each (image, class), in slot (image, class, rank)
         rank = rank_in_group(group, random_priority(pair.numel(), device))
-        slot = torch.where(valid & (rank < f), group * f + rank.clamp(max=f - 1), b * k * f)
-        source = torch.full((b * k * f + 1,), -1, dtype=torch.long, device=device).scatter_(0, slot, every)[:-1]
+        slot = torch.where(valid & (rank < f), group * f + rank, b * k * f)
+        source = torch.full((b * k * f + 1,), -1, dtype=torch.long, device=device)
+        source = source.scatter_(0, slot, arange(pair.numel(), device))[:-1]
         filled = source >= 0
-        pix = embedding.at(source.clamp_min(0)) * filled[:, None]
-        pix_lab = torch.where(filled, torch.arange(b * k * f, device=device) // f % k, -1)
-        return {"pixel": (pix, pix_lab), "segment": (seg, seg_lab)}
+        pix = embedding.at(source.clamp_min(0))  # the rows of unfilled slots are read but labelled padding
+        pix_lab = torch.where(filled, _slot_classes(b * k * f, f, k, device), -1)
+        return {self.MEMORY: (torch.cat([pix, seg.to(pix.dtype)]), torch.cat([pix_lab, seg_lab]))}
 
     def pending_entries(self) -> dict[str, tuple[Tensor, Tensor]]:
         """This step's entries per memory, to be gathered from all ranks and enqueued."""
@@ -265,6 +289,8 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
 
     @torch.no_grad()
     def enqueue(self, memory: str, feats: Tensor, labels: Tensor) -> None:
-        """Append entries `[M, D]` with labels `[M]` (-1 = padding, skipped) to a memory."""
-        self.memories[memory].push(feats, labels)
+        """Append entries `[M, D]` with their rings `[M]` (-1 = padding, skipped) to the memory."""
+        if memory != self.MEMORY:
+            raise KeyError(f"{type(self).__name__} has one memory, {self.MEMORY!r}, not {memory!r}")
+        self.memory.push(feats, labels)
 

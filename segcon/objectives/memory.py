@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from segcon.utils.static import arange
+
 
 class ClassMemory(nn.Module):
     """`num_classes` ring buffers of `size` detached `[dim]` entries each.
@@ -29,18 +31,19 @@ class ClassMemory(nn.Module):
         classes: each entry's slot comes from its rank among its class's new entries.
         """
         k, size, device = self.feats.shape[0], self.size, self.feats.device
-        valid = (labels >= 0) & (labels < k)
-        cls = torch.where(valid, labels, k)  # k: no class
-        first = (cls[:, None] == torch.arange(k, device=device)[None, :]).long()  # [M, K] one-hot, padding all 0
-        rank = (first.cumsum(0) - 1).gather(1, cls.clamp(max=k - 1)[:, None]).squeeze(1)  # order inside its class
-        new = first.sum(0)  # [K] entries per class
-        dropped = (new - size).clamp_min(0)  # all but the last `size` of a class
-        keep = valid & (rank >= dropped[cls.clamp(max=k - 1)])
-        slot = (self.ptr[cls.clamp(max=k - 1)] + rank - dropped[cls.clamp(max=k - 1)]) % size
-        target = torch.where(keep, cls.clamp(max=k - 1) * size + slot, k * size)
+        cls = labels.clamp(0, k - 1)
+        valid = labels == cls  # inside [0, K)
+        member = (cls[:, None] == arange(k, device)[None, :]) & valid[:, None]  # [M, K]
+        so_far = member.cumsum(0)  # [M, K]: each class's new entries up to each entry
+        order = so_far.gather(1, cls[:, None])[:, 0]  # 1, 2, ...: order inside its class
+        new = so_far[-1]  # [K] entries per class
+        first = (new - (size - 1)).clamp_min(1)  # the first kept: all but the last `size` of a class are dropped
+        keep = valid & (order >= first[cls])
+        slot = (self.ptr - first)[cls] + order  # the ring position, before wrapping
+        target = torch.where(keep, cls * size + slot % size, k * size)
         # which entry writes each slot (-1: none); at most one per slot
         source = torch.full((k * size + 1,), -1, dtype=torch.long, device=device)
-        source = source.scatter_(0, target, torch.arange(labels.numel(), device=device))[:-1]
+        source = source.scatter_(0, target, arange(labels.numel(), device))[:-1]
         rows = self.feats.view(k * size, -1)
         rows.copy_(torch.where((source >= 0)[:, None], feats[source.clamp_min(0)].to(rows.dtype), rows))
         written = new.clamp(max=size)
@@ -50,9 +53,9 @@ class ClassMemory(nn.Module):
     def entries(self) -> tuple[Tensor, Tensor, Tensor]:
         """Every slot of every class: `[K * size, D]` embeddings, `[K * size]` labels and which
         slots are filled `[K * size]` (a fixed-size list: the unfilled slots take no part)."""
-        k = self.feats.shape[0]
-        filled = torch.arange(self.size, device=self.feats.device)[None, :] < self.count[:, None]  # [K, size]
-        labels = torch.arange(k, device=self.feats.device)[:, None].expand(k, self.size)
+        k, device = self.feats.shape[0], self.feats.device
+        filled = arange(self.size, device)[None, :] < self.count[:, None]  # [K, size]
+        labels = arange(k, device)[:, None].expand(k, self.size)
         return self.feats.reshape(k * self.size, -1), labels.reshape(-1), filled.reshape(-1)
 
     def ordered(self, c: int) -> Tensor:

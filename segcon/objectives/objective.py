@@ -177,7 +177,8 @@ class Objective(nn.Module):
                 value = value + side
             if always_weight or schedule.warmup_steps or schedule.ramp_steps:
                 logs[f"weight_{label(name)}"] = value.new_tensor(weight).detach()
-            total = weight * value if total is None else total + weight * value
+            weighted = value if weight == 1.0 else weight * value  # 1.0 * x is x: no kernel for it
+            total = weighted if total is None else total + weighted
         return (output.logits.new_zeros(()) if total is None else total), logs
 
     def _side_logits(self, output: SegOutput) -> list[Tensor]:

@@ -61,7 +61,7 @@ def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: Tensor | int) -> tu
     easy; only hard -> all easy, the rest hard; only easy -> all hard, the rest easy."""
     # the three cases in one expression: half, but at least what the easy pixels leave to fill,
     # and at most the hard pixels there are
-    n_hard = torch.minimum(torch.maximum(n_view - num_easy, n_view // 2 + torch.zeros_like(num_hard)), num_hard)
+    n_hard = torch.minimum(torch.clamp(n_view - num_easy, min=n_view // 2), num_hard)
     return n_hard, n_view - n_hard
 
 

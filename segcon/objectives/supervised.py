@@ -77,6 +77,10 @@ class CrossEntropyLoss(PixelLoss):
     def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         logits = match_size(logits, target)
         valid = target != self.ignore_index
+        if self.class_weights is None and weight is None:  # the plain mean over valid pixels, in one reduction
+            ce_sum = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum",
+                                     label_smoothing=self.label_smoothing)
+            return ce_sum / valid.sum().clamp_min(1)
         ce = F.cross_entropy(
             logits, target.masked_fill(~valid, 0), reduction="none", label_smoothing=self.label_smoothing
         )

@@ -45,6 +45,18 @@ def rank_in_group(group: Tensor, priority: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(0, order, position - start)
 
 
+@functools.lru_cache(maxsize=16)
+def off_diagonal(n: int, device: torch.device) -> Tensor:
+    """`[n, n]` bool, False on the diagonal only (pairs of two different rows), built once."""
+    return ~torch.eye(n, dtype=torch.bool, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def arange(n: int, device: torch.device) -> Tensor:
+    """`torch.arange(n)` on `device`, built once."""
+    return torch.arange(n, device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A small constant `[len(values)]` on `device`, built once (a host-to-device copy in the
