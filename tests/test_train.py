@@ -115,8 +115,9 @@ def test_overfit_one_batch_drives_the_loss_down(tiny_cfg: Callable[..., DictConf
 def test_resume_continues_steps_and_wandb_run(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import segcon.train
     import wandb
+
+    import segcon.train
 
     seen: dict = {}
     finish = segcon.train.finish_wandb
