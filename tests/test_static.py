@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from segcon.objectives.boundary import boundary_errors
 from segcon.objectives.samplers import HardEasySampler, MarginalSampler, ViewsSampler
-from segcon.utils.static import compact, level_layout, rank_in_group
+from segcon.utils.static import class_counts, compact, level_layout, rank_in_group
 
 IGNORE = 255
 SIZES = ((19, 15), (10, 8), (5, 4))  # nearest resizes of 37 x 29 at ratios that are not whole numbers
@@ -27,6 +27,14 @@ def test_rank_in_group_equals_a_loop_with_ties_broken_by_position() -> None:
                         (priority[j] < priority[i] or (priority[j] == priority[i] and j < i))) for i in range(50)]
         assert rank_in_group(group, priority).tolist() == expected
     assert rank_in_group(torch.zeros(0, dtype=torch.long), torch.zeros(0)).numel() == 0
+
+
+def test_class_counts_equal_bincount_of_the_masked_labels_with_ignore_values_left_out() -> None:
+    g = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 5, (3, 7, 9), generator=g)
+    labels[:, :2] = IGNORE  # outside [0, K): only ever where the mask is False
+    mask = (labels != IGNORE) & (torch.rand(3, 7, 9, generator=g) < 0.6)
+    assert class_counts(labels, mask, 5).tolist() == torch.bincount(labels[mask], minlength=5).tolist()
 
 
 def test_compact_lists_each_segments_true_elements_in_order_up_to_capacity() -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from segcon.utils.static import group_counts
+from segcon.utils.static import class_counts
 
 
 class DistributionAlignment(nn.Module):
@@ -52,7 +52,7 @@ class DistributionAlignment(nn.Module):
         """
         k = self.num_classes
         scored = (labels != self.ignore_index) & (labels >= 0) & (labels < k)
-        counts = group_counts(torch.where(scored, labels, k).flatten(), k + 1)[:k].to(probs.dtype)
+        counts = class_counts(labels, scored, k).to(probs.dtype)
         sums = (probs * valid.unsqueeze(1)).sum((0, 2, 3))
         stats = torch.cat([counts, sums, valid.sum().to(probs.dtype).reshape(1)])
         if dist.is_available() and dist.is_initialized():

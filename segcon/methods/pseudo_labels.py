@@ -18,7 +18,7 @@ from torch import Tensor
 from segcon.methods.mixing import cutmix, cutmix_masks
 from segcon.objectives.base import Targets
 from segcon.utils.errors import ConfigError
-from segcon.utils.static import group_counts
+from segcon.utils.static import class_counts
 
 CONFIDENCE_MODES = ("threshold", "entropy")
 
@@ -129,19 +129,16 @@ def pseudo_label_stats(
     label, keep = pseudo.label, pseudo.keep
     k = len(class_names)
 
-    def per_class(values: Tensor, where: Tensor) -> Tensor:  # bincount(values[where]) without a sync
-        return group_counts(torch.where(where, values, k).flatten(), k + 1)[:k]
-
     logs = {"mask_ratio": keep.sum() / valid.sum().clamp_min(1)}
     kept = keep & valid
-    shares = per_class(label, kept)
+    shares = class_counts(label, kept, k)
     denominators = [kept.sum().view(1)]
     if gt is not None:
         right = (label == gt) & (gt != ignore_index)
         scored = valid & (gt != ignore_index) & (gt >= 0) & (gt < k)
         confident = (keep & scored).sum()
-        gt_counts = per_class(gt, scored)
-        hits = per_class(gt, scored & right & keep)
+        gt_counts = class_counts(gt, scored, k)
+        hits = class_counts(gt, scored & right & keep, k)
         denominators += [confident.view(1), scored.sum().view(1), gt_counts]
     counts = torch.cat(denominators).tolist()
     if counts[0] > 0:

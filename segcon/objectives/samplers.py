@@ -11,11 +11,13 @@ choose ignore pixels and are deterministic under a seeded generator.
 `probs` are passed only to samplers whose `needs_probs` is True. With `segments=(column_level
 [N], S)` (the columns of several maps side by side, segcon.utils.static.LevelLayout), each level
 is sampled as if alone, all in one program: index, valid `[S, sampler.capacity(B, K)]`, row s
-holding level s's pixels (still flat indices into `[B * N]`; 0 in the rows that are not valid). The whole batch is sampled as
-one static-shape program (segcon.utils.static): every pixel gets a group (image, class[,
-hard/easy]; a dummy group for the pixels not taken part) and a priority (random, drawn on the
-pixels' device, or its predicted probability), and the first pixels of each group in priority
-order are taken. No op's size depends on the data, so nothing waits for the device.
+holding level s's pixels (still flat indices into `[B * N]`; 0 in the rows that are not valid).
+
+The whole batch is sampled as one static-shape program (segcon.utils.static): every pixel gets
+a group (image, class[, hard/easy]; a dummy group for the pixels not taken part) and a priority
+(random, drawn on the pixels' device, or its predicted probability), and the first pixels of
+each group in priority order are taken. No op's size depends on the data, so nothing waits for
+the device.
 """
 
 from __future__ import annotations
@@ -56,9 +58,9 @@ def pair_ids(labels: Tensor, num_classes: int, ignore_index: int,
 def split_counts(num_hard: Tensor, num_easy: Tensor, n_view: Tensor | int) -> tuple[Tensor, Tensor]:
     """How many hard and easy pixels to take per (image, class), ContrastiveSeg's rule, for
     every group at once (`[P]` counts, or any shape `n_view` broadcasts against; `n_view` an int
-    or a tensor). Where num_hard +
-    num_easy > n_view, at least one set reaches n_view / 2: both do -> n_view // 2 hard, the rest
-    easy; only hard -> all easy, the rest hard; only easy -> all hard, the rest easy."""
+    or a tensor). Where num_hard + num_easy > n_view, at least one set reaches n_view / 2: both
+    do -> n_view // 2 hard, the rest easy; only hard -> all easy, the rest hard; only easy -> all
+    hard, the rest easy."""
     # the three cases in one expression: half, but at least what the easy pixels leave to fill,
     # and at most the hard pixels there are
     n_hard = torch.minimum(torch.clamp(n_view - num_easy, min=n_view // 2), num_hard)

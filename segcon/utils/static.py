@@ -25,6 +25,13 @@ def group_counts(group: Tensor, num_groups: int, mask: Tensor | None = None) -> 
     return torch.zeros(num_groups, dtype=torch.long, device=group.device).scatter_add_(0, group, ones)
 
 
+def class_counts(labels: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """`bincount(labels[mask], minlength=K)[:K]` without its host synchronisation: how many
+    elements of `labels` (any shape) where `mask` holds fall in each class `[K]`; labels outside
+    `[0, K)` may sit where `mask` is False (ignore values)."""
+    return group_counts(torch.where(mask, labels, num_classes).flatten(), num_classes + 1)[:num_classes]
+
+
 def group_sums(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
     """Sums of the rows of `values [L, ...]` per group `[L]`: `[num_groups, ...]`."""
     out = values.new_zeros(num_groups, *values.shape[1:])
