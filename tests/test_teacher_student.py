@@ -313,12 +313,14 @@ def test_resume_restores_the_teacher(tiny_cfg: Callable[..., DictConfig], tmp_pa
     assert int(saved["alignment.steps"]) == 3 and int(resumed["state_dict"]["alignment.steps"]) == 5
 
 
-def test_the_ema_as_the_methods_schedule_it_after_a_supervised_warm_up(tiny_cfg: Callable[..., DictConfig]) -> None:
-    """sup_warmup_epochs=1 (3 steps): the teacher stays untouched during the warm-up, is the
-    student's copy when the unsupervised phase starts, equals the student after its first EMA
-    update (m = 0 at t = 0), and is the average with m = min(1 - 1/(t + 1), m_max) after that
-    (t counted from the end of the warm-up, not from step 0)."""
-    cfg = tiny_cfg("method=mean_teacher", "data.labeled_count=4", "method.sup_warmup_epochs=1", "trainer.max_epochs=2",
+@pytest.mark.parametrize("warmup", ["method.sup_warmup_epochs=1", "method.sup_warmup_steps=3"])
+def test_the_ema_as_the_methods_schedule_it_after_a_supervised_warm_up(tiny_cfg: Callable[..., DictConfig],
+                                                                         warmup: str) -> None:
+    """A warm-up of one epoch of 3 steps, or of 3 steps: the teacher stays untouched during the
+    warm-up, is the student's copy when the unsupervised phase starts, equals the student after
+    its first EMA update (m = 0 at t = 0), and is the average with m = min(1 - 1/(t + 1), m_max)
+    after that (t counted from the end of the warm-up, not from step 0)."""
+    cfg = tiny_cfg("method=mean_teacher", "data.labeled_count=4", warmup, "trainer.max_epochs=2",
                    "trainer.max_steps=6", "method.ema_momentum=0.9",
                    "+callbacks.record._target_=tests.helpers.RecordTeacherAndStudent")
     train(cfg)

@@ -51,8 +51,11 @@ class TeacherStudentModule(SupervisedModule):
             statistics of the inference network and of the train-only heads the teacher keeps.
             Every method keeps the teacher; the student-labelled methods use it for evaluation
             (and for terms that read it).
-        sup_warmup_epochs: epochs of supervised-only training first; the teacher is then copied
-            from the student.
+        sup_warmup_epochs, sup_warmup_steps: supervised-only training first, until both this
+            many epochs and this many optimizer steps are done; the teacher is then copied from
+            the student. Nothing reads the teacher before: no pseudo-labels, no term that reads
+            it (its prototypes and bank fill from then on), so this is the one warm-up of every
+            teacher-reading term (steps for the iteration-based presets).
         confidence: `{mode: threshold, threshold: 0.95}` keeps pixels whose top probability
             reaches the threshold; `{mode: entropy, drop_percent: 20}` drops the highest-entropy
             share of the batch's pixels, from drop_percent % at the start linearly to 0 at the end.
@@ -76,6 +79,7 @@ class TeacherStudentModule(SupervisedModule):
         *args: Any,
         ema_momentum: float = 0.99,
         sup_warmup_epochs: int = 0,
+        sup_warmup_steps: int = 0,
         confidence: Mapping[str, Any] | None = None,
         distribution_alignment: bool = False,
         alignment_momentum: float = 0.99,
@@ -89,13 +93,13 @@ class TeacherStudentModule(SupervisedModule):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.ema_max = ema_momentum
-        self.sup_warmup_epochs = sup_warmup_epochs
+        self.sup_warmup_epochs, self.sup_warmup_steps = sup_warmup_epochs, sup_warmup_steps
         self.confidence = ConfidenceFilter.from_config(confidence)
         self.alignment = (DistributionAlignment(self.num_classes, self.ignore_index, alignment_momentum)
                           if distribution_alignment else None)
         self.cutmix_prob = cutmix_prob
         self.metrics[metric_key("val", TEACHER)] = ConfusionMatrix(self.num_classes, self.ignore_index)
-        self._warmup_end_step: int | None = 0 if sup_warmup_epochs == 0 else None
+        self._warmup_end_step: int | None = 0 if sup_warmup_epochs == sup_warmup_steps == 0 else None
 
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> None:
@@ -107,8 +111,9 @@ class TeacherStudentModule(SupervisedModule):
                 raise ConfigError(f"method.{key}={momentum}{where} must lie in [0, 1) (an EMA momentum)")
         if not 0.0 <= float(config.get("cutmix_prob", 0.0)) <= 1.0:
             raise ConfigError(f"method.cutmix_prob={config['cutmix_prob']} must lie in [0, 1] (a probability)")
-        if int(config.get("sup_warmup_epochs", 0)) < 0:
-            raise ConfigError(f"method.sup_warmup_epochs must be >= 0, got {config['sup_warmup_epochs']}")
+        for key in ("sup_warmup_epochs", "sup_warmup_steps"):
+            if int(config.get(key, 0)) < 0:
+                raise ConfigError(f"method.{key} must be >= 0, got {config[key]}")
 
     def train(self, mode: bool = True) -> TeacherStudentModule:
         """The teacher always stays in eval mode (BatchNorm statistics come from the EMA)."""
@@ -210,16 +215,24 @@ class TeacherStudentModule(SupervisedModule):
         unsup, unsup_logs = self.objective.pseudo_loss(output.take(slice(n, None)), targets, self.unsup_step)
         return self.combine(output, labeled["mask"], unsup, targets, {**logs, **unsup_logs}, teacher)
 
-    def on_train_epoch_start(self) -> None:
-        if self._warmup_end_step is None and self.current_epoch >= self.sup_warmup_epochs:
+    def _end_warmup_when_due(self) -> None:
+        """Start the unsupervised phase, the teacher a copy of the student, once the supervised
+        warm-up's epochs and steps are done (checked before each epoch and after each step)."""
+        if self._warmup_end_step is None and self.current_epoch >= self.sup_warmup_epochs and (
+            self.global_step >= self.sup_warmup_steps
+        ):
             self._warmup_end_step = self.global_step
-            ema_update(self.teacher, self.net, 0.0)  # the teacher starts as the student
+            ema_update(self.teacher, self.net, 0.0)
+
+    def on_train_epoch_start(self) -> None:
+        self._end_warmup_when_due()
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         if self._warmup_end_step is not None and not self._step_skipped:
             t = self.global_step - 1 - self._warmup_end_step
             ema_update(self.teacher, self.net, ema_momentum(max(t, 0), self.ema_max))
+        self._end_warmup_when_due()
 
     # -- evaluation: student and teacher ----------------------------------------------------
 

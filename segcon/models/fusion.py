@@ -8,6 +8,14 @@ model is an smp `SegmentationModel` (encoder, decoder, segmentation_head), so Se
 any smp architecture: pretrained encoders, projection heads, export and every inference mode work
 unchanged. SegNet returns the side outputs as `SegOutput.aux["side_logits"]`, and the Objective
 supervises each of them with the supervised loss terms (`model.side_weights`).
+
+Initialisation (`model.fusion_init`): "hed", as HED (Xie & Tu 2015) starts its side outputs and
+fusion: side weights drawn from N(0, 0.01²) with zero biases, and the fusion the mean of the side
+outputs (weight 1/S from each side's score of the same class, zero bias). An ImageNet encoder's
+stage outputs have std 4-6 and reach 48, so smp's ReLU-gain initialisation ("kaiming", the
+choice before) gives side scores of std 4-9 and an untrained network that is certain (max
+probability ≥ 0.95) on most pixels of a photograph, which a teacher then hands on as
+pseudo-labels; under "hed" the untrained network has no opinion.
 """
 
 from __future__ import annotations
@@ -22,6 +30,12 @@ from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
 from segcon.utils.errors import ConfigError
+
+INITS = ("hed", "kaiming")
+"""The initialisations of side outputs and fusion (`model.fusion_init`)."""
+
+SIDE_STD = 0.01
+"""HED's standard deviation of the side-output weights."""
 
 
 class SideFusionDecoder(nn.Module):
@@ -58,6 +72,8 @@ class FusionModel(SegmentationModel):
         classes: K.
         side_stages: the encoder stages with a side output (default: every stage of stride 2 to
             32 that has channels).
+        fusion_init: "hed" (small side weights, the fusion the mean of the sides) or "kaiming" (smp's
+            default for decoders and heads); see the module docstring.
     """
 
     def __init__(
@@ -67,6 +83,7 @@ class FusionModel(SegmentationModel):
         in_channels: int = 3,
         classes: int = 2,
         side_stages: Sequence[int] | None = None,
+        fusion_init: str = "hed",
     ) -> None:
         super().__init__()
         self.encoder = get_encoder(encoder_name, in_channels=in_channels, depth=5, weights=encoder_weights)
@@ -80,4 +97,22 @@ class FusionModel(SegmentationModel):
         self.segmentation_head = SegmentationHead(len(stages) * classes, classes, kernel_size=1)
         self.classification_head = None
         self.name = f"fusion-{encoder_name}"
+        if fusion_init not in INITS:
+            raise ConfigError(f"model.fusion_init={fusion_init!r} must be one of {list(INITS)}")
         self.initialize()
+        if fusion_init == "hed":
+            self._hed_init()
+
+    @torch.no_grad()
+    def _hed_init(self) -> None:
+        """Side convolutions from N(0, SIDE_STD²) with zero biases; the fusion the mean of the S
+        side outputs: out_k = Σ_s side_{s,k} / S."""
+        for conv in self.decoder.sides:
+            nn.init.normal_(conv.weight, std=SIDE_STD)
+            nn.init.zeros_(conv.bias)
+        fuse = self.segmentation_head[0]
+        k, sides = self.decoder.num_classes, len(self.decoder.stages)
+        fuse.weight.zero_()
+        fuse.bias.zero_()
+        for s in range(sides):
+            fuse.weight[torch.arange(k), s * k + torch.arange(k), 0, 0] = 1.0 / sides

@@ -59,7 +59,7 @@ class SegNet(SegModel):
     Args:
         arch: smp architecture name (unet, fpn, deeplabv3plus, segformer, upernet, dpt, ...), or
             `fusion` (segcon.models.fusion: side outputs of every encoder stage, fused; takes
-            `side_stages`; its side outputs are `SegOutput.aux["side_logits"]`).
+            `side_stages` and `fusion_init`; its side outputs are `SegOutput.aux["side_logits"]`).
         encoder_name: smp encoder name; `tu-<name>` for any timm encoder (e.g. tu-hrnet_w48).
         num_classes: K.
         encoder_weights: smp pretrained-weight name (downloads from a hub); None for random init.
