@@ -80,15 +80,16 @@ def test_the_matcher_gives_each_target_the_query_that_prefers_its_class() -> Non
     g = torch.Generator().manual_seed(0)
     masks = torch.randn(1, 1, 2, 2, generator=g, dtype=torch.float64).expand(1, 2, 2, 2).contiguous()
     labels = torch.tensor([[[0, 0], [1, 1]]])
-    (target,) = semantic_targets(labels, 255, (2, 2))
-    assert target.classes.tolist() == [0, 1]
-    focal, dice = mask_costs(masks[0].flatten(1), target)
-    torch.testing.assert_close(focal[0], focal[1])  # equal masks: equal mask costs per target
-    torch.testing.assert_close(dice[0], dice[1])
+    target = semantic_targets(labels, 255, (2, 2), num_classes=2)
+    assert target.present.tolist() == [[True, True]]
+    focal, dice = mask_costs(masks.flatten(2), target)
+    torch.testing.assert_close(focal[0, 0], focal[0, 1])  # equal masks: equal mask costs per target
+    torch.testing.assert_close(dice[0, 0], dice[0, 1])
 
-    ((queries, targets),) = SetCriterion(num_classes=2).match(mask_cls, masks, [target])
-    assert targets.tolist() == [0, 1]
-    assert queries.tolist() == [1, 0]
+    (matching,) = SetCriterion(num_classes=2).match([(mask_cls, masks)], target)
+    assert matching.matched.tolist() == [[True, True]] and matching.count == 2
+    assert matching.query.tolist() == [[1, 0]]  # class 0 -> query 1, class 1 -> query 0
+    assert matching.target_class.tolist() == [[1, 0]]
 
 
 # -- resuming: the settings check and checkpoint discovery ----------------------------------

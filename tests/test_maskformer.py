@@ -84,11 +84,14 @@ def _focal(x: float, y: float) -> float:
 
 def test_mask_costs_against_a_loop() -> None:
     _, masks, labels = _setup(1)
-    (target, _) = semantic_targets(labels, IGNORE, (4, 4))
-    focal, dice = mask_costs(masks[0].detach().flatten(1), target)
+    target = semantic_targets(labels, IGNORE, (4, 4), 3)
+    focal, dice = mask_costs(masks.detach().flatten(2), target)
+    focal, dice = focal[0], dice[0]  # the first image's [N, K]
     flat, valid = labels[0].flatten(), labels[0].flatten() != IGNORE
+    assert target.present[0].tolist() == [c in flat.tolist() for c in range(3)]
     for q in range(4):
-        for j, c in enumerate(target.classes.tolist()):
+        for j in range(3):
+            c = j
             xs = masks[0, q].detach().flatten()
             pix = [(float(xs[i]), float(flat[i] == c)) for i in range(16) if valid[i]]
             assert float(focal[q, j]) == pytest.approx(sum(_focal(x, y) for x, y in pix) / len(pix), rel=1e-12)

@@ -38,6 +38,9 @@ def test_device_ops_and_syncs_are_counted_host_work_is_not() -> None:
     for sync in (lambda: x.nonzero(), lambda: dev_counts.unique(), lambda: dev_counts.bincount(minlength=4),
                  lambda: torch.equal(x, x), lambda: x.cpu(), lambda: bool(x.any())):
         assert _count(sync, x, dev_counts)[1] == 1
+    # what the host does with its copy is host work: one wait for the copy, nothing after it
+    assert _count(lambda: (x.cpu().double() * 2).numpy().sum(), x) == (1, 1, {"Tensor.cpu": 1})
+    assert _count(lambda: x.cpu() + x, x)[0] == 2  # the device tensor itself stays a device tensor
 
 
 def test_outputs_of_device_ops_are_device_tensors_and_pausing_stops_counting() -> None:
@@ -87,3 +90,18 @@ def test_each_term_and_method_stays_within_its_sync_and_kernel_budget(overrides:
     step = benchmark.count_step(overrides.split(","), batch=2, data_root=root)
     assert step["syncs"] - ce_step["syncs"] <= 0, step["sync_sites"]
     assert 0 < step["ops"] - ce_step["ops"] <= BUDGETS[overrides]
+
+
+@pytest.mark.slow
+def test_rc2l_region_terms_add_one_host_sync_the_matchers(data_dir: Path) -> None:
+    """RC²L's region terms (the light MaskFormer, against the same step without them): the
+    Hungarian matching runs on the host, so its costs make one copy there; nothing else waits."""
+    import benchmark
+
+    root = str(data_dir / "synthetic-tiny")
+    base = ["method=rc2l", "loss=mask_set", "pseudo_loss.ce.weight=0"]
+    none = benchmark.count_step([*base, "contrast=none"], model="maskformer_r18_light", batch=2, data_root=root)
+    rc2l = benchmark.count_step([*base, "contrast=rc2l"], model="maskformer_r18_light", batch=2, data_root=root)
+    assert none["syncs"] == 2, none["sync_sites"]  # the divergence read and loss=mask_set's matcher
+    assert rc2l["syncs"] - none["syncs"] == 1, rc2l["sync_sites"]
+    assert 0 < rc2l["ops"] - none["ops"] <= 370

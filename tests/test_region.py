@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,14 +27,16 @@ def test_teacher_regions_keep_confident_classes_above_the_minimum_area() -> None
     confidence = torch.full((1, 4, 4), 0.9)
     confidence[0, 3, 1:] = 0.5  # the row of class 2 is mostly unsure: 2 confident pixels of class 2 are left
     targets = Targets(labels, IGNORE, confidence)
-    (region,) = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2).regions(targets, (4, 4))
-    assert region.classes.tolist() == [0, 1, 2]  # class 2: exactly min_area confident pixels
+    region = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2).regions(targets, (4, 4))
+    assert region.present[0].tolist() == [True, True, True]  # class 2: exactly min_area confident pixels
     valid = (labels[0] != IGNORE) & (confidence[0] >= 0.7)
-    assert torch.equal(region.valid, valid.flatten())
-    for mask, c in zip(region.masks, [0, 1, 2], strict=True):
-        assert torch.equal(mask.bool(), (labels[0] == c).flatten())
-    (region,) = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=3).regions(targets, (4, 4))
-    assert region.classes.tolist() == [0, 1]
+    assert torch.equal(region.valid[0], valid.flatten())
+    for c in range(K):
+        assert torch.equal(region.masks[0, c], (labels[0] == c).flatten())
+    region = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=3).regions(targets, (4, 4))
+    assert region.present[0].tolist() == [True, True, False]
+    targets.labeled = torch.tensor([True])  # a row with ground truth holds no region
+    assert not RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2).regions(targets, (4, 4)).present.any()
 
 
 def _case(seed: int, mixed: bool = False):
@@ -60,8 +63,13 @@ def _case(seed: int, mixed: bool = False):
 def _reference(term: RegionConsistencyContrast, out: SegOutput, targets: Targets, cross_image: bool) -> tuple[float, float]:
     """RMC and RFC by loops, with the term's matching (tested against brute force elsewhere)."""
     rows = [2, 3, 4]
-    regions = term.regions(Targets(targets.labels[rows], IGNORE, targets.confidence[rows]), (4, 4))
-    matches = term.set_loss.match(out.aux["mask_cls"][rows], out.aux["mask_logits"][rows], regions)
+    slots = term.regions(targets, (4, 4))
+    (matching,) = term.set_loss.match([(out.aux["mask_cls"], out.aux["mask_logits"])], slots)
+    regions, matches = [], []  # per unlabeled row: its region classes, masks and valid pixels; queries and targets
+    for r in rows:
+        classes = slots.present[r].nonzero().flatten()
+        regions.append(SimpleNamespace(classes=classes, masks=slots.masks[r, classes].float(), valid=slots.valid[r]))
+        matches.append((matching.query[r, classes], torch.arange(classes.numel())))
     teacher = targets.teacher.decoder.clone()
     mixed = teacher.clone()
     if targets.mix_boxes is not None:

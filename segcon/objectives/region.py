@@ -24,6 +24,10 @@ number); RMC and RFC are averaged over the regions of an image, then over the im
 one region. An image with one region gives RMC and RFC a zero (one candidate) without NaN; an
 image without regions teaches its queries "no object". Labeled rows are left to the supervised
 loss.
+
+Static shapes: every row is computed, a region is one of K class slots per row (`SlotTargets`;
+labeled rows hold none), and the per-image means are masked sums; the one host synchronisation is
+the matcher's (segcon.objectives.set_loss.match_on_host).
 """
 
 from __future__ import annotations
@@ -38,26 +42,39 @@ from segcon.methods.mixing import cutmix
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.contrast import labels_at
-from segcon.objectives.set_loss import ImageTargets, SetCriterion
+from segcon.objectives.set_loss import SetCriterion, SlotTargets
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import arange
 
 TERMS = ("rcc", "smc", "rmc", "rfc")
 
 
 def dice_similarity(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
-    """`(2 Σ a b + 1) / (Σ a + Σ b + 1)` over the valid pixels, for masks `a [N, P]`, `b [M, P]`
-    and `valid [P]`: `[N, M]`."""
-    v = valid.to(a.dtype)
+    """`(2 Σ a b + 1) / (Σ a + Σ b + 1)` over the valid pixels, for masks `a [B, N, P]`,
+    `b [B, M, P]` and `valid [B, P]`: `[B, N, M]`."""
+    v = valid.to(a.dtype)[:, None, :]
     a, b = a * v, b.to(a.dtype) * v
-    return (2 * a @ b.T + 1) / (a.sum(1)[:, None] + b.sum(1)[None, :] + 1)
+    return (2 * a @ b.transpose(1, 2) + 1) / (a.sum(-1)[:, :, None] + b.sum(-1)[:, None, :] + 1)
 
 
 def masked_average(features: Tensor, masks: Tensor) -> Tensor:
-    """Mask average pooling: `Σ_x m(x) F(x) / (Σ_x m(x) + ε)` for features `[C, P]` and masks
-    `[N, P]`: `[N, C]`."""
+    """Mask average pooling: `Σ_x m(x) F(x) / (Σ_x m(x) + ε)` for features `[B, C, P]` and masks
+    `[B, N, P]`: `[B, N, C]`."""
     masks = masks.to(features.dtype)
-    return (masks @ features.T) / (masks.sum(1)[:, None] + 1e-6)
+    return (masks @ features.transpose(1, 2)) / (masks.sum(-1)[..., None] + 1e-6)
+
+
+def region_contrast(logits: Tensor, allowed: Tensor, target: Tensor, matched: Tensor) -> Tensor:
+    """`−log softmax(logits[b, s])[target[b, s]]` over the `allowed` candidates `[B, K, M]`,
+    averaged over the matched slots `[B, K]` of each image, then over the images with one; 0 (and
+    no NaN) where there are none."""
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    loss = -logits.log_softmax(-1).gather(-1, target[..., None])[..., 0]  # [B, K]
+    m = matched.to(logits.dtype)
+    regions = m.sum(1)
+    per_image = (loss * m).sum(1) / regions.clamp_min(1)
+    return per_image.sum() / (regions > 0).sum().clamp_min(1)
 
 
 class RegionConsistencyContrast(Term):
@@ -122,35 +139,33 @@ class RegionConsistencyContrast(Term):
     # -- targets ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def regions(self, targets: Targets, size: tuple[int, int]) -> list[ImageTargets]:
-        """Per row: the teacher's region targets at `size` (classes, masks, valid = confident)."""
+    def regions(self, targets: Targets, size: tuple[int, int]) -> SlotTargets:
+        """The teacher's region targets of every row at `size`: class k of a row is a region when
+        at least `min_area` of its confident pixels (valid: not ignore, confidence >= δ) carry k;
+        rows with ground truth (`targets.labeled`) hold none."""
         labels = labels_at(targets.labels, size)
-        if targets.confidence is None:
-            confidence = torch.ones(labels.shape, device=labels.device)
-        else:
-            confidence = labels_at(targets.confidence, size)
-        out = []
-        for label, conf in zip(labels.flatten(1), confidence.flatten(1), strict=True):
-            valid = (label != targets.ignore_index) & (conf >= self.threshold)
-            classes, counts = label[valid].unique(return_counts=True)
-            classes = classes[counts >= self.min_area]
-            out.append(ImageTargets(classes, (label[None] == classes[:, None]).float(), valid))
-        return out
+        valid = labels != targets.ignore_index
+        if targets.confidence is not None:
+            valid = valid & (labels_at(targets.confidence, size) >= self.threshold)
+        slots = SlotTargets.of(labels, valid, self.num_classes, self.min_area)
+        if targets.labeled is not None:
+            slots.present = slots.present & ~targets.labeled[:, None]
+        return slots
 
-    def _teacher_maps(self, targets: Targets, rows: Tensor, size: tuple[int, int]) -> Tensor:
-        """The teacher's pooled maps `[R, C, P]` for the unlabeled `rows` (in order), CutMixed with
-        their boxes (the box content from the previous teacher row of the same view batch)."""
+    def _teacher_maps(self, targets: Targets, size: tuple[int, int]) -> Tensor:
+        """The teacher's pooled maps `[B, C, P]` for every row: the i-th unlabeled row reads the
+        teacher's row i (modulo the teacher's batch: one per strong view), CutMixed with its box
+        (the box content from the previous teacher row); labeled rows read a copy they never use."""
         teacher = targets.teacher
-        assert teacher is not None
+        assert teacher is not None and targets.labeled is not None
         maps = at_least_float32(self._pooled_maps(teacher).detach())
         if maps.shape[-2:] != size:
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
         n = maps.shape[0]
-        index = torch.arange(rows.numel(), device=maps.device) % n
+        index = ((~targets.labeled).cumsum(0) - 1).clamp_min(0) % n
         own, previous = maps[index], maps[(index - 1) % n]
         if targets.mix_boxes is not None:
-            boxes = labels_at(targets.mix_boxes[rows], size)
-            own = cutmix(boxes, own, previous)
+            own = cutmix(labels_at(targets.mix_boxes, size), own, previous)
         return own.flatten(2)
 
     def _pooled_maps(self, output: SegOutput) -> Tensor:
@@ -171,53 +186,45 @@ class RegionConsistencyContrast(Term):
         if targets.teacher is None:
             raise ConfigError("contrast rc2l reads the teacher's mask features: train it with a teacher-student "
                               "method (method=rc2l)")
-        if targets.labeled is None:  # every row is ground truth
-            rows = torch.zeros(0, dtype=torch.long, device=targets.labels.device)
-        else:
-            rows = (~targets.labeled).nonzero().squeeze(1)
         zero = self.zero(output)
-        if rows.numel() == 0:
+        if targets.labeled is None:  # every row is ground truth
             return dict.fromkeys(TERMS, zero)
         with torch.autocast(targets.labels.device.type, enabled=False):  # float16 sums over pixels overflow
-            return self._terms(output, targets, rows, zero)
+            return self._terms(output, targets, zero)
 
-    def _terms(self, output: SegOutput, targets: Targets, rows: Tensor, zero: Tensor) -> dict[str, Tensor]:
-        """The four terms on the unlabeled `rows`, in float32 or wider."""
-        mask_cls = at_least_float32(output.aux["mask_cls"][rows])
-        mask_logits = at_least_float32(output.aux["mask_logits"][rows])
+    def _terms(self, output: SegOutput, targets: Targets, zero: Tensor) -> dict[str, Tensor]:
+        """The four terms on the unlabeled rows, in float32 or wider."""
+        assert targets.labeled is not None
+        mask_cls = at_least_float32(output.aux["mask_cls"])
+        mask_logits = at_least_float32(output.aux["mask_logits"])
         size = tuple(mask_logits.shape[-2:])
-        regions = self.regions(Targets(targets.labels[rows], targets.ignore_index,
-                                       None if targets.confidence is None else targets.confidence[rows]), size)
-        matches = self.set_loss.match(mask_cls, mask_logits, regions)
-        set_terms = self.set_loss.layer_losses(mask_cls, mask_logits, regions, matches)
-        student = at_least_float32(self._pooled_maps(output)[rows])
+        slots = self.regions(targets, size)
+        (matching,) = self.set_loss.match([(mask_cls, mask_logits)], slots)
+        set_terms = self.set_loss.layer_losses(mask_cls, mask_logits, slots, matching, rows=~targets.labeled)
+        student = at_least_float32(self._pooled_maps(output))
         if student.shape[-2:] != size:
             student = F.interpolate(student, size=size, mode="bilinear", align_corners=False)
-        teacher = self._teacher_maps(targets, rows, size)
-        student = student.flatten(2)
-        teacher_regions = [F.normalize(masked_average(at_least_float32(t), r.masks * r.valid), dim=1)
-                           for t, r in zip(teacher, regions, strict=True)]
-        rmc, rfc = [], []
-        for i, ((queries, tgt), region) in enumerate(zip(matches, regions, strict=True)):
-            if queries.numel() == 0:
-                continue
-            probs = at_least_float32(mask_logits[i].flatten(1)[queries]).sigmoid()  # [T, P], target order
-            sim = dice_similarity(probs, region.masks, region.valid) / self.tau_m
-            rmc.append(F.cross_entropy(sim, tgt))
-            pooled = F.normalize(masked_average(at_least_float32(student[i]), probs * region.valid), dim=1)
-            keys, key_classes = teacher_regions[i], region.classes
-            if self.cross_image:
-                others = [(t, r.classes) for j, (t, r) in enumerate(zip(teacher_regions, regions, strict=True)) if j != i]
-                if others:
-                    keys = torch.cat([keys, *(t for t, _ in others)])
-                    key_classes = torch.cat([key_classes, *(c for _, c in others)])
-            logits = pooled @ keys.T / self.tau_f
-            foreign = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
-            foreign[region.classes.numel():] = True
-            same_class = key_classes[None, :] == region.classes[tgt][:, None]
-            logits = logits.masked_fill(foreign[None, :] & same_class, float("-inf"))  # other images: other classes only
-            rfc.append(F.cross_entropy(logits, tgt))
+        student, teacher = student.flatten(2), self._teacher_maps(targets, size)
+        region_masks = slots.masks.to(teacher.dtype) * slots.valid.to(teacher.dtype)[:, None, :]
+        teacher_regions = F.normalize(masked_average(teacher, region_masks), dim=-1)  # [B, K, C]
+        flat = mask_logits.flatten(2)
+        probs = flat.gather(1, matching.query[..., None].expand(-1, -1, flat.shape[-1])).sigmoid()  # [B, K, P]
+        b, k = slots.present.shape
+        slot = arange(k, slots.present.device)
+        own = matching.matched[:, None, :].expand(b, k, k)  # candidates: the image's own regions
+        target = slot.expand(b, k)
+        rmc = region_contrast(dice_similarity(probs, slots.masks, slots.valid) / self.tau_m, own, target,
+                              matching.matched)
+        pooled = F.normalize(masked_average(student, probs * slots.valid.to(probs.dtype)[:, None, :]), dim=-1)
+        if self.cross_image:  # every image's regions; another image's only where its class differs
+            keys = teacher_regions.flatten(0, 1)  # [B * K, C], image-major
+            same_image = arange(b, slot.device)[:, None, None, None] == arange(b, slot.device)[None, None, :, None]
+            other_class = slot[None, :, None, None] != slot[None, None, None, :]
+            allowed = (matching.matched[None, None] & (same_image | other_class)).flatten(2)  # [B, K, B * K]
+            rfc = region_contrast(pooled @ keys.T / self.tau_f, allowed, target + k * arange(b, slot.device)[:, None],
+                                  matching.matched)
+        else:
+            rfc = region_contrast(pooled @ teacher_regions.transpose(1, 2) / self.tau_f, own, target, matching.matched)
         values = {"rcc": set_terms["ce"], "smc": set_terms["focal"] * self.set_loss.weights[1]
-                  + set_terms["dice"] * self.set_loss.weights[2],
-                  "rmc": torch.stack(rmc).mean() if rmc else zero, "rfc": torch.stack(rfc).mean() if rfc else zero}
-        return {k: self.weights[k] * (v + zero) for k, v in values.items()}
+                  + set_terms["dice"] * self.set_loss.weights[2], "rmc": rmc, "rfc": rfc}
+        return {name: self.weights[name] * (v + zero) for name, v in values.items()}

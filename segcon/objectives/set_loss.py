@@ -10,6 +10,11 @@ losses alike (MaskFormer resizes the predictions up for its loss instead; at 1/4
 cheaper). Ignore pixels (and crop padding) count in no mask cost or loss: MaskFormer counts them
 as negatives of every mask. Mask losses are divided by the number of target masks of the batch
 (per rank).
+
+Static shapes (DESIGN.md "Speed on a GPU"): an image's targets are K slots, one per class, with a
+`present` flag, so every cost and loss is one batched tensor program. The matching itself is
+scipy's, on the host: the costs of every decoder layer and image go there in one copy (the one
+host synchronisation of the term), and the assignment comes back in one upload.
 """
 
 from __future__ import annotations
@@ -28,59 +33,102 @@ from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.static import arange, constant
 
 
 @dataclass
-class ImageTargets:
-    """One image's region targets at the mask resolution: `classes [T]`, binary `masks [T, P]`
-    (P = h·w pixels) and `valid [P]` (pixels any loss may count)."""
+class SlotTargets:
+    """The region targets of a batch at the mask resolution, one slot per class: slot k of image
+    b is class k's mask `masks[b, k] [P]` (P = h·w pixels; True on its pixels), a target only
+    where `present[b, k]`; `valid [B, P]` marks the pixels any cost or loss may count."""
 
-    classes: Tensor
+    present: Tensor
     masks: Tensor
     valid: Tensor
 
+    @classmethod
+    def of(cls, labels: Tensor, valid: Tensor, num_classes: int, min_area: int = 1) -> SlotTargets:
+        """From label maps `[B, h, w]` and their countable pixels `valid [B, h, w]`: class k is a
+        target of an image when at least `min_area` of its valid pixels carry k."""
+        flat, valid = labels.flatten(1), valid.flatten(1)
+        masks = flat[:, None, :] == arange(num_classes, labels.device)[None, :, None]
+        present = (masks & valid[:, None, :]).sum(-1) >= min_area
+        return cls(present, masks, valid)
 
-def semantic_targets(labels: Tensor, ignore_index: int, size: tuple[int, int]) -> list[ImageTargets]:
-    """Per image of `labels [B, H, W]`: one mask per class present (ignore excluded), nearest-
-    resized to `size`; a class whose pixels all vanish in the resize keeps no mask."""
+
+@dataclass
+class Matching:
+    """One decoder layer's matching: `query [B, K]`, the query matched to each slot (0 where
+    `matched [B, K]` is False), `target_class [B, N]`, each query's slot (class) or K ("no
+    object"), and `count`, the number of matched slots of the batch (known on the host)."""
+
+    query: Tensor
+    matched: Tensor
+    target_class: Tensor
+    count: int
+
+
+def semantic_targets(labels: Tensor, ignore_index: int, size: tuple[int, int], num_classes: int) -> SlotTargets:
+    """The slot targets of `labels [B, H, W]` (one per class present; ignore excluded), nearest-
+    resized to `size`; a class whose pixels all vanish in the resize is not present."""
     small = labels if tuple(labels.shape[-2:]) == tuple(size) else F.interpolate(
         labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
-    out = []
-    for image in small.reshape(small.shape[0], -1):
-        valid = image != ignore_index
-        classes = image[valid].unique()
-        masks = (image[None, :] == classes[:, None]).to(torch.float32)
-        out.append(ImageTargets(classes, masks, valid))
-    return out
+    return SlotTargets.of(small, small != ignore_index, num_classes)
 
 
 def _focal_terms(logits: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Tensor]:
-    """Per-pixel sigmoid focal loss of `logits [N, P]` if the pixel were positive / negative."""
+    """Per-pixel sigmoid focal loss of `logits` (any shape) if the pixel were positive / negative."""
     prob = logits.sigmoid()
     pos = alpha * (1 - prob) ** gamma * F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
     neg = (1 - alpha) * prob**gamma * F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
     return pos, neg
 
 
-def mask_costs(logits: Tensor, target: ImageTargets, alpha: float = 0.25, gamma: float = 2.0) -> tuple[Tensor, Tensor]:
-    """Focal and dice costs `[N, T]` of every predicted mask `logits [N, P]` against every target
-    mask, over the valid pixels: the mean focal loss, and `1 − (2 Σ p y + 1) / (Σ p + Σ y + 1)`."""
-    v = target.valid.to(logits.dtype)
-    y = target.masks.to(logits.dtype) * v
+def mask_costs(logits: Tensor, targets: SlotTargets, alpha: float = 0.25, gamma: float = 2.0) -> tuple[Tensor, Tensor]:
+    """Focal and dice costs `[B, N, K]` of every predicted mask `logits [B, N, P]` against every
+    slot's mask, over the valid pixels: the mean focal loss, and `1 − (2 Σ p y + 1) / (Σ p + Σ y + 1)`."""
+    v = targets.valid.to(logits.dtype)[:, None, :]  # [B, 1, P]
+    y = targets.masks.to(logits.dtype) * v  # [B, K, P]
     pos, neg = _focal_terms(logits, alpha, gamma)
-    focal = ((pos * v) @ y.T + (neg * v) @ ((1 - y) * v).T) / v.sum().clamp_min(1)
+    focal = ((pos * v) @ y.transpose(1, 2) + (neg * v) @ (v - y).transpose(1, 2)) / v.sum(-1, keepdim=True).clamp_min(1)
     p = logits.sigmoid() * v
-    dice = 1 - (2 * p @ y.T + 1) / (p.sum(1)[:, None] + y.sum(1)[None, :] + 1)
+    dice = 1 - (2 * p @ y.transpose(1, 2) + 1) / (p.sum(-1)[:, :, None] + y.sum(-1)[:, None, :] + 1)
     return focal, dice
 
 
-def hungarian(cost: Tensor) -> tuple[Tensor, Tensor]:
+def hungarian(cost: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The assignment of least total cost of `cost [N, T]` (N >= T): matched query and target
     indices `[T]`, ordered by target (scipy's linear_sum_assignment on a float64 copy)."""
-    rows, cols = linear_sum_assignment(cost.detach().double().cpu().numpy())
+    cost = cost.detach().double().cpu().numpy() if isinstance(cost, Tensor) else np.asarray(cost, dtype=np.float64)
+    rows, cols = linear_sum_assignment(cost)
     order = np.argsort(cols)
-    return (torch.as_tensor(rows[order], device=cost.device, dtype=torch.long),
-            torch.as_tensor(cols[order], device=cost.device, dtype=torch.long))
+    return rows[order], cols[order]
+
+
+def match_on_host(costs: Tensor, present: Tensor) -> list[Matching]:
+    """The least-cost matchings of `costs [L, B, N, K]` (L decoder layers) restricted to the
+    `present [B, K]` slots: one copy to the host for all of them, one upload back."""
+    layers, b, n, k = costs.shape
+    host = torch.cat([costs.detach().flatten(), present.flatten().to(costs.dtype)]).cpu().double().numpy()
+    cost, flags = host[:-b * k].reshape(layers, b, n, k), host[-b * k:].reshape(b, k) > 0
+    slots = [np.flatnonzero(f) for f in flags]
+    if max(s.size for s in slots) > n:
+        raise ConfigError(f"an image holds {max(s.size for s in slots)} classes but the model has {n} queries: "
+                          "raise model.num_queries")
+    query = np.full((layers, b, k), -1, dtype=np.int64)
+    target_class = np.full((layers, b, n), k, dtype=np.int64)
+    for layer in range(layers):
+        for i, cols in enumerate(slots):
+            if cols.size:
+                rows, picked = hungarian(cost[layer, i][:, cols])
+                query[layer, i, cols[picked]] = rows
+                target_class[layer, i, rows] = cols[picked]
+    upload = torch.from_numpy(np.concatenate([query, target_class], axis=-1))
+    if costs.device.type == "cuda":
+        upload = upload.pin_memory()
+    upload = upload.to(costs.device, non_blocking=True)
+    count = sum(s.size for s in slots)
+    return [Matching(u[:, :k].clamp_min(0), u[:, :k] >= 0, u[:, k:], count) for u in upload]
 
 
 class SetCriterion(Term):
@@ -127,56 +175,47 @@ class SetCriterion(Term):
     def zero(self, output: SegOutput) -> Tensor:
         return output.aux["mask_cls"].sum() * 0.0 + output.aux["mask_logits"].sum() * 0.0
 
-    def match(self, mask_cls: Tensor, mask_logits: Tensor, targets: Sequence[ImageTargets]) -> list[tuple[Tensor, Tensor]]:
-        """Per image: matched (query indices, target indices) of least total cost."""
+    def cost(self, mask_cls: Tensor, mask_logits: Tensor, targets: SlotTargets) -> Tensor:
+        """The matching cost `[B, N, K]` of every query against every slot:
+        `−cost_class · p_q[k] + cost_focal · focal + cost_dice · dice`."""
         c_class, c_focal, c_dice = self.costs
-        matches = []
         with torch.no_grad(), torch.autocast(mask_cls.device.type, enabled=False):  # float16 costs overflow
-            for cls, masks, target in zip(mask_cls, mask_logits, targets, strict=True):
-                if target.classes.numel() == 0:
-                    empty = torch.zeros(0, dtype=torch.long, device=cls.device)
-                    matches.append((empty, empty))
-                    continue
-                if target.classes.numel() > cls.shape[0]:
-                    raise ConfigError(f"an image holds {target.classes.numel()} classes but the model has "
-                                      f"{cls.shape[0]} queries: raise model.num_queries")
-                prob = at_least_float32(cls).softmax(-1)[:, target.classes]
-                focal, dice = mask_costs(at_least_float32(masks.flatten(1)), target, self.alpha, self.gamma)
-                matches.append(hungarian(-c_class * prob + c_focal * focal + c_dice * dice))
-        return matches
+            prob = at_least_float32(mask_cls).softmax(-1)[..., :self.num_classes]
+            focal, dice = mask_costs(at_least_float32(mask_logits.flatten(2)), targets, self.alpha, self.gamma)
+            return -c_class * prob + c_focal * focal + c_dice * dice
+
+    def match(self, layers: Sequence[tuple[Tensor, Tensor]], targets: SlotTargets) -> list[Matching]:
+        """The matching of each decoder layer's `(mask_cls [B, N, K+1], mask_logits [B, N, h, w])`
+        to the slots (one host round trip for all layers)."""
+        return match_on_host(torch.stack([self.cost(c, m, targets) for c, m in layers]), targets.present)
 
     def layer_losses(
-        self,
-        mask_cls: Tensor,
-        mask_logits: Tensor,
-        targets: Sequence[ImageTargets],
-        matches: Sequence[tuple[Tensor, Tensor]] | None = None,
+        self, mask_cls: Tensor, mask_logits: Tensor, targets: SlotTargets, matching: Matching,
+        rows: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """CE, focal and dice (unweighted) of one decoder layer's `mask_cls [B, N, K+1]` and
-        `mask_logits [B, N, h, w]` (matched here unless `matches` are given)."""
-        matches = self.match(mask_cls, mask_logits, targets) if matches is None else matches
-        b, n = mask_cls.shape[:2]
-        target_classes = torch.full((b, n), self.num_classes, dtype=torch.long, device=mask_cls.device)
-        focal = dice = mask_logits.sum() * 0.0
-        count = 0
-        for i, ((queries, tgt), target) in enumerate(zip(matches, targets, strict=True)):
-            if queries.numel() == 0:
-                continue
-            target_classes[i, queries] = target.classes[tgt]
-            logits = mask_logits[i].flatten(1)[queries]  # [T, P]
-            y = target.masks[tgt].to(logits.dtype)
-            v = target.valid.to(logits.dtype)
-            pos, neg = _focal_terms(logits, self.alpha, self.gamma)
-            per_pixel = (pos * y + neg * (1 - y)) * v
-            focal = focal + (per_pixel.sum(1) / v.sum().clamp_min(1)).sum()
-            p, yv = logits.sigmoid() * v, y * v
-            dice = dice + (1 - (2 * (p * yv).sum(1) + 1) / (p.sum(1) + yv.sum(1) + 1)).sum()
-            count += queries.numel()
-        logits = at_least_float32(mask_cls.transpose(1, 2))
-        class_weight = torch.ones(self.num_classes + 1, dtype=logits.dtype, device=logits.device)
-        class_weight[-1] = self.no_object_weight
-        ce = F.cross_entropy(logits, target_classes, weight=class_weight)
-        return {"ce": ce, "focal": focal / max(count, 1), "dice": dice / max(count, 1)}
+        `mask_logits [B, N, h, w]` under `matching`: CE the class-weighted mean over the queries
+        of the rows where `rows [B]` (default: all), focal and dice the sums over the matched slots
+        divided by their number."""
+        logits = mask_logits.flatten(2)
+        chosen = logits.gather(1, matching.query[..., None].expand(-1, -1, logits.shape[-1]))  # [B, K, P]
+        v = targets.valid.to(chosen.dtype)[:, None, :]
+        y = targets.masks.to(chosen.dtype)
+        pos, neg = _focal_terms(chosen, self.alpha, self.gamma)
+        focal = ((pos * y + neg * (1 - y)) * v).sum(-1) / v.sum(-1).clamp_min(1)  # [B, K]
+        p, yv = chosen.sigmoid() * v, y * v
+        dice = 1 - (2 * (p * yv).sum(-1) + 1) / (p.sum(-1) + yv.sum(-1) + 1)
+        matched = matching.matched.to(chosen.dtype)
+        count = max(matching.count, 1)
+        scores = at_least_float32(mask_cls.transpose(1, 2))
+        class_weight = constant((1.0,) * self.num_classes + (self.no_object_weight,), scores.dtype, scores.device)
+        if rows is None:
+            ce = F.cross_entropy(scores, matching.target_class, weight=class_weight)
+        else:  # the class-weighted mean over the queries of the chosen rows
+            weight = class_weight[matching.target_class] * rows.to(scores.dtype)[:, None]
+            nll = F.cross_entropy(scores, matching.target_class, reduction="none")
+            ce = (weight * nll).sum() / weight.sum().clamp_min(torch.finfo(scores.dtype).tiny)
+        return {"ce": ce, "focal": (focal * matched).sum() / count, "dice": (dice * matched).sum() / count}
 
     def forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
         with torch.autocast(targets.labels.device.type, enabled=False):  # float16 sums over pixels overflow
@@ -190,9 +229,9 @@ class SetCriterion(Term):
             layers += [(a["mask_cls"], a["mask_logits"]) for a in output.aux.get("aux_outputs", [])]
         layers = [(at_least_float32(c), at_least_float32(m)) for c, m in layers]
         size = tuple(output.aux["mask_logits"].shape[-2:])
-        image_targets = semantic_targets(targets.reliable(), targets.ignore_index, size)
+        slots = semantic_targets(targets.reliable(), targets.ignore_index, size, self.num_classes)
         total = dict.fromkeys(("ce", "focal", "dice"), output.aux["mask_cls"].sum() * 0.0)
-        for mask_cls, mask_logits in layers:
-            for key, value in self.layer_losses(mask_cls, mask_logits, image_targets).items():
+        for (mask_cls, mask_logits), matching in zip(layers, self.match(layers, slots), strict=True):
+            for key, value in self.layer_losses(mask_cls, mask_logits, slots, matching).items():
                 total[key] = total[key] + value
         return {key: w * total[key] for key, w in zip(("ce", "focal", "dice"), self.weights, strict=True)}

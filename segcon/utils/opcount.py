@@ -101,6 +101,10 @@ class OpCounter(TorchDispatchMode):
     def is_device(self, t: Any) -> bool:
         return isinstance(t, torch.Tensor) and t in self._device
 
+    def unmark(self, t: torch.Tensor) -> None:
+        """`t` is host memory (a copy the host made of device values)."""
+        self._device.pop(t, None)
+
     def reset(self) -> None:
         self.ops = self.views = self.syncs = 0
         self.by_op.clear()
@@ -166,9 +170,15 @@ class _PythonCalls(TorchFunctionMode):
         explicit = getattr(func, "__name__", "") in _FACTORIES and kwargs.get("device") is not None
         before, self.counter.explicit_device = self.counter.explicit_device, explicit or self.counter.explicit_device
         try:
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
         finally:
             self.counter.explicit_device = before
+        if func is torch.Tensor.cpu and self.counter.is_device(args[0]):  # the copy is host memory
+            if out is args[0]:  # a CPU run hands the tensor itself back: a host alias of it instead
+                with self.counter.paused():
+                    out = out.view_as(out)
+            self.counter.unmark(out)
+        return out
 
 
 @contextlib.contextmanager
