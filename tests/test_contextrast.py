@@ -12,6 +12,7 @@ from segcon.models.output import PixelEmbedding, SegOutput
 from segcon.objectives.base import Targets
 from segcon.objectives.contextrast import ContextrastLoss
 from segcon.objectives.samplers import ViewsSampler
+from segcon.utils.errors import ConfigError
 
 IGNORE = 255
 
@@ -25,6 +26,14 @@ def every_valid_pixel(labels: torch.Tensor, preds: torch.Tensor, *_: object, seg
     labelled = (labels != IGNORE).reshape(-1)
     valid = labelled[None, :] & (level[None, :] == torch.arange(levels)[:, None])
     return torch.arange(labels.numel()) * valid, valid  # padding rows: pixel 0, as samplers give
+
+
+def every_other_valid_pixel(labels: torch.Tensor, preds: torch.Tensor, *args: object,
+                            segments: tuple[torch.Tensor, int], **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """`every_valid_pixel` at the even flat indices only (the layers' offsets and sizes are even
+    in `_case`: pixel (r, c) of an s x s layer is kept when r·s + c is even)."""
+    index, valid = every_valid_pixel(labels, preds, *args, segments=segments, **kwargs)
+    return index, valid & (torch.arange(labels.numel()) % 2 == 0)[None, :]
 
 
 def _nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -59,8 +68,11 @@ def _case() -> tuple[SegOutput, torch.Tensor]:
 
 
 def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: float, wh: float, tau: float,
-               bane: bool, negatives: str, normalize: bool) -> float:
-    """The loss by loops, float64, from the definitions (finest layer first in `lam`)."""
+               bane: bool, negatives: str, normalize: bool, half: bool = False, anchor_all: bool = False,
+               min_pixels: int = 1) -> float:
+    """The loss by loops, float64, from the definitions (finest layer first in `lam`). `half`:
+    the sampler keeps the pixels with r·s + c even; `anchor_all`: anchors average every labelled
+    pixel of the layer, not the sampled ones; a class needs `min_pixels` of them for an anchor."""
     lab = labels.numpy()
     pred_full = output.logits.detach().argmax(1).numpy()
     layers = []
@@ -74,10 +86,13 @@ def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: fl
                 for c in range(s):
                     v = dense[b, :, r, c]
                     vec[(b, r, c)] = v / np.linalg.norm(v)
-        pixels = [(k, int(y[k])) for k in vec if y[k] != IGNORE]
+        labelled = [(k, int(y[k])) for k in vec if y[k] != IGNORE]
+        pixels = [(k, cls) for k, cls in labelled if not half or (k[1] * s + k[2]) % 2 == 0]
         anchors = {}
-        for n in sorted({cls for _, cls in pixels}):
-            members = [vec[k] for k, cls in pixels if cls == n]
+        for n in sorted({cls for _, cls in labelled}):
+            members = [vec[k] for k, cls in (labelled if anchor_all else pixels) if cls == n]
+            if len(members) < min_pixels:
+                continue
             anchors[n] = sum(members) / len(members)
             if normalize:
                 anchors[n] = anchors[n] / np.linalg.norm(anchors[n])
@@ -103,8 +118,9 @@ def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: fl
             neg += [vec[k] for k, t, q in errors if (q == n if negatives == "predicted" else t != n)]
             neg_sum = sum(math.exp(float(a @ v) / tau) for v in neg)
             terms = [-math.log(math.exp(float(a @ v) / tau) / (math.exp(float(a @ v) / tau) + neg_sum)) for v in pos]
-            losses.append(sum(terms) / len(terms))
-        total += lam[i] * sum(losses) / len(losses)
+            if terms:  # an anchor without positives is not counted
+                losses.append(sum(terms) / len(terms))
+        total += lam[i] * sum(losses) / max(len(losses), 1)
     return total
 
 
@@ -133,6 +149,32 @@ def test_contextrast_equals_a_float64_loop_reference(order: str, bane: bool, neg
     assert (_nearest(labels.numpy(), (4, 4)) == 2).sum() == 0
     pred = output.logits.argmax(1).numpy()
     assert (pred[1] == labels.numpy()[1]).all() and (pred[0] != labels.numpy()[0]).any()
+
+
+@pytest.mark.parametrize(("anchor_pixels", "min_pixels"), [("sampled", 1), ("all", 1), ("all", 2), ("sampled", 3)])
+def test_anchors_of_all_pixels_or_the_sampled_ones_with_a_minimum_against_the_loop(anchor_pixels: str,
+                                                                                    min_pixels: int) -> None:
+    """A sampler that keeps half of the pixels: `all` anchors average every labelled pixel of the
+    layer, `sampled` ones the kept half; the contrast's pixels are the kept half either way. The
+    class-2 pixel (one, at the finest layer, an error pixel BANE adds) is not sampled: under
+    `all` it forms an anchor of one pixel, which `anchor_min_pixels: 2` drops."""
+    output, labels = _case()
+    term = ContextrastLoss(every_other_valid_pixel, embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2],
+                           temperature=0.5, context_weights=[0.4, 0.6], bane_fraction=1.0,
+                           bane_max_per_class=10_000, anchor_pixels=anchor_pixels, anchor_min_pixels=min_pixels)
+    got = term(output, Targets(labels, IGNORE))
+    expected = _reference(output, labels, [0.2, 0.6, 1.0], 0.4, 0.6, 0.5, True, "predicted", False, half=True,
+                          anchor_all=anchor_pixels == "all", min_pixels=min_pixels)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+    others = {ContextrastLoss(every_other_valid_pixel, embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2],
+                              temperature=0.5, context_weights=[0.4, 0.6], bane_fraction=1.0,
+                              bane_max_per_class=10_000, anchor_pixels=a)(output, Targets(labels, IGNORE)).item()
+              for a in ("sampled", "all")}
+    assert len(others) == 2  # the case tells the two apart
+    with pytest.raises(ConfigError, match="anchor_pixels"):
+        ContextrastLoss(every_valid_pixel, anchor_pixels="some")
+    with pytest.raises(ConfigError, match="anchor_min_pixels"):
+        ContextrastLoss(every_valid_pixel, anchor_min_pixels=0)
 
 
 def test_bane_pixels_change_the_loss_and_the_fraction_selects_among_them() -> None:

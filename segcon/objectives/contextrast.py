@@ -6,7 +6,9 @@ Per layer i (one projection head per encoder stage, listed from the finest to th
   keeps) and the main classifier's prediction (argmax at its own resolution, detached) are
   nearest-resized to the layer's resolution;
 - the sampler picks the layer's pixels V_i; the anchor of class n is the mean of V_i's
-  embeddings of class n (`a_i^n`, optionally L2-normalised);
+  embeddings of class n (`anchor_pixels: sampled`) or of all of the layer's embeddings whose kept
+  label is n (`all`, the paper's Eq. (1)): `a_i^n`, optionally L2-normalised; a class with fewer
+  than `anchor_min_pixels` such pixels has no anchor at that layer;
 - the contextual update moves the shallower layers' anchors toward the deepest layer's:
   `â_i^n = w_l·a_i^n + w_h·a_I^n` for i < I (a class absent from layer I keeps `a_i^n`);
 - each anchor is the InfoNCE query against the layer's pixels, with the per-positive
@@ -38,9 +40,10 @@ from segcon.objectives.base import Targets, Term
 from segcon.objectives.boundary import boundary_errors
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
-from segcon.utils.static import constant, level_layout
+from segcon.utils.static import constant, group_counts, level_layout
 
 LEVEL_ORDERS = ("deep_first", "fine_first")
+ANCHOR_PIXELS = ("sampled", "all")
 BANE_NEGATIVES = ("predicted", "other_classes")
 
 
@@ -82,6 +85,9 @@ class ContextrastLoss(Term):
             again (the paper does not normalise).
         bane: add the boundary error pixels; bane_fraction (K), bane_max_per_class and
             bane_negatives as in the module docstring.
+        anchor_pixels: `sampled` (the sampler's pixels of the class) or `all` (every pixel of the
+            layer with the class's kept label) form a class's anchor.
+        anchor_min_pixels: a class forms an anchor at a layer from at least this many pixels.
     """
 
     reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings"})
@@ -99,6 +105,8 @@ class ContextrastLoss(Term):
         bane_fraction: float = 0.5,
         bane_max_per_class: int = 256,
         bane_negatives: str = "predicted",
+        anchor_pixels: str = "sampled",
+        anchor_min_pixels: int = 1,
     ) -> None:
         super().__init__()
         names = list(embeddings)
@@ -115,6 +123,10 @@ class ContextrastLoss(Term):
         if bane_negatives not in BANE_NEGATIVES:
             raise ConfigError(f"contrast.contextrast.bane_negatives must be one of {BANE_NEGATIVES}, "
                               f"got {bane_negatives!r}")
+        if anchor_pixels not in ANCHOR_PIXELS:
+            raise ConfigError(f"contrast.contextrast.anchor_pixels must be one of {ANCHOR_PIXELS}, got {anchor_pixels!r}")
+        if anchor_min_pixels < 1:
+            raise ConfigError(f"contrast.contextrast.anchor_min_pixels must be >= 1, got {anchor_min_pixels}")
         if not 0.0 < bane_fraction <= 1.0:
             raise ConfigError(f"contrast.contextrast.bane_fraction must be in (0, 1], got {bane_fraction}")
         self.sampler = sampler
@@ -126,6 +138,7 @@ class ContextrastLoss(Term):
         self.normalize_anchors = normalize_anchors
         self.bane, self.bane_fraction, self.bane_max = bane, bane_fraction, bane_max_per_class
         self.bane_negatives = bane_negatives
+        self.anchor_pixels, self.anchor_min_pixels = anchor_pixels, anchor_min_pixels
 
     def zero(self, output: SegOutput) -> Tensor:
         name = type(self).__name__
@@ -133,14 +146,33 @@ class ContextrastLoss(Term):
 
     def _anchors(self, z: Tensor, y: Tensor, valid: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
         """Per level, the class means of the valid sampled embeddings `z [L, M, D]` with labels
-        `y [L, M]`, one row per class: (anchors `[L, K, D]`, which classes are present `[L, K]`)."""
+        `y [L, M]`, one row per class: (anchors `[L, K, D]`, which classes have one `[L, K]`)."""
         levels, k = z.shape[0], num_classes
         group = (y + torch.arange(levels, device=y.device)[:, None] * k).reshape(-1)
         real = valid.reshape(-1).to(z.dtype)
         sums = z.new_zeros(levels * k, z.shape[2]).index_add(0, group, z.reshape(-1, z.shape[2]) * real[:, None])
         counts = z.new_zeros(levels * k).index_add(0, group, real)
-        anchors = (sums / counts.clamp_min(1)[:, None]).view(levels, k, -1)
-        return F.normalize(anchors, dim=2) if self.normalize_anchors else anchors, (counts > 0).view(levels, k)
+        return self._means(sums.view(levels, k, -1), counts.view(levels, k))
+
+    def _all_pixel_anchors(self, embs: Sequence[PixelEmbedding], labels: Sequence[Tensor], ignore: int,
+                           num_classes: int) -> tuple[Tensor, Tensor]:
+        """Per level, the class means of every embedding of the layer by its kept label
+        (`labels[l] [B, h_l, w_l]`, ignore left out): (anchors `[L, K, D]`, which classes have one
+        `[L, K]`). One segment sum per layer."""
+        sums, counts = [], []
+        for emb, lab in zip(embs, labels, strict=True):
+            rows = emb.rows()  # [B * h * w, D], flat-index order
+            group = torch.where(lab == ignore, num_classes, lab).reshape(-1)
+            sums.append(rows.new_zeros(num_classes + 1, rows.shape[1]).index_add(0, group, rows)[:num_classes])
+            counts.append(group_counts(group, num_classes + 1)[:num_classes])
+        return self._means(torch.stack(sums), torch.stack(counts).to(sums[0].dtype))
+
+    def _means(self, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        """Anchors `[L, K, D]` from sums `[L, K, D]` over `counts [L, K]` pixels (normalised when
+        `normalize_anchors`), and which classes have one (at least `anchor_min_pixels`)."""
+        anchors = sums / counts.clamp_min(1)[..., None]
+        anchors = F.normalize(anchors, dim=2) if self.normalize_anchors else anchors
+        return anchors, counts >= self.anchor_min_pixels
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
         """`Σ_i λ_i L_i` over the layers (see the module docstring): a scalar, 0 (connected to
@@ -178,7 +210,10 @@ class ContextrastLoss(Term):
             rows = torch.cat([index, b_index], 1)
         keys = PixelEmbedding.stack_at(embs, layout.image[rows], layout.pixel[rows])  # [L, M (+ E), D]
         m = index.shape[1]
-        anchors, present = self._anchors(keys[:, :m], y, valid, k)
+        if self.anchor_pixels == "all":
+            anchors, present = self._all_pixel_anchors(embs, layout.split(lab), ignore, k)
+        else:
+            anchors, present = self._anchors(keys[:, :m], y, valid, k)
         if levels > 1:  # the contextual update of the shallower layers' anchors
             deep, deep_present = anchors[-1:], present[-1:]
             contextual = self.w_low * anchors[:-1] + self.w_high * deep
