@@ -146,18 +146,22 @@ def test_an_image_with_one_region_gives_zero_contrast_without_nan() -> None:
     assert all(torch.isfinite(v) for v in values.values())
 
 
-def test_rc2l_trains_with_maskformer(tiny_cfg: Callable[..., DictConfig]) -> None:
+@pytest.mark.parametrize("options", [[], ["contrast.rc2l.teacher_regions=queries", "contrast.rc2l.rfc_features=mask_embed",
+                                           "contrast.rc2l.empty_images=skip"]])
+def test_rc2l_trains_with_maskformer(tiny_cfg: Callable[..., DictConfig], options: list[str]) -> None:
     from segcon.train import train
     from tests.test_teacher_student import SSL, _rows, _values
 
     cfg = tiny_cfg("model=maskformer_r18_light", "loss=mask_set", "method=rc2l", "contrast=rc2l",
-                   "pseudo_loss.ce.weight=0", "contrast.rc2l.confidence_threshold=0.0", "contrast.rc2l.min_area=1", *SSL)
+                   "pseudo_loss.ce.weight=0", "contrast.rc2l.confidence_threshold=0.0", "contrast.rc2l.min_area=1",
+                   *SSL, *options)
     train(cfg)
     rows = _rows(Path(cfg.paths.output_dir))
     for key in ("rcc", "smc", "rmc", "rfc"):
         values = _values(rows, f"train/loss_rc2l/{key}")
         assert len(values) == 3 and all(math.isfinite(v) for v in values), key
-    assert all(v > 0 for v in _values(rows, "train/loss_rc2l/smc"))
+    if not options:  # (an untrained teacher's queries may all say "no object": no query region yet)
+        assert all(v > 0 for v in _values(rows, "train/loss_rc2l/smc"))
 
 
 @pytest.mark.ddp
@@ -180,3 +184,96 @@ def test_rc2l_needs_a_mask_classification_head_and_a_teacher() -> None:
     targets.teacher = None
     with pytest.raises(ConfigError, match="method=rc2l"):
         term(out, targets)
+
+
+def _query_case(seed: int):
+    """`_case` with a teacher that has queries: 3 teacher views, N = 5 queries each with known
+    classes and confidences, masks from seeded logits, and a CutMix box on the first unlabeled row."""
+    out, targets = _case(seed, mixed=True)
+    g = torch.Generator().manual_seed(seed + 10)
+    top = torch.tensor([[0, 1, 3, 2, 1], [2, 2, 0, 3, 1], [1, 0, 0, 2, 3]])  # 3 = "no object"
+    score = torch.tensor([[0.9, 0.95, 0.9, 0.5, 0.8], [0.9, 0.7, 0.99, 0.9, 0.85], [0.9, 0.6, 0.9, 0.9, 0.9]],
+                         dtype=torch.float64)
+    probs = ((1 - score) / K)[..., None].expand(3, N, K + 1).clone()  # the rest shared by the other columns
+    probs.scatter_(2, top[..., None], score[..., None])
+    targets.teacher.aux = {"mask_cls": probs.log(), "mask_logits": torch.randn(3, N, 4, 4, generator=g, dtype=torch.float64),
+                           "mask_embed": torch.randn(3, N, C, generator=g, dtype=torch.float64)}
+    out.aux["mask_embed"] = torch.randn(5, N, C, generator=g, dtype=torch.float64, requires_grad=True)
+    return out, targets, top, score
+
+
+def test_teacher_query_regions_are_its_confident_queries_split_by_the_cutmix_box() -> None:
+    out, targets, top, score = _query_case(4)
+    targets.teacher.aux["valid"] = torch.ones(3, 4, 4, dtype=torch.bool)
+    targets.teacher.aux["valid"][1, 3] = False  # the second view's last row is crop padding
+    term = RegionConsistencyContrast(K, confidence_threshold=0.75, min_area=2, teacher_regions="queries")
+    slots = term.regions(targets, (4, 4))
+    masks = targets.teacher.aux["mask_logits"].flatten(2) > 0
+    real = targets.teacher.aux["valid"].flatten(1)
+    assert slots.masks.shape == (5, 2 * N, 16)
+    for row in range(5):
+        if row < 2:  # labeled rows hold no region
+            assert not slots.present[row].any()
+            continue
+        u = row - 2
+        box = targets.mix_boxes[row].flatten()
+        for j in range(2 * N):
+            v = u if j < N else (u - 1) % 3  # the row's own view, then the previous one (its box)
+            q = j % N
+            inside = ~box if j < N else box
+            mask = masks[v, q] & inside
+            assert torch.equal(slots.masks[row, j], mask), (row, j)
+            valid = torch.where(box, real[(u - 1) % 3], real[u])
+            confident = int(top[v, q]) < K and float(score[v, q]) >= 0.75
+            assert bool(slots.present[row, j]) == (confident and int((mask & valid).sum()) >= 2), (row, j)
+            if confident:
+                assert int(slots.classes[row, j]) == int(top[v, q])
+        assert torch.equal(slots.valid[row], torch.where(box, real[(u - 1) % 3], real[u]))
+    assert slots.present.sum() > 0 and not slots.present[:, N:].all()
+
+
+def test_region_feature_contrast_on_mask_embeddings_against_a_loop() -> None:
+    out, targets, _, _ = _query_case(5)
+    term = RegionConsistencyContrast(K, confidence_threshold=0.75, min_area=1, rfc_weight=1.0,
+                                     teacher_regions="queries", rfc_features="mask_embed")
+    values = term(out, targets)
+    slots = term.regions(targets, (4, 4))
+    (matching,) = term.set_loss.match([(out.aux["mask_cls"], out.aux["mask_logits"])], slots, strict=False)
+    teacher = targets.teacher.aux["mask_embed"]
+    per_image = []
+    for row in (2, 3, 4):
+        u = row - 2
+        matched = [j for j in range(2 * N) if matching.matched[row, j]]
+        if not matched:
+            continue
+        keys = [teacher[u if j < N else (u - 1) % 3, j % N] for j in matched]
+        keys = [k / k.norm() for k in keys]
+        losses = []
+        for j in matched:
+            s = out.aux["mask_embed"][row, int(matching.query[row, j])].detach()
+            s = s / s.norm()
+            logits = [float(s @ k) / 0.1 for k in keys]
+            losses.append(-logits[matched.index(j)] + math.log(sum(math.exp(x) for x in logits)))
+        per_image.append(sum(losses) / len(losses))
+    assert len(per_image) >= 2 and values["rfc"].item() == pytest.approx(sum(per_image) / len(per_image), rel=1e-10)
+    values["rfc"].backward()
+    assert out.aux["mask_embed"].grad is not None and out.aux["mask_embed"].grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="teacher_regions=queries"):
+        RegionConsistencyContrast(K, rfc_features="mask_embed")
+    with pytest.raises(ConfigError, match="empty_images"):
+        RegionConsistencyContrast(K, empty_images="drop")
+
+
+@pytest.mark.parametrize("empty_images", ["no_object", "skip"])
+def test_an_image_without_regions_teaches_no_object_or_nothing(empty_images: str) -> None:
+    out, targets = _case(6)
+    targets.confidence[3] = 0.1  # the second unlabeled image: nothing confident, no region
+    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, empty_images=empty_images)
+    values = term(out, targets)
+    rows = [2, 3, 4] if empty_images == "no_object" else [2, 4]
+    masked = targets.labels[rows].masked_fill(targets.confidence[rows] < 0.6, IGNORE)
+    reference = SetCriterion(K, deep_supervision=False, ignore_index=IGNORE)(
+        SegOutput(logits=out.logits[rows], aux={"mask_cls": out.aux["mask_cls"][rows],
+                                                "mask_logits": out.aux["mask_logits"][rows]}), Targets(masked, IGNORE))
+    assert values["rcc"].item() == pytest.approx(reference["ce"].item(), rel=1e-12)
+    assert values["smc"].item() == pytest.approx((reference["focal"] + reference["dice"]).item(), rel=1e-12)

@@ -1,12 +1,19 @@
 """RC²L's region-level consistency and contrast (`contrast=rc2l`): our reconstruction of Zhang et
 al., IJCAI 2022 (METHODS.md §4(c)-(d)); no code was published.
 
-On every unlabeled row (a strong view) the teacher's targets are its semantic masks: for each
+On every unlabeled row (a strong view) the teacher's targets are (`teacher_regions: semantic`)
+its semantic masks: for each
 class c present among the confident pixels (`Targets.confidence >= δ`) of the (CutMixed) pseudo-
 label map at the mask resolution, the mask `M_c = [Ŷ = c]`, pixels below δ ignored, regions with
 fewer than `min_area` confident pixels dropped; its teacher region feature `r_c` is the mean of
 the teacher's mask features `F^t` (CutMixed with the same boxes) over the region. The student's
-queries are matched to the regions as MaskFormer matches (segcon.objectives.set_loss), then:
+queries are matched to the regions as MaskFormer matches (segcon.objectives.set_loss). With
+`teacher_regions: queries` (the paper's Figure 2: "Nᵗ masks from the teacher model") the regions
+are the teacher's own queries whose top class (not "no object") has probability >= δ, each mask
+`σ(m_q) > 0.5` over the view's real pixels (those of the CutMix box taken from the previous
+view's queries), kept from `min_area` pixels; their features are the teacher's mask embeddings
+when `rfc_features: mask_embed` (the student's side then its matched queries' mask embeddings).
+Then:
 
 - RCC: CE of every query's class logits against its region's class, "no object" if unmatched
   (no-object weight 0.1);
@@ -22,8 +29,8 @@ RCC and SMC are normalised as MaskFormer's criterion is (RCC: the class-weighted
 query of the unlabeled rows; SMC: summed over the matched regions of the batch, divided by their
 number); RMC and RFC are averaged over the regions of an image, then over the images with at least
 one region. An image with one region gives RMC and RFC a zero (one candidate) without NaN; an
-image without regions teaches its queries "no object". Labeled rows are left to the supervised
-loss.
+image without regions teaches its queries "no object" (`empty_images: no_object`) or nothing
+(`skip`). Labeled rows are left to the supervised loss.
 
 Static shapes: every row is computed, a region is one of K class slots per row (`SlotTargets`;
 labeled rows hold none), and the per-image means are masked sums; the one host synchronisation is
@@ -42,12 +49,15 @@ from segcon.methods.mixing import cutmix
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.contrast import labels_at
-from segcon.objectives.set_loss import SetCriterion, SlotTargets
+from segcon.objectives.set_loss import Matching, SetCriterion, SlotTargets
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 from segcon.utils.static import arange
 
 TERMS = ("rcc", "smc", "rmc", "rfc")
+TEACHER_REGIONS = ("semantic", "queries")
+RFC_FEATURES = ("pooled", "mask_embed")
+EMPTY_IMAGES = ("no_object", "skip")
 
 
 def dice_similarity(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
@@ -93,6 +103,12 @@ class RegionConsistencyContrast(Term):
             method.teacher_heads).
         no_object_weight, focal_weight, dice_weight, cost_class, cost_focal, cost_dice: the
             matcher and SMC/RCC settings, as MaskFormer's set criterion (0.1, 20, 1, 1, 20, 1).
+        teacher_regions: `semantic` (per-class masks of the teacher's semantic map) or `queries`
+            (the teacher's confident queries' masks); see the module docstring.
+        rfc_features: `pooled` (region features pooled from per-pixel maps) or `mask_embed` (the
+            queries' mask embeddings; needs `teacher_regions: queries`).
+        empty_images: an unlabeled image without a region teaches its queries "no object"
+            (`no_object`) or is left out of RCC (`skip`).
     """
 
     reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder", "aux", "embeddings"})
@@ -117,8 +133,20 @@ class RegionConsistencyContrast(Term):
         cost_class: float = 1.0,
         cost_focal: float = 20.0,
         cost_dice: float = 1.0,
+        teacher_regions: str = "semantic",
+        rfc_features: str = "pooled",
+        empty_images: str = "no_object",
     ) -> None:
         super().__init__()
+        for key, value, choices in (("teacher_regions", teacher_regions, TEACHER_REGIONS),
+                                    ("rfc_features", rfc_features, RFC_FEATURES),
+                                    ("empty_images", empty_images, EMPTY_IMAGES)):
+            if value not in choices:
+                raise ConfigError(f"contrast rc2l: {key}={value!r} must be one of {list(choices)}")
+        if rfc_features == "mask_embed" and (teacher_regions != "queries" or embedding is not None):
+            raise ConfigError("contrast rc2l: rfc_features=mask_embed contrasts the teacher's query embeddings: "
+                              "set teacher_regions=queries (and embedding=null)")
+        self.teacher_regions, self.rfc_features, self.empty_images = teacher_regions, rfc_features, empty_images
         if not 0.0 <= confidence_threshold <= 1.0:
             raise ConfigError(f"contrast rc2l: confidence_threshold={confidence_threshold} must lie in [0, 1]")
         if min(mask_temperature, feature_temperature) <= 0 or min_area < 1:
@@ -140,32 +168,69 @@ class RegionConsistencyContrast(Term):
 
     @torch.no_grad()
     def regions(self, targets: Targets, size: tuple[int, int]) -> SlotTargets:
-        """The teacher's region targets of every row at `size`: class k of a row is a region when
-        at least `min_area` of its confident pixels (valid: not ignore, confidence >= δ) carry k;
-        rows with ground truth (`targets.labeled`) hold none."""
-        labels = labels_at(targets.labels, size)
-        valid = labels != targets.ignore_index
-        if targets.confidence is not None:
-            valid = valid & (labels_at(targets.confidence, size) >= self.threshold)
-        slots = SlotTargets.of(labels, valid, self.num_classes, self.min_area)
+        """The teacher's region targets of every row at `size` (`teacher_regions`); rows with
+        ground truth (`targets.labeled`) hold none.
+
+        semantic: class k of a row is a region when at least `min_area` of its confident pixels
+        (valid: not ignore, confidence >= δ) carry k. queries: `_query_regions`."""
+        if self.teacher_regions == "queries":
+            slots = self._query_regions(targets, size)
+        else:
+            labels = labels_at(targets.labels, size)
+            valid = labels != targets.ignore_index
+            if targets.confidence is not None:
+                valid = valid & (labels_at(targets.confidence, size) >= self.threshold)
+            slots = SlotTargets.of(labels, valid, self.num_classes, self.min_area)
         if targets.labeled is not None:
             slots.present = slots.present & ~targets.labeled[:, None]
         return slots
 
-    def _teacher_maps(self, targets: Targets, size: tuple[int, int]) -> Tensor:
-        """The teacher's pooled maps `[B, C, P]` for every row: the i-th unlabeled row reads the
-        teacher's row i (modulo the teacher's batch: one per strong view), CutMixed with its box
-        (the box content from the previous teacher row); labeled rows read a copy they never use."""
+    def _teacher_rows(self, targets: Targets) -> tuple[Tensor, Tensor]:
+        """For every row, the teacher row of its view and the previous one (whose content its
+        CutMix box holds): the i-th unlabeled row reads the teacher's row i (modulo the teacher's
+        batch: one per strong view); labeled rows read rows they never use."""
+        assert targets.teacher is not None and targets.labeled is not None
+        n = targets.teacher.logits.shape[0]
+        index = ((~targets.labeled).cumsum(0) - 1).clamp_min(0) % n
+        return index, (index - 1) % n
+
+    def _query_regions(self, targets: Targets, size: tuple[int, int]) -> SlotTargets:
+        """2N slots per row: the teacher's N queries of the row's own view (outside its CutMix
+        box), then the N of the previous view (inside it); a slot is a region when its query's top
+        class is not "no object" with probability >= δ and its mask holds `min_area` real pixels."""
         teacher = targets.teacher
-        assert teacher is not None and targets.labeled is not None
-        maps = at_least_float32(self._pooled_maps(teacher).detach())
+        assert teacher is not None
+        if "mask_cls" not in teacher.aux:
+            raise ConfigError("contrast rc2l: teacher_regions=queries reads the teacher's queries: use model=maskformer_*")
+        score, cls = at_least_float32(teacher.aux["mask_cls"]).softmax(-1).max(-1)  # [U, N]
+        confident = (cls < self.num_classes) & (score >= self.threshold)
+        logits = teacher.aux["mask_logits"]
+        if logits.shape[-2:] != size:
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        masks = logits.flatten(2) > 0  # σ(m) > 0.5
+        real = teacher.aux.get("valid")
+        real = masks.new_ones(masks.shape[0], masks.shape[2]) if real is None else labels_at(real, size).flatten(1)
+        own, previous = self._teacher_rows(targets)
+        box = (labels_at(targets.mix_boxes, size).flatten(1) if targets.mix_boxes is not None
+               else real.new_zeros(own.shape[0], real.shape[1]))
+        slot_masks = torch.cat([masks[own] & ~box[:, None], masks[previous] & box[:, None]], 1)  # [B, 2N, P]
+        valid = torch.where(box, real[previous], real[own])
+        present = (torch.cat([confident[own], confident[previous]], 1)
+                   & ((slot_masks & valid[:, None]).sum(-1) >= self.min_area))
+        classes = torch.cat([cls[own], cls[previous]], 1).clamp_max(self.num_classes - 1)
+        return SlotTargets(present, slot_masks, valid, classes)
+
+    def _teacher_maps(self, targets: Targets, size: tuple[int, int]) -> Tensor:
+        """The teacher's pooled maps `[B, C, P]` for every row (`_teacher_rows`), CutMixed with
+        its box (the box content from the previous teacher row)."""
+        assert targets.teacher is not None
+        maps = at_least_float32(self._pooled_maps(targets.teacher).detach())
         if maps.shape[-2:] != size:
             maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-        n = maps.shape[0]
-        index = ((~targets.labeled).cumsum(0) - 1).clamp_min(0) % n
-        own, previous = maps[index], maps[(index - 1) % n]
+        index, previous = self._teacher_rows(targets)
+        own = maps[index]
         if targets.mix_boxes is not None:
-            own = cutmix(labels_at(targets.mix_boxes, size), own, previous)
+            own = cutmix(labels_at(targets.mix_boxes, size), own, maps[previous])
         return own.flatten(2)
 
     def _pooled_maps(self, output: SegOutput) -> Tensor:
@@ -199,32 +264,52 @@ class RegionConsistencyContrast(Term):
         mask_logits = at_least_float32(output.aux["mask_logits"])
         size = tuple(mask_logits.shape[-2:])
         slots = self.regions(targets, size)
-        (matching,) = self.set_loss.match([(mask_cls, mask_logits)], slots)
-        set_terms = self.set_loss.layer_losses(mask_cls, mask_logits, slots, matching, rows=~targets.labeled)
-        student = at_least_float32(self._pooled_maps(output))
-        if student.shape[-2:] != size:
-            student = F.interpolate(student, size=size, mode="bilinear", align_corners=False)
-        student, teacher = student.flatten(2), self._teacher_maps(targets, size)
-        region_masks = slots.masks.to(teacher.dtype) * slots.valid.to(teacher.dtype)[:, None, :]
-        teacher_regions = F.normalize(masked_average(teacher, region_masks), dim=-1)  # [B, K, C]
+        (matching,) = self.set_loss.match([(mask_cls, mask_logits)], slots, strict=self.teacher_regions == "semantic")
+        rows = ~targets.labeled
+        if self.empty_images == "skip":
+            rows = rows & slots.present.any(1)
+        set_terms = self.set_loss.layer_losses(mask_cls, mask_logits, slots, matching, rows=rows)
         flat = mask_logits.flatten(2)
-        probs = flat.gather(1, matching.query[..., None].expand(-1, -1, flat.shape[-1])).sigmoid()  # [B, K, P]
+        probs = flat.gather(1, matching.query[..., None].expand(-1, -1, flat.shape[-1])).sigmoid()  # [B, S, P]
         b, k = slots.present.shape
         slot = arange(k, slots.present.device)
         own = matching.matched[:, None, :].expand(b, k, k)  # candidates: the image's own regions
         target = slot.expand(b, k)
         rmc = region_contrast(dice_similarity(probs, slots.masks, slots.valid) / self.tau_m, own, target,
                               matching.matched)
-        pooled = F.normalize(masked_average(student, probs * slots.valid.to(probs.dtype)[:, None, :]), dim=-1)
+        student_regions, teacher_regions = self._region_features(output, targets, slots, matching, probs, size)
         if self.cross_image:  # every image's regions; another image's only where its class differs
-            keys = teacher_regions.flatten(0, 1)  # [B * K, C], image-major
+            keys = teacher_regions.flatten(0, 1)  # [B * S, C], image-major
             same_image = arange(b, slot.device)[:, None, None, None] == arange(b, slot.device)[None, None, :, None]
-            other_class = slot[None, :, None, None] != slot[None, None, None, :]
-            allowed = (matching.matched[None, None] & (same_image | other_class)).flatten(2)  # [B, K, B * K]
-            rfc = region_contrast(pooled @ keys.T / self.tau_f, allowed, target + k * arange(b, slot.device)[:, None],
-                                  matching.matched)
+            other_class = slots.classes[:, :, None, None] != slots.classes[None, None, :, :]
+            allowed = (matching.matched[None, None] & (same_image | other_class)).flatten(2)  # [B, S, B * S]
+            rfc = region_contrast(student_regions @ keys.T / self.tau_f, allowed,
+                                  target + k * arange(b, slot.device)[:, None], matching.matched)
         else:
-            rfc = region_contrast(pooled @ teacher_regions.transpose(1, 2) / self.tau_f, own, target, matching.matched)
+            rfc = region_contrast(student_regions @ teacher_regions.transpose(1, 2) / self.tau_f, own, target,
+                                  matching.matched)
         values = {"rcc": set_terms["ce"], "smc": set_terms["focal"] * self.set_loss.weights[1]
                   + set_terms["dice"] * self.set_loss.weights[2], "rmc": rmc, "rfc": rfc}
         return {name: self.weights[name] * (v + zero) for name, v in values.items()}
+
+    def _region_features(self, output: SegOutput, targets: Targets, slots: SlotTargets, matching: Matching,
+                         probs: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """L2-normalised region features `[B, S, C]` of the student (its matched queries) and the
+        teacher (its regions): the matched queries' and the teacher queries' mask embeddings
+        (`rfc_features: mask_embed`), or per-pixel maps pooled by the matched queries' masks
+        `probs [B, S, P]` and by the regions' masks."""
+        if self.rfc_features == "mask_embed":
+            assert targets.teacher is not None
+            embed = at_least_float32(output.aux["mask_embed"])  # [B, N, C]
+            student = embed.gather(1, matching.query[..., None].expand(-1, -1, embed.shape[-1]))
+            teacher_embed = at_least_float32(targets.teacher.aux["mask_embed"].detach())
+            own, previous = self._teacher_rows(targets)
+            teacher = torch.cat([teacher_embed[own], teacher_embed[previous]], 1)
+            return F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
+        student = at_least_float32(self._pooled_maps(output))
+        if student.shape[-2:] != size:
+            student = F.interpolate(student, size=size, mode="bilinear", align_corners=False)
+        valid = slots.valid.to(probs.dtype)[:, None, :]
+        teacher = self._teacher_maps(targets, size)
+        return (F.normalize(masked_average(student.flatten(2), probs * valid), dim=-1),
+                F.normalize(masked_average(teacher, slots.masks.to(teacher.dtype) * valid), dim=-1))

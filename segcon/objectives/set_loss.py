@@ -38,28 +38,31 @@ from segcon.utils.static import arange, constant
 
 @dataclass
 class SlotTargets:
-    """The region targets of a batch at the mask resolution, one slot per class: slot k of image
-    b is class k's mask `masks[b, k] [P]` (P = h·w pixels; True on its pixels), a target only
-    where `present[b, k]`; `valid [B, P]` marks the pixels any cost or loss may count."""
+    """The region targets of a batch at the mask resolution in S fixed slots per image: slot s of
+    image b is a mask `masks[b, s] [P]` (P = h·w pixels; True on its pixels) of class
+    `classes[b, s]`, a target only where `present[b, s]`; `valid [B, P]` marks the pixels any cost
+    or loss may count. Semantic targets have one slot per class (slot k is class k)."""
 
     present: Tensor
     masks: Tensor
     valid: Tensor
+    classes: Tensor
 
     @classmethod
     def of(cls, labels: Tensor, valid: Tensor, num_classes: int, min_area: int = 1) -> SlotTargets:
         """From label maps `[B, h, w]` and their countable pixels `valid [B, h, w]`: class k is a
         target of an image when at least `min_area` of its valid pixels carry k."""
         flat, valid = labels.flatten(1), valid.flatten(1)
-        masks = flat[:, None, :] == arange(num_classes, labels.device)[None, :, None]
+        classes = arange(num_classes, labels.device)
+        masks = flat[:, None, :] == classes[None, :, None]
         present = (masks & valid[:, None, :]).sum(-1) >= min_area
-        return cls(present, masks, valid)
+        return cls(present, masks, valid, classes.expand(flat.shape[0], num_classes))
 
 
 @dataclass
 class Matching:
-    """One decoder layer's matching: `query [B, K]`, the query matched to each slot (0 where
-    `matched [B, K]` is False), `target_class [B, N]`, each query's slot (class) or K ("no
+    """One decoder layer's matching: `query [B, S]`, the query matched to each slot (0 where
+    `matched [B, S]` is False), `target_class [B, N]`, the class of each query's slot or K ("no
     object"), and `count`, the number of matched slots of the batch (known on the host)."""
 
     query: Tensor
@@ -85,10 +88,10 @@ def _focal_terms(logits: Tensor, alpha: float, gamma: float) -> tuple[Tensor, Te
 
 
 def mask_costs(logits: Tensor, targets: SlotTargets, alpha: float = 0.25, gamma: float = 2.0) -> tuple[Tensor, Tensor]:
-    """Focal and dice costs `[B, N, K]` of every predicted mask `logits [B, N, P]` against every
+    """Focal and dice costs `[B, N, S]` of every predicted mask `logits [B, N, P]` against every
     slot's mask, over the valid pixels: the mean focal loss, and `1 − (2 Σ p y + 1) / (Σ p + Σ y + 1)`."""
     v = targets.valid.to(logits.dtype)[:, None, :]  # [B, 1, P]
-    y = targets.masks.to(logits.dtype) * v  # [B, K, P]
+    y = targets.masks.to(logits.dtype) * v  # [B, S, P]
     pos, neg = _focal_terms(logits, alpha, gamma)
     focal = ((pos * v) @ y.transpose(1, 2) + (neg * v) @ (v - y).transpose(1, 2)) / v.sum(-1, keepdim=True).clamp_min(1)
     p = logits.sigmoid() * v
@@ -97,37 +100,41 @@ def mask_costs(logits: Tensor, targets: SlotTargets, alpha: float = 0.25, gamma:
 
 
 def hungarian(cost: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The assignment of least total cost of `cost [N, T]` (N >= T): matched query and target
-    indices `[T]`, ordered by target (scipy's linear_sum_assignment on a float64 copy)."""
+    """The assignment of least total cost of `cost [N, T]`: matched query and target indices
+    `[min(N, T)]`, ordered by target (scipy's linear_sum_assignment on a float64 copy)."""
     cost = cost.detach().double().cpu().numpy() if isinstance(cost, Tensor) else np.asarray(cost, dtype=np.float64)
     rows, cols = linear_sum_assignment(cost)
     order = np.argsort(cols)
     return rows[order], cols[order]
 
 
-def match_on_host(costs: Tensor, present: Tensor) -> list[Matching]:
-    """The least-cost matchings of `costs [L, B, N, K]` (L decoder layers) restricted to the
-    `present [B, K]` slots: one copy to the host for all of them, one upload back."""
+def match_on_host(costs: Tensor, targets: SlotTargets, num_classes: int, strict: bool = True) -> list[Matching]:
+    """The least-cost matchings of `costs [L, B, N, S]` (L decoder layers) to the present slots
+    of `targets`: one copy to the host for all of them, one upload back. An image with more
+    present slots than queries is an error when `strict` (semantic targets: raise the query
+    count); otherwise its N best-matching slots are matched and the rest left out."""
     layers, b, n, k = costs.shape
-    host = torch.cat([costs.detach().flatten(), present.flatten().to(costs.dtype)]).cpu().double().numpy()
-    cost, flags = host[:-b * k].reshape(layers, b, n, k), host[-b * k:].reshape(b, k) > 0
+    host = torch.cat([costs.detach().flatten(), targets.present.flatten().to(costs.dtype),
+                      targets.classes.flatten().to(costs.dtype)]).cpu().double().numpy()
+    cost = host[:-2 * b * k].reshape(layers, b, n, k)
+    flags, classes = host[-2 * b * k:-b * k].reshape(b, k) > 0, host[-b * k:].reshape(b, k).astype(np.int64)
     slots = [np.flatnonzero(f) for f in flags]
-    if max(s.size for s in slots) > n:
+    if strict and max(s.size for s in slots) > n:
         raise ConfigError(f"an image holds {max(s.size for s in slots)} classes but the model has {n} queries: "
                           "raise model.num_queries")
     query = np.full((layers, b, k), -1, dtype=np.int64)
-    target_class = np.full((layers, b, n), k, dtype=np.int64)
+    target_class = np.full((layers, b, n), num_classes, dtype=np.int64)
     for layer in range(layers):
         for i, cols in enumerate(slots):
             if cols.size:
                 rows, picked = hungarian(cost[layer, i][:, cols])
                 query[layer, i, cols[picked]] = rows
-                target_class[layer, i, rows] = cols[picked]
+                target_class[layer, i, rows] = classes[i, cols[picked]]
     upload = torch.from_numpy(np.concatenate([query, target_class], axis=-1))
     if costs.device.type == "cuda":
         upload = upload.pin_memory()
     upload = upload.to(costs.device, non_blocking=True)
-    count = sum(s.size for s in slots)
+    count = sum(min(s.size, n) for s in slots)
     return [Matching(u[:, :k].clamp_min(0), u[:, :k] >= 0, u[:, k:], count) for u in upload]
 
 
@@ -176,18 +183,20 @@ class SetCriterion(Term):
         return output.aux["mask_cls"].sum() * 0.0 + output.aux["mask_logits"].sum() * 0.0
 
     def cost(self, mask_cls: Tensor, mask_logits: Tensor, targets: SlotTargets) -> Tensor:
-        """The matching cost `[B, N, K]` of every query against every slot:
-        `−cost_class · p_q[k] + cost_focal · focal + cost_dice · dice`."""
+        """The matching cost `[B, N, S]` of every query against every slot:
+        `−cost_class · p_q[class of the slot] + cost_focal · focal + cost_dice · dice`."""
         c_class, c_focal, c_dice = self.costs
         with torch.no_grad(), torch.autocast(mask_cls.device.type, enabled=False):  # float16 costs overflow
-            prob = at_least_float32(mask_cls).softmax(-1)[..., :self.num_classes]
+            prob = at_least_float32(mask_cls).softmax(-1)
+            prob = prob.gather(2, targets.classes[:, None, :].expand(-1, prob.shape[1], -1))
             focal, dice = mask_costs(at_least_float32(mask_logits.flatten(2)), targets, self.alpha, self.gamma)
             return -c_class * prob + c_focal * focal + c_dice * dice
 
-    def match(self, layers: Sequence[tuple[Tensor, Tensor]], targets: SlotTargets) -> list[Matching]:
+    def match(self, layers: Sequence[tuple[Tensor, Tensor]], targets: SlotTargets, strict: bool = True) -> list[Matching]:
         """The matching of each decoder layer's `(mask_cls [B, N, K+1], mask_logits [B, N, h, w])`
-        to the slots (one host round trip for all layers)."""
-        return match_on_host(torch.stack([self.cost(c, m, targets) for c, m in layers]), targets.present)
+        to the slots (one host round trip for all layers; `strict` as `match_on_host`'s)."""
+        costs = torch.stack([self.cost(c, m, targets) for c, m in layers])
+        return match_on_host(costs, targets, self.num_classes, strict)
 
     def layer_losses(
         self, mask_cls: Tensor, mask_logits: Tensor, targets: SlotTargets, matching: Matching,
@@ -198,11 +207,11 @@ class SetCriterion(Term):
         of the rows where `rows [B]` (default: all), focal and dice the sums over the matched slots
         divided by their number."""
         logits = mask_logits.flatten(2)
-        chosen = logits.gather(1, matching.query[..., None].expand(-1, -1, logits.shape[-1]))  # [B, K, P]
+        chosen = logits.gather(1, matching.query[..., None].expand(-1, -1, logits.shape[-1]))  # [B, S, P]
         v = targets.valid.to(chosen.dtype)[:, None, :]
         y = targets.masks.to(chosen.dtype)
         pos, neg = _focal_terms(chosen, self.alpha, self.gamma)
-        focal = ((pos * y + neg * (1 - y)) * v).sum(-1) / v.sum(-1).clamp_min(1)  # [B, K]
+        focal = ((pos * y + neg * (1 - y)) * v).sum(-1) / v.sum(-1).clamp_min(1)  # [B, S]
         p, yv = chosen.sigmoid() * v, y * v
         dice = 1 - (2 * (p * yv).sum(-1) + 1) / (p.sum(-1) + yv.sum(-1) + 1)
         matched = matching.matched.to(chosen.dtype)
