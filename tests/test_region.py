@@ -203,7 +203,7 @@ def _query_case(seed: int):
 
 
 def test_teacher_query_regions_are_its_confident_queries_split_by_the_cutmix_box() -> None:
-    out, targets, top, score = _query_case(4)
+    _, targets, top, score = _query_case(4)
     targets.teacher.aux["valid"] = torch.ones(3, 4, 4, dtype=torch.bool)
     targets.teacher.aux["valid"][1, 3] = False  # the second view's last row is crop padding
     term = RegionConsistencyContrast(K, confidence_threshold=0.75, min_area=2, teacher_regions="queries")
