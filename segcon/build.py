@@ -91,7 +91,7 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
     method_cls = locate(method.pop("_target_"), "method._target_")
     objective = build_objective_of(cfg)
     if objective.reads_teacher and not getattr(method_cls, "uses_unlabeled", False):
-        readers = [name for name, t in objective.terms() if getattr(t, "reads_teacher", False)]
+        readers = [name for name, t in objective.terms() if t.reads_teacher]
         raise ConfigError(f"the term(s) {readers} read the teacher's output, but method={cfg.method._target_} has no "
                           "teacher: use a teacher-student method (method=confidence_ssl for contrast=confidence, "
                           "method=rc2l for contrast=rc2l)")

@@ -10,7 +10,7 @@ import optuna
 import torch
 
 from segcon.data.datamodule import SegDataModule
-from segcon.objectives.memory import MemoryUser
+from segcon.objectives.base import Term
 from segcon.objectives.supervised import PixelLoss
 
 
@@ -21,8 +21,8 @@ class DumpMemory(L.Callback):
     def __init__(self) -> None:
         self.steps: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = []
 
-    def _term(self, pl_module: L.LightningModule) -> MemoryUser:
-        return next(t for _, t in pl_module.objective.terms() if isinstance(t, MemoryUser))
+    def _term(self, pl_module: L.LightningModule) -> Term:
+        return next(t for _, t in pl_module.objective.terms() if t.memories)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         pending = self._term(pl_module).pending_entries()
@@ -106,7 +106,7 @@ class NanAfter(PixelLoss):
         super().__init__(ignore_index)
         self.calls, self.times, self.mode, self.count, self.rank = calls, times, mode, 0, rank
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    def pixel_loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         self.count += 1
         zero = logits.sum() * 0.0
         if not self.calls <= self.count < self.calls + self.times:
@@ -175,7 +175,7 @@ class PruneTrials(optuna.pruners.BasePruner):
 
 
 class NotATerm(torch.nn.Module):
-    """A module a config may name as a loss term that is neither a PixelLoss nor a Term."""
+    """A module a config may name as a loss term that is not a Term."""
 
 
 class SlowSteps(L.Callback):

@@ -18,9 +18,10 @@ from segcon.objectives.cac import (
     cac_per_anchor,
     class_balanced_mean,
 )
-from segcon.objectives.contrast import labels_at, pair_contrast
+from segcon.objectives.contrast import pair_contrast
 from segcon.objectives.samplers import MarginalSampler
 from segcon.objectives.supervised import CrossEntropyLoss, OhemCrossEntropyLoss
+from segcon.utils.maps import labels_at
 
 IGNORE = 255
 TAU, BASE = 0.1, 0.07
@@ -177,10 +178,10 @@ def test_weight_branch_loss_uses_the_main_logits_to_mine_ohem_pixels() -> None:
     keep = p_main < p_main.flatten().kthvalue(21).values.clamp_min(0.5)
     ce = F.cross_entropy(weight, target, reduction="none")
     assert float(got) == pytest.approx(2.0 * float(ce[keep].mean()), rel=1e-6)
-    own = OhemCrossEntropyLoss(0.5, 10)(weight, target)  # mined on its own logits: another set
+    own = OhemCrossEntropyLoss(0.5, 10).pixel_loss(weight, target)  # mined on its own logits: another set
     assert float(got) != pytest.approx(2.0 * float(own), rel=1e-3)
     plain = WeightBranchLoss({"ce": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss"}})(out, Targets(target))
-    assert float(plain) == pytest.approx(float(CrossEntropyLoss()(weight, target)), rel=1e-6)
+    assert float(plain) == pytest.approx(float(CrossEntropyLoss().pixel_loss(weight, target)), rel=1e-6)
 
 
 def test_marginal_sampler_picks_the_expected_pixels() -> None:

@@ -77,7 +77,7 @@ def test_log_inverse_and_balanced_ce_match_a_loop(k: int, absent: int | None) ->
             fg = [1 - d for d, present in dices if present]
             expected += sum(fg) / len(fg)
         loss = ImbalanceLoss(kind, k, frequencies=freqs.tolist(), ignore_index=IGNORE)
-        assert loss(logits, target, weight).item() == pytest.approx(expected, rel=1e-9)
+        assert loss.pixel_loss(logits, target, weight).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_focal_matches_a_loop_with_alpha_on_the_foreground() -> None:
@@ -85,7 +85,7 @@ def test_focal_matches_a_loop_with_alpha_on_the_foreground() -> None:
     pixels = list(_pixels(logits, target, weight))
     terms = [-(0.25 if t != 0 else 0.75) * (1 - float(p[t])) ** 2 * math.log(float(p[t])) * wt for p, t, wt in pixels]
     loss = ImbalanceLoss("focal", 3, alpha=0.25, gamma=2.0, ignore_index=IGNORE)
-    assert loss(logits, target, weight).item() == pytest.approx(sum(terms) / len(pixels), rel=1e-9)
+    assert loss.pixel_loss(logits, target, weight).item() == pytest.approx(sum(terms) / len(pixels), rel=1e-9)
     # two classes: the softmax focal loss is torchvision's sigmoid focal loss of the logit difference
     logits, target, _ = _inputs(8, 2)
     valid = target != IGNORE
@@ -95,7 +95,7 @@ def test_focal_matches_a_loop_with_alpha_on_the_foreground() -> None:
     p_t = p * y + (1 - p) * (1 - y)
     alpha_t = 0.25 * y + 0.75 * (1 - y)
     sigmoid_focal = (-alpha_t * (1 - p_t) ** 2 * torch.log(p_t)).mean()
-    assert ImbalanceLoss("focal", 2, ignore_index=IGNORE)(logits, target).item() == pytest.approx(sigmoid_focal.item(), rel=1e-9)
+    assert ImbalanceLoss("focal", 2, ignore_index=IGNORE).pixel_loss(logits, target).item() == pytest.approx(sigmoid_focal.item(), rel=1e-9)
 
 
 def test_bce_dice_is_half_bce_half_dice_of_the_foreground() -> None:
@@ -105,7 +105,7 @@ def test_bce_dice_is_half_bce_half_dice_of_the_foreground() -> None:
     y = (target[valid] == 1).double()
     bce = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
     dice = (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
-    loss = ImbalanceLoss("bce_dice", 2, ignore_index=IGNORE)(logits, target)
+    loss = ImbalanceLoss("bce_dice", 2, ignore_index=IGNORE).pixel_loss(logits, target)
     assert loss.item() == pytest.approx(0.5 * bce.item() + 0.5 * (1 - dice.item()), rel=1e-9)
     with pytest.raises(ConfigError, match="binary"):
         ImbalanceLoss("bce_dice", 3)
@@ -114,7 +114,7 @@ def test_bce_dice_is_half_bce_half_dice_of_the_foreground() -> None:
 @pytest.mark.parametrize("kind", ["log_inverse", "balanced_ce", "focal", "bce_dice"])
 def test_all_ignore_batch_is_finite_and_in_graph(kind: str) -> None:
     logits = torch.randn(2, 2, 4, 4, requires_grad=True)
-    loss = ImbalanceLoss(kind, 2, frequencies=[0.9, 0.1], ignore_index=IGNORE)(logits, torch.full((2, 4, 4), IGNORE))
+    loss = ImbalanceLoss(kind, 2, frequencies=[0.9, 0.1], ignore_index=IGNORE).pixel_loss(logits, torch.full((2, 4, 4), IGNORE))
     loss.backward()
     assert torch.isfinite(loss) and logits.grad is not None and torch.isfinite(logits.grad).all()
 
@@ -123,7 +123,7 @@ def test_weighted_kinds_refuse_to_run_without_frequencies() -> None:
     loss = ImbalanceLoss("log_inverse", 2)
     assert loss.needs_class_frequencies and not ImbalanceLoss("focal", 2).needs_class_frequencies
     with pytest.raises(RuntimeError, match="frequencies are not set"):
-        loss(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
+        loss.pixel_loss(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
     loss.set_class_frequencies([0.5, 0.5])
     assert not loss.needs_class_frequencies and "frequencies" in loss.state_dict()
 

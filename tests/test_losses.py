@@ -40,9 +40,9 @@ def test_ce_matches_loop_with_class_weights(seed: int) -> None:
     for logp, t in _pixels(logits.detach(), target):
         num += -cw[t] * float(logp[t])
         den += cw[t]
-    loss = CrossEntropyLoss(IGNORE, class_weights=cw)(logits, target)
+    loss = CrossEntropyLoss(IGNORE, class_weights=cw).pixel_loss(logits, target)
     assert loss.item() == pytest.approx(num / den, rel=1e-9)
-    plain = CrossEntropyLoss(IGNORE)(logits, target)
+    plain = CrossEntropyLoss(IGNORE).pixel_loss(logits, target)
     assert plain.item() == pytest.approx(F.cross_entropy(logits, target, ignore_index=IGNORE).item(), rel=1e-9)
 
 
@@ -57,7 +57,7 @@ def test_ohem_keeps_hard_pixels_and_min_kept() -> None:
         kth = probs[min(min_kept, len(probs) - 1)][0]
         threshold = max(thresh, kth)
         kept = [nll for p, nll in probs if p < threshold]
-        loss = OhemCrossEntropyLoss(thresh=thresh, min_kept=min_kept, ignore_index=IGNORE)(logits, target)
+        loss = OhemCrossEntropyLoss(thresh=thresh, min_kept=min_kept, ignore_index=IGNORE).pixel_loss(logits, target)
         assert len(kept) >= min(min_kept, len(probs))
         assert loss.item() == pytest.approx(sum(kept) / len(kept), rel=1e-9)
 
@@ -72,7 +72,7 @@ def test_ohem_keeps_at_least_min_kept_pixels_per_image_of_the_batch() -> None:
     threshold = max(0.05, probs[min(min_kept * 3, len(probs) - 1)][0])
     kept = [nll for p, nll in probs if p < threshold]
     assert len(kept) >= 3 * min_kept > min_kept
-    loss = OhemCrossEntropyLoss(thresh=0.05, min_kept=min_kept, ignore_index=IGNORE)(logits, target)
+    loss = OhemCrossEntropyLoss(thresh=0.05, min_kept=min_kept, ignore_index=IGNORE).pixel_loss(logits, target)
     assert loss.item() == pytest.approx(sum(kept) / len(kept), rel=1e-9)
 
 
@@ -82,9 +82,9 @@ def test_ohem_on_pseudo_labels_mines_only_the_pixels_of_positive_weight() -> Non
     logits, target = _inputs(7, b=2, h=6, w=6, p_ignore=0.0)
     weight = (torch.rand(target.shape, generator=torch.Generator().manual_seed(2)) > 0.4).double()
     ohem = OhemCrossEntropyLoss(thresh=0.3, min_kept=5, ignore_index=IGNORE)
-    only_kept = ohem(logits, target.masked_fill(weight == 0, IGNORE))
-    assert ohem(logits, target, weight).item() == pytest.approx(only_kept.item(), rel=1e-9)
-    assert ohem(logits, target, weight).item() != pytest.approx(ohem(logits, target).item(), rel=1e-3)
+    only_kept = ohem.pixel_loss(logits, target.masked_fill(weight == 0, IGNORE))
+    assert ohem.pixel_loss(logits, target, weight).item() == pytest.approx(only_kept.item(), rel=1e-9)
+    assert ohem.pixel_loss(logits, target, weight).item() != pytest.approx(ohem.pixel_loss(logits, target).item(), rel=1e-3)
 
 
 def test_per_pixel_weights_scale_the_numerator_only() -> None:
@@ -94,13 +94,13 @@ def test_per_pixel_weights_scale_the_numerator_only() -> None:
     weight = torch.rand(target.shape, generator=torch.Generator().manual_seed(1))
     valid = target != IGNORE
     ce = F.cross_entropy(logits, target.masked_fill(~valid, 0), reduction="none")
-    assert CrossEntropyLoss(IGNORE)(logits, target, weight).item() == pytest.approx(
+    assert CrossEntropyLoss(IGNORE).pixel_loss(logits, target, weight).item() == pytest.approx(
         float((ce * weight * valid).sum() / valid.sum()), rel=1e-9)
-    focal = FocalLoss(gamma=0.0, ignore_index=IGNORE)(logits, target, weight)  # gamma 0: CE
+    focal = FocalLoss(gamma=0.0, ignore_index=IGNORE).pixel_loss(logits, target, weight)  # gamma 0: CE
     assert focal.item() == pytest.approx(float((ce * weight * valid).sum() / valid.sum()), rel=1e-9)
     ones = torch.ones_like(weight)
     for loss in (CrossEntropyLoss(IGNORE), DiceLoss(IGNORE), FocalLoss(ignore_index=IGNORE)):
-        assert loss(logits, target, ones).item() == pytest.approx(loss(logits, target).item(), rel=1e-9)
+        assert loss.pixel_loss(logits, target, ones).item() == pytest.approx(loss.pixel_loss(logits, target).item(), rel=1e-9)
 
 
 def test_dice_matches_manual_formula() -> None:
@@ -124,22 +124,22 @@ def test_dice_matches_manual_formula() -> None:
                     card += p + g
         if present:
             losses.append(1 - (2 * inter + 1.0) / (card + 1.0))
-    loss = DiceLoss(IGNORE, smooth=1.0)(logits, target)
+    loss = DiceLoss(IGNORE, smooth=1.0).pixel_loss(logits, target)
     assert loss.item() == pytest.approx(sum(losses) / len(losses), rel=1e-9)
 
 
 def test_focal_gamma0_is_ce_and_gamma2_matches_loop() -> None:
     logits, target = _inputs(5)
-    assert FocalLoss(0.0, IGNORE)(logits, target).item() == pytest.approx(CrossEntropyLoss(IGNORE)(logits, target).item(), rel=1e-9)
+    assert FocalLoss(0.0, IGNORE).pixel_loss(logits, target).item() == pytest.approx(CrossEntropyLoss(IGNORE).pixel_loss(logits, target).item(), rel=1e-9)
     terms = [-((1 - math.exp(float(logp[t]))) ** 2) * float(logp[t]) for logp, t in _pixels(logits.detach(), target)]
-    assert FocalLoss(2.0, IGNORE)(logits, target).item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
+    assert FocalLoss(2.0, IGNORE).pixel_loss(logits, target).item() == pytest.approx(sum(terms) / len(terms), rel=1e-9)
 
 
 @pytest.mark.parametrize("loss_cls", [CrossEntropyLoss, OhemCrossEntropyLoss, DiceLoss, FocalLoss])
 def test_all_ignore_batch_is_zero_finite_and_in_graph(loss_cls) -> None:
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     target = torch.full((2, 4, 4), IGNORE)
-    loss = loss_cls(ignore_index=IGNORE)(logits, target)
+    loss = loss_cls(ignore_index=IGNORE).pixel_loss(logits, target)
     assert loss.item() == 0.0
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
@@ -149,4 +149,4 @@ def test_logits_are_resized_to_the_label_size() -> None:
     logits = torch.randn(1, 3, 4, 4, requires_grad=True)
     target = torch.randint(0, 3, (1, 16, 16))
     up = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
-    assert CrossEntropyLoss()(logits, target).item() == pytest.approx(F.cross_entropy(up, target).item(), rel=1e-6)
+    assert CrossEntropyLoss().pixel_loss(logits, target).item() == pytest.approx(F.cross_entropy(up, target).item(), rel=1e-6)

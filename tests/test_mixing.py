@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from segcon.methods.mixing import cutmix, cutmix_masks
+from segcon.methods.mixing import cutmix_masks
+from segcon.utils.maps import cutmix
 
 
 def test_masks_are_single_boxes_of_the_requested_area() -> None:

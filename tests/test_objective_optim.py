@@ -49,7 +49,7 @@ def test_total_is_weighted_sum_and_every_term_is_logged() -> None:
         TermGroup({"ce": CrossEntropyLoss(), "dice": DiceLoss()}, {"dice": TermSchedule(0.5)}),
         TermGroup({"con": _Contrast()}, {"con": TermSchedule(0.1, warmup_steps=10)}),
     )
-    ce, dice, con = CrossEntropyLoss()(logits, target), DiceLoss()(logits, target), 3 * decoder.mean()
+    ce, dice, con = CrossEntropyLoss().pixel_loss(logits, target), DiceLoss().pixel_loss(logits, target), 3 * decoder.mean()
     _Contrast.calls = 0
     total, logs = obj(out, Targets(target), step=3)
     torch.testing.assert_close(total, ce + 0.5 * dice)  # contrast still in warm-up
@@ -96,9 +96,9 @@ def test_build_objective_from_config_groups() -> None:
         build_objective(loss, {"ce": loss["ce"]})
     with pytest.raises(ConfigError, match=r"loss\.l1\._target_='torch\.nn\.L1Loss', which is not a class segcon builds"):
         build_objective({"l1": {"_target_": "torch.nn.L1Loss"}})
-    with pytest.raises(ConfigError, match="neither a PixelLoss nor a Term"):  # a class the user allowed
+    with pytest.raises(ConfigError, match="is not a Term"):  # a class the user allowed
         build_objective({"plain": {"_target_": "tests.helpers.NotATerm"}})
-    with pytest.raises(ConfigError, match=r"pseudo_loss.con: _Contrast is not a PixelLoss"):
+    with pytest.raises(ConfigError, match=r"pseudo_loss.con: _Contrast is not a per-pixel loss"):
         Objective({"ce": CrossEntropyLoss()}, pseudo={"con": _Contrast()})
 
 

@@ -37,10 +37,3 @@ def cutmix_masks(
         x0 = int(torch.randint(0, w - bw + 1, (), generator=generator))
         masks[b, y0 : y0 + bh, x0 : x0 + bw] = True
     return masks.to(device)
-
-
-def cutmix(mask: Tensor, target: Tensor, source: Tensor) -> Tensor:
-    """`source` inside the boxes of `mask [B, H, W]`, `target` elsewhere; `target`/`source` are
-    `[B, H, W]` (labels, confidences) or `[B, C, H, W]` (images)."""
-    m = mask if target.dim() == 3 else mask[:, None]
-    return torch.where(m, source, target)

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from segcon.methods.mixing import cutmix, cutmix_masks
+from segcon.methods.mixing import cutmix_masks
 from segcon.objectives.base import Targets
 from segcon.utils.errors import ConfigError
+from segcon.utils.maps import cutmix
 from segcon.utils.static import class_counts
 
 CONFIDENCE_MODES = ("threshold", "entropy")

@@ -30,7 +30,6 @@ from segcon.methods.divergence import (
 from segcon.methods.optim import build_optimizer, poly_factor
 from segcon.models.base import SegModel
 from segcon.objectives.base import Targets
-from segcon.objectives.memory import MemoryUser
 from segcon.objectives.objective import Objective
 from segcon.utils.distributed import gather_objects
 from segcon.utils.errors import ConfigError
@@ -221,8 +220,6 @@ class SupervisedModule(L.LightningModule):
         if self._step_skipped:
             return
         for _, term in self.objective.terms():
-            if not isinstance(term, MemoryUser):
-                continue
             for memory, (feats, labels) in term.pending_entries().items():
                 feats, labels = self.all_gather(feats), self.all_gather(labels)
                 if self.trainer.world_size > 1:  # [world, M, ...] -> [world * M, ...], rank order
@@ -363,7 +360,7 @@ class SupervisedModule(L.LightningModule):
         class frequencies of the labeled training images (the datamodule counts them)."""
         if stage != "fit" or self.objective is None:
             return
-        terms = [(name, t) for name, t in self.objective.terms() if getattr(t, "needs_class_frequencies", False)]
+        terms = [(name, t) for name, t in self.objective.terms() if t.needs_class_frequencies]
         if not terms:
             return
         datamodule = self.trainer.datamodule

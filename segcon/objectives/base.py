@@ -1,17 +1,21 @@
 """What every loss term is given (`Targets`) and what a term declares (`Term`).
 
-Two kinds of terms exist:
+Every loss term is a `Term`: `term(output: SegOutput, targets: Targets) -> scalar | {name:
+scalar}`, a plain `torch` module (no Lightning) configured by `_target_`. What it needs from the
+rest of segcon it declares on `Term`, in one place, and the Objective, the methods and the
+training module read only these declarations:
 
-- `segcon.objectives.supervised.PixelLoss` subclasses (CE, OHEM, Dice, focal, ...) read the class
-  scores only: `loss(logits [B, K, h, w], labels [B, H, W], weight [B, H, W] | None) -> scalar`.
-  The Objective calls them with `output.logits`, `targets.labels` and `targets.weight`.
-- `Term` subclasses read the whole `SegOutput` and the whole `Targets`:
-  `term(output, targets) -> scalar | {name: scalar}` (contrastive and region terms, CAC's weight
-  branch, set losses). They declare which `SegOutput` fields they read (`reads`), so a method
-  that assembles an output from several passes copies only those, and whether they read the
-  teacher's output (`reads_teacher`).
-
-Both are plain `torch` modules (no Lightning) and are configured by `_target_`.
+- `reads`: the `SegOutput` fields it reads (a method that assembles an output from several
+  passes copies only those); `reads_teacher`: whether it reads `targets.teacher` (the method then
+  runs the teacher on the weak views);
+- `per_pixel`: a loss on a class-score map, `pixel_loss(logits, labels, weight)` (CE, OHEM,
+  Dice, focal, the imbalance loss: `segcon.objectives.supervised.PixelLoss`); such a term also
+  supervises a fusion network's side outputs, CAC's weight branch, and is what `pseudo_loss`
+  takes; `mines_hard_pixels`: it picks hard pixels by other logits (`mining_logits`, OHEM);
+- `needs_class_frequencies` / `set_class_frequencies`: the labeled images' class frequencies,
+  counted when training starts (by default: whatever its sub-terms need);
+- `memories`, `pending_entries` / `enqueue`: the memories it keeps, filled with every rank's
+  entries after each step (none by default).
 """
 
 from __future__ import annotations
@@ -96,17 +100,55 @@ class Targets:
 
 
 class Term(nn.Module):
-    """A loss term on the whole output: `forward(output: SegOutput, targets: Targets)` returns a
-    scalar or a dict of named scalars (summed, each logged).
+    """A loss term: `forward(output: SegOutput, targets: Targets)` returns a scalar or a dict of
+    named scalars (summed, each logged). See the module docstring for the capabilities.
 
     Class attributes:
         reads: the SegOutput fields the term reads.
         reads_teacher: whether it reads `targets.teacher` (the method then runs the teacher on
             the weak views and keeps the heads `method.teacher_heads` names).
+        per_pixel: whether it is a loss on a class-score map (`pixel_loss`).
+        mines_hard_pixels: whether `pixel_loss` takes `mining_logits`.
+        memories: the names of the memories it keeps (`pending_entries`, `enqueue`).
     """
 
     reads: ClassVar[frozenset[str]] = frozenset({"logits"})
     reads_teacher: ClassVar[bool] = False
+    per_pixel: ClassVar[bool] = False
+    mines_hard_pixels: ClassVar[bool] = False
+    memories: ClassVar[tuple[str, ...]] = ()
+
+    def sub_terms(self) -> list[Term]:
+        """The terms this one applies (CAC's weight branch applies the supervised terms)."""
+        return [m for m in self.children() if isinstance(m, Term)] + [
+            t for m in self.children() if isinstance(m, nn.ModuleDict) for t in m.values() if isinstance(t, Term)]
+
+    @property
+    def needs_class_frequencies(self) -> bool:
+        """Whether it still waits for the labeled images' class frequencies."""
+        return any(t.needs_class_frequencies for t in self.sub_terms())
+
+    def set_class_frequencies(self, frequencies: Sequence[float] | Tensor) -> None:
+        """Hand the class pixel frequencies `[K]` to what needs them."""
+        for t in self.sub_terms():
+            if t.needs_class_frequencies:
+                t.set_class_frequencies(frequencies)
+
+    def pending_entries(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """memory name -> (entries `[M, D]`, labels `[M]`; label -1 marks padding) produced by the
+        last forward: the training module gathers them from every rank (fixed shapes) and hands
+        them to `enqueue`, so that all ranks hold the same memory. None by default."""
+        return {}
+
+    def enqueue(self, memory: str, feats: Tensor, labels: Tensor) -> None:
+        """Append gathered entries to the named memory."""
+        raise KeyError(f"{type(self).__name__} keeps no memory {memory!r}")
+
+    def pixel_loss(self, logits: Tensor, labels: Tensor, weight: Tensor | None = None) -> Tensor:
+        """A per-pixel term's loss of class scores `logits [B, K, h, w]` against `labels [B, H, W]`
+        with per-pixel weights `weight [B, H, W]` (None: every valid pixel counts 1); one that
+        `mines_hard_pixels` also takes `mining_logits`."""
+        raise NotImplementedError(f"{type(self).__name__} is not a per-pixel loss (per_pixel is False)")
 
     def zero(self, output: SegOutput) -> Tensor:
         """A 0 connected to every parameter the term would reach: what the Objective adds in its

@@ -21,7 +21,6 @@ from segcon.models.output import SegOutput, pixels_at
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.contrast import sample_anchors
 from segcon.objectives.objective import build_terms
-from segcon.objectives.supervised import OhemCrossEntropyLoss
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 from segcon.utils.static import arange, off_diagonal
@@ -169,6 +168,10 @@ class WeightBranchLoss(Term):
         group = build_terms(loss, "contrast.weight_branch.loss")
         if not group:
             raise ConfigError("contrast.weight_branch.loss defines no term; pass the supervised loss group (${loss})")
+        not_pixel = [name for name, term in group.items() if not term.per_pixel]
+        if not_pixel:
+            raise ConfigError(f"contrast.weight_branch.loss: {not_pixel} are not per-pixel losses; the weight branch "
+                              "applies the supervised loss group to its class scores")
         self.terms = nn.ModuleDict(dict(group.items()))
         self.weights = {name: group.schedules[name].weight for name in group}
 
@@ -180,10 +183,10 @@ class WeightBranchLoss(Term):
         target = targets.reliable()
         total: Tensor | None = None
         for name, term in self.terms.items():
-            if isinstance(term, OhemCrossEntropyLoss):
-                value = term(logits, target, mining_logits=output.logits.detach())
+            if term.mines_hard_pixels:
+                value = term.pixel_loss(logits, target, mining_logits=output.logits.detach())
             else:
-                value = term(logits, target)
+                value = term.pixel_loss(logits, target)
             weight = self.weights[name]
             value = value if weight == 1.0 else weight * value  # 1.0 * x is x: no kernel for it
             total = value if total is None else total + value

@@ -13,7 +13,7 @@ confidence teacher embeddings of the other classes, drawn from a per-class FIFO 
 Every class gets the same anchor budget (`anchors_per_class`): the imbalance counter-measure
 inside the term. A class whose prototype is still empty, or that has no negative in the bank yet,
 gives no anchors. Prototypes and bank are buffers (checkpointed) and are updated after each step
-from every rank's entries (`MemoryUser`: the method gathers them as tensors), so all ranks hold the
+from every rank's entries (`Term.pending_entries`: the method gathers them as tensors), so all ranks hold the
 same state; the loss of step t reads the state after step t - 1.
 """
 
@@ -27,15 +27,15 @@ from torch import Tensor
 
 from segcon.models.output import PixelEmbedding, SegOutput
 from segcon.objectives.base import Targets, Term
-from segcon.objectives.contrast import labels_at
-from segcon.objectives.memory import ClassMemory, MemoryUser
+from segcon.objectives.memory import ClassMemory
 from segcon.objectives.samplers import first_per_group, random_priority
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.maps import labels_at
 from segcon.utils.static import compact, group_counts, rank_in_group
 
 
-class ConfidenceContrastLoss(Term, MemoryUser):
+class ConfidenceContrastLoss(Term):
     """Low-confidence anchors against high-confidence prototypes and negatives (see the module
     docstring).
 
@@ -58,6 +58,7 @@ class ConfidenceContrastLoss(Term, MemoryUser):
 
     reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings"})
     reads_teacher: ClassVar[bool] = True
+    memories: ClassVar[tuple[str, ...]] = ("prototype", "bank")
 
     def __init__(
         self,

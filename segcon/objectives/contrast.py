@@ -24,10 +24,11 @@ from torch import Tensor
 
 from segcon.models.output import PixelEmbedding, SegOutput
 from segcon.objectives.base import Targets, Term
-from segcon.objectives.memory import ClassMemory, MemoryUser
+from segcon.objectives.memory import ClassMemory
 from segcon.objectives.samplers import pair_ids, random_priority
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.maps import labels_at
 from segcon.utils.static import arange, group_counts, off_diagonal, rank_in_group
 
 DENOMINATORS = ("per_positive", "supcon")
@@ -92,15 +93,6 @@ def pair_contrast(
         has_pos = has_pos & anchor_valid
     loss = (temperature / base_temperature) * torch.where(pos, neg_log_prob, 0.0).sum(1) / n_pos.clamp_min(1)
     return loss, has_pos
-
-
-def labels_at(target: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resize of a map `[B, H, W]` (labels, confidences, boolean masks) to
-    `size`, keeping its dtype: no new values."""
-    if tuple(target.shape[-2:]) == tuple(size):
-        return target
-    work = target if target.is_floating_point() else target.float()
-    return F.interpolate(work[:, None], size=size, mode="nearest")[:, 0].to(target.dtype)
 
 
 @dataclass(frozen=True)
@@ -203,7 +195,7 @@ class PixelContrastLoss(Term):
         return self.contrast(self.sample(output, targets))
 
 
-class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
+class PixelMemoryContrastLoss(PixelContrastLoss):
     """Pixel contrast against the batch plus a per-class memory of past embeddings.
 
     Two per-class FIFO memories of detached embeddings: pixel entries (up to
@@ -218,6 +210,7 @@ class PixelMemoryContrastLoss(PixelContrastLoss, MemoryUser):
     """
 
     MEMORY = "memory"
+    memories: ClassVar[tuple[str, ...]] = (MEMORY,)
 
     def __init__(
         self,

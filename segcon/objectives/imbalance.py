@@ -121,7 +121,7 @@ class ImbalanceLoss(PixelLoss):
             )
         return imbalance_class_weights(self.kind, self.frequencies)
 
-    def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    def pixel_loss(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         logits = match_size(logits, target)
         if logits.shape[1] != self.num_classes:
             raise ConfigError(f"loss imbalance: the logits have {logits.shape[1]} classes, num_classes={self.num_classes}")

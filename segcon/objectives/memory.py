@@ -64,20 +64,3 @@ class ClassMemory(nn.Module):
         start = (p - n) % self.size
         idx = (start + torch.arange(n, device=self.feats.device)) % self.size
         return self.feats[c, idx]
-
-
-class MemoryUser:
-    """A loss term that keeps memories filled with entries from every rank.
-
-    The training method calls `pending_entries()` after each step, gathers every tensor from all
-    ranks (fixed shapes; label -1 marks padding) and hands the result to `enqueue`, so that all
-    ranks hold the same memory. Objectives stay free of any distributed code.
-    """
-
-    def pending_entries(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """memory name -> (entries `[M, D]`, labels `[M]`) produced by the last forward."""
-        raise NotImplementedError
-
-    def enqueue(self, memory: str, feats: Tensor, labels: Tensor) -> None:
-        """Append gathered entries to the named memory."""
-        raise NotImplementedError

@@ -6,7 +6,7 @@ ramp_steps, <term kwargs>}`:
 - `loss`: terms on labeled images and their ground truth (CE by default; may be empty when a
   `contrast` term supervises through the whole output, e.g. a set loss);
 - `pseudo_loss`: terms on the unlabeled views of teacher–student methods and their pseudo-labels
-  (CE by default; any PixelLoss works, its per-pixel weight being the confidence filter's keep
+  (CE by default; any per-pixel loss works, its per-pixel weight being the confidence filter's keep
   mask); their step counts from the end of the supervised warm-up;
 - `contrast`: terms on every image of the step (contrastive, region and auxiliary terms), with
   ground truth and kept pseudo-labels.
@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
-from segcon.objectives.supervised import PixelLoss
 from segcon.utils.errors import ConfigError
 from segcon.utils.targets import instantiate
 
@@ -47,45 +46,39 @@ class TermSchedule:
         return self.weight
 
 
-def term_reads(term: nn.Module) -> frozenset[str]:
-    """The SegOutput fields a term reads."""
-    return getattr(term, "reads", frozenset({"logits"}))
-
-
 class TermGroup(nn.ModuleDict):
     """The terms of one config group by name, with their schedules (default: weight 1 always)."""
 
-    def __init__(self, terms: Mapping[str, nn.Module] | None = None,
+    def __init__(self, terms: Mapping[str, Term] | None = None,
                  schedules: Mapping[str, TermSchedule] | None = None) -> None:
         super().__init__(dict(terms or {}))
         self.schedules = {name: (schedules or {}).get(name, TermSchedule()) for name in self}
 
 
-def _as_group(terms: TermGroup | Mapping[str, nn.Module] | None) -> TermGroup:
+def _as_group(terms: TermGroup | Mapping[str, Term] | None) -> TermGroup:
     return terms if isinstance(terms, TermGroup) else TermGroup(terms)
 
 
 class Objective(nn.Module):
     """total = sum over terms of weight(step) * term.
 
-    A PixelLoss term gets `(output.logits, targets.labels, targets.weight)`; any other term
-    (segcon.objectives.base.Term) gets `(output, targets)` and returns a scalar or a dict of named
-    scalars (summed, each logged). A term whose scheduled weight is 0 at a step (in its warm-up)
+    Every term (segcon.objectives.base.Term) gets `(output, targets)` and returns a scalar or a
+    dict of named scalars (summed, each logged). A term whose scheduled weight is 0 at a step (in its warm-up)
     is not computed: the Objective adds the term's connected zero (`Term.zero`) instead, so DDP
     still sees every parameter used and nothing is spent on it. Logged per step: `loss_<name>`
     (unweighted) for every computed term, `weight_<name>` for scheduled terms, `loss` (the total).
 
     Deep supervision: when the output carries side outputs (`aux["side_logits"]`, a fusion
-    network's), each supervised PixelLoss term also applies to every side output s with weight
+    network's), each supervised per-pixel term (`Term.per_pixel`) also applies to every side output s with weight
     `side_weights[s]`; `loss_<name>_side` logs that weighted sum, which joins the term's value
     (and its schedule).
     """
 
     def __init__(
         self,
-        supervised: TermGroup | Mapping[str, nn.Module] | None = None,
-        contrast: TermGroup | Mapping[str, nn.Module] | None = None,
-        pseudo: TermGroup | Mapping[str, nn.Module] | None = None,
+        supervised: TermGroup | Mapping[str, Term] | None = None,
+        contrast: TermGroup | Mapping[str, Term] | None = None,
+        pseudo: TermGroup | Mapping[str, Term] | None = None,
         side_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
@@ -99,15 +92,14 @@ class Objective(nn.Module):
                               "term that supervises through the whole output")
         for group, terms in (("loss", self.supervised), ("pseudo_loss", self.pseudo), ("contrast", self.contrast)):
             for name, term in terms.items():
-                if not isinstance(term, PixelLoss | Term):
-                    raise ConfigError(f"{group}.{name}: {type(term).__name__} is neither a PixelLoss nor a Term "
-                                      "(segcon.objectives.base)")
+                if not isinstance(term, Term):
+                    raise ConfigError(f"{group}.{name}: {type(term).__name__} is not a Term (segcon.objectives.base)")
         for name, term in self.pseudo.items():
-            if not isinstance(term, PixelLoss):
-                raise ConfigError(f"pseudo_loss.{name}: {type(term).__name__} is not a PixelLoss; the loss on "
+            if not term.per_pixel:
+                raise ConfigError(f"pseudo_loss.{name}: {type(term).__name__} is not a per-pixel loss; the loss on "
                                   "pseudo-labels reads each view's logits (terms on the whole output belong in contrast)")
 
-    def terms(self) -> Iterator[tuple[str, nn.Module]]:
+    def terms(self) -> Iterator[tuple[str, Term]]:
         """Every (name, term) of every group."""
         for group in (self.supervised, self.pseudo, self.contrast):
             yield from group.items()
@@ -115,12 +107,12 @@ class Objective(nn.Module):
     def contrast_reads(self) -> frozenset[str]:
         """The SegOutput fields the contrast terms read (a method assembling their output from
         several passes copies only these)."""
-        return frozenset().union(*(term_reads(t) for t in self.contrast.values()))
+        return frozenset().union(*(t.reads for t in self.contrast.values()))
 
     @property
     def reads_teacher(self) -> bool:
         """Whether a term reads the teacher's output (`Targets.teacher`)."""
-        return any(getattr(t, "reads_teacher", False) for _, t in self.terms())
+        return any(t.reads_teacher for _, t in self.terms())
 
     def forward(self, output: SegOutput, targets: Targets, step: int) -> tuple[Tensor, dict[str, Tensor]]:
         """The supervised and contrast terms on one batch: the total loss and a dict of detached
@@ -170,8 +162,8 @@ class Objective(nn.Module):
             schedule = terms.schedules[name]
             weight = schedule(step)
             value = self._value(term, output, targets, weight, logs, f"{label(name)}{suffix}")
-            if side_logits and isinstance(term, PixelLoss) and weight != 0.0:
-                side = sum(w * term(s, targets.labels, targets.weight)
+            if side_logits and term.per_pixel and weight != 0.0:
+                side = sum(w * term.pixel_loss(s, targets.labels, targets.weight)
                            for w, s in zip(self.side_weights, side_logits, strict=True))
                 logs[f"loss_{label(name)}_side{suffix}"] = side.detach()
                 value = value + side
@@ -193,16 +185,13 @@ class Objective(nn.Module):
 
     @staticmethod
     def _value(
-        term: nn.Module, output: SegOutput, targets: Targets, weight: float, logs: dict[str, Tensor], name: str
+        term: Term, output: SegOutput, targets: Targets, weight: float, logs: dict[str, Tensor], name: str
     ) -> Tensor:
         """The term's (unweighted) value, logged as `loss_<name>`; its connected zero, unlogged,
         while `weight` is 0."""
         if weight == 0.0:
-            return output.logits.sum() * 0.0 if isinstance(term, PixelLoss) else term.zero(output)
-        if isinstance(term, PixelLoss):
-            value = term(output.logits, targets.labels, targets.weight)
-        else:
-            value = term(output, targets)
+            return term.zero(output)
+        value = term(output, targets)
         if isinstance(value, Mapping):
             for sub, v in value.items():
                 logs[f"loss_{name}/{sub}"] = v.detach()
@@ -213,7 +202,7 @@ class Objective(nn.Module):
 
 def build_terms(group: Mapping[str, Any] | None, key: str) -> TermGroup:
     """The terms of a config group with their schedules (`key` names the group in errors)."""
-    terms: dict[str, nn.Module] = {}
+    terms: dict[str, Term] = {}
     schedules: dict[str, TermSchedule] = {}
     for name, spec in (group or {}).items():
         if spec is None:  # switched off (e.g. an experiment replacing an inherited term)

@@ -45,13 +45,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from segcon.methods.mixing import cutmix
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
-from segcon.objectives.contrast import labels_at
 from segcon.objectives.set_loss import Matching, SetCriterion, SlotTargets
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
+from segcon.utils.maps import cutmix, labels_at
 from segcon.utils.static import arange
 
 TERMS = ("rcc", "smc", "rmc", "rfc")

@@ -1,5 +1,7 @@
-"""Losses on a class-score map (PixelLoss): `loss(logits [B, K, h, w], target [B, H, W],
-weight [B, H, W] | None) -> scalar`, for ground truth and pseudo-labels alike.
+"""Losses on a class-score map (PixelLoss, the `per_pixel` terms): `loss.pixel_loss(logits [B,
+K, h, w], target [B, H, W], weight [B, H, W] | None) -> scalar`, for ground truth and
+pseudo-labels alike; as a term, `loss(output, targets)` reads `output.logits`, `targets.labels`
+and `targets.weight`.
 
 Logits at another resolution than the target are bilinearly resized to it. Pixels equal to
 `ignore_index` never contribute; a batch without a single valid pixel gives a zero that is still
@@ -17,7 +19,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from segcon.models.output import SegOutput
+from segcon.objectives.base import Targets, Term
 
 
 def match_size(logits: Tensor, target: Tensor) -> Tensor:
@@ -37,11 +42,14 @@ def weighted_mean(values: Tensor, weights: Tensor, extra: Tensor | None = None) 
     return numerator.sum() / weights.sum().clamp_min(1e-12)
 
 
-class PixelLoss(nn.Module):
-    """Base of the losses on a class-score map (see the module docstring); they read
-    `SegOutput.logits` only."""
+class PixelLoss(Term):
+    """Base of the losses on a class-score map (`per_pixel`): as a term they read
+    `SegOutput.logits` and `Targets.labels` / `Targets.weight`; subclasses write `pixel_loss`."""
 
-    reads: ClassVar[frozenset[str]] = frozenset({"logits"})
+    per_pixel: ClassVar[bool] = True
+
+    def forward(self, output: SegOutput, targets: Targets) -> Tensor:
+        return self.pixel_loss(output.logits, targets.labels, targets.weight)
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None) -> None:
         super().__init__()
@@ -74,7 +82,7 @@ class CrossEntropyLoss(PixelLoss):
         super().__init__(ignore_index, class_weights)
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    def pixel_loss(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         logits = match_size(logits, target)
         valid = target != self.ignore_index
         if self.class_weights is None and weight is None:  # the plain mean over valid pixels, in one reduction
@@ -98,6 +106,8 @@ class OhemCrossEntropyLoss(PixelLoss):
     stays the kept pixels): pixels a confidence filter dropped neither take the budget nor count.
     """
 
+    mines_hard_pixels: ClassVar[bool] = True
+
     def __init__(
         self,
         thresh: float = 0.7,
@@ -109,7 +119,7 @@ class OhemCrossEntropyLoss(PixelLoss):
         self.thresh = thresh
         self.min_kept = min_kept
 
-    def forward(
+    def pixel_loss(
         self, logits: Tensor, target: Tensor, weight: Tensor | None = None, mining_logits: Tensor | None = None
     ) -> Tensor:
         """`mining_logits` (default: `logits`) choose the kept pixels: CAC's weight branch is
@@ -142,7 +152,7 @@ class DiceLoss(PixelLoss):
         super().__init__(ignore_index, None)
         self.smooth = smooth
 
-    def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    def pixel_loss(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         dice, present = soft_dice(match_size(logits, target), target, self.ignore_index, weight, self.smooth)
         return weighted_mean(1 - dice, present.to(dice.dtype))
 
@@ -174,7 +184,7 @@ class FocalLoss(PixelLoss):
         super().__init__(ignore_index, class_weights)
         self.gamma = gamma
 
-    def forward(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    def pixel_loss(self, logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         logits = match_size(logits, target)
         valid = target != self.ignore_index
         safe_target = target.masked_fill(~valid, 0)
