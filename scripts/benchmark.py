@@ -225,7 +225,7 @@ def child_bare(args: argparse.Namespace) -> dict:
         stamps.append(time.perf_counter())
         b = _to(batches[step % len(batches)], device)  # each step copies its batch, as segcon's does
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = loss_fn(step_fn(b["image"]).logits, b["mask"])
+            loss = loss_fn.pixel_loss(step_fn(b["image"]).logits, b["mask"])
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
