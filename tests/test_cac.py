@@ -104,7 +104,7 @@ def test_weight_branch_never_sends_gradient_to_the_network(depth: str) -> None:
     net = _net(depth)
     x, target = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
     out = net(x)
-    assert out.aux["weight_logits"].shape == out.logits.shape
+    assert out.weight_logits.shape == out.logits.shape
     WeightBranchLoss({"ce": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss"}})(out, Targets(target)).backward()
     assert _grads(net.heads["weight_branch"]) > 0
     assert _grads(net.model) == 0.0 and _grads(net.heads["projection"]) == 0.0
@@ -141,7 +141,7 @@ def test_cac_term_equals_reference_on_its_samples_with_ignore_pixels() -> None:
     target = torch.randint(0, k - 1, (b, 2 * h, 2 * w), generator=g)
     target[:, :5] = IGNORE
     out = SegOutput(logits=logits, embeddings={"projection": PixelEmbedding.from_dense(emb)},
-                    aux={"weight_logits": weight_logits})
+                    weight_logits=weight_logits)
     term = ConfidenceAwareContrastLoss(MarginalSampler(max_samples=60, max_views=6))
     got = float(term(out, Targets(target, IGNORE)))
     # the same anchors, recomputed from scratch: marginal choice is deterministic
@@ -170,7 +170,7 @@ def test_weight_branch_loss_uses_the_main_logits_to_mine_ohem_pixels() -> None:
     main = torch.randn(2, 3, 8, 8, generator=g)
     weight = torch.randn(2, 3, 8, 8, generator=g)
     target = torch.randint(0, 3, (2, 8, 8), generator=g)
-    out = SegOutput(logits=main, aux={"weight_logits": weight})
+    out = SegOutput(logits=main, weight_logits=weight)
     spec = {"_target_": "segcon.objectives.supervised.OhemCrossEntropyLoss", "weight": 2.0, "thresh": 0.5, "min_kept": 10}
     got = WeightBranchLoss({"ohem": spec})(out, Targets(target))
     # by hand: keep the pixels whose main-head probability of the truth is below max(0.5, the 21st smallest)

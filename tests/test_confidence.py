@@ -75,7 +75,7 @@ def _teacher(seed: int, b: int = 2) -> SegOutput:
     out = _output(seed, b)
     valid = torch.ones(b, 4, 5, dtype=torch.bool)
     valid[:, :, -1] = False  # crop padding never feeds prototypes or bank
-    out.aux["valid"] = valid
+    out.valid = valid
     return out
 
 
@@ -88,7 +88,7 @@ def _confident(teacher: SegOutput) -> list[tuple[int, torch.Tensor]]:
         for r in range(4):
             for c in range(5):
                 conf, label = probs[i, :, r, c].max(0)
-                if teacher.aux["valid"][i, r, c] and conf >= 0.6:
+                if teacher.valid[i, r, c] and conf >= 0.6:
                     found.append((int(label), dense[i, :, r, c]))
     return found
 
@@ -129,7 +129,7 @@ def test_prototypes_combine_ranks_by_their_pixel_counts() -> None:
     both = SegOutput(logits=torch.cat([a.logits, b.logits]),
                      embeddings={"projection": PixelEmbedding.from_dense(torch.cat(
                          [a.embeddings["projection"].dense(), b.embeddings["projection"].dense()]))},
-                     aux={"valid": torch.cat([a.aux["valid"], b.aux["valid"]])})
+                     valid=torch.cat([a.valid, b.valid]))
     feats, labels = single._teacher_entries(both)["prototype"]
     single.enqueue("prototype", feats, labels)
     torch.testing.assert_close(together.prototypes, single.prototypes, atol=1e-12, rtol=0)

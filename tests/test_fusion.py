@@ -30,7 +30,7 @@ def test_side_outputs_are_upsampled_one_by_one_convolutions_of_the_stages_and_fu
     x = torch.randn(2, 3, 64, 96)
     out = net(x)
     stages = net.model.encoder(x)
-    sides = out.aux["side_logits"]
+    sides = out.side_logits
     assert len(sides) == 3
     for side, conv, stage in zip(sides, net.model.decoder.sides, [2, 3, 5], strict=True):
         by_hand = F.interpolate(conv(stages[stage]), size=(64, 96), mode="bilinear", align_corners=False)
@@ -45,7 +45,7 @@ def test_every_side_output_is_supervised_with_the_loss_terms_and_their_weights()
     logits, a, b = (torch.randn(2, K, 8, 8, generator=g, requires_grad=True) for _ in range(3))
     labels = torch.randint(0, K, (2, 8, 8), generator=g)
     labels[0, :2] = 255
-    output = SegOutput(logits=logits, aux={"side_logits": [a, b]})
+    output = SegOutput(logits=logits, side_logits=[a, b])
     objective = Objective({"ce": CrossEntropyLoss()}, side_weights=[0.5, 2.0])
     total, logs = objective(output, Targets(labels), step=0)
     ce = [F.cross_entropy(t, labels, ignore_index=255) for t in (logits, a, b)]
@@ -124,7 +124,7 @@ def test_hed_start_fuses_the_mean_of_the_sides_and_every_weight_gets_its_gradien
         assert conv.weight.std().item() == pytest.approx(0.01, rel=0.15) and not conv.bias.any()
     x = torch.randn(2, 3, 64, 64)
     out = net(x)
-    sides = out.aux["side_logits"]
+    sides = out.side_logits
     assert [tuple(s.shape) for s in sides] == [(2, K, 64, 64)] * 3 and out.logits.shape == (2, K, 64, 64)
     torch.testing.assert_close(out.logits, torch.stack(sides).mean(0))
     # d loss / d fusion weight [k, j] = sum over pixels of d loss / d logit_k * concatenated side j

@@ -48,7 +48,7 @@ def test_semantic_inference_is_the_sum_over_queries_written_out() -> None:
         expected = torch.log(semantic / semantic.sum(1, keepdim=True))
         torch.testing.assert_close(net(x), expected)
         out = net.train().forward_features(x)
-    assert len(out.aux["aux_outputs"]) == 2 and out.aux["mask_logits"].shape == (1, 5, 16, 24)
+    assert len(out.earlier_mask_cls) == len(out.earlier_mask_logits) == 2 and out.mask_logits.shape == (1, 5, 16, 24)
 
 
 def _brute_force(cost: torch.Tensor) -> float:
@@ -104,7 +104,7 @@ def test_mask_costs_against_a_loop() -> None:
 def test_set_loss_against_a_loop_with_brute_force_matching() -> None:
     cls, masks, labels = _setup(2)
     criterion = SetCriterion(3, deep_supervision=False, ignore_index=IGNORE).double()
-    out = SegOutput(logits=torch.zeros(2, 3, 4, 4), aux={"mask_cls": cls, "mask_logits": masks, "aux_outputs": []})
+    out = SegOutput(logits=torch.zeros(2, 3, 4, 4), mask_cls=cls, mask_logits=masks)
     loss = criterion(out, Targets(labels, IGNORE))
     ce_num = ce_den = focal_sum = dice_sum = 0.0
     count = 0
@@ -145,12 +145,11 @@ def test_set_loss_against_a_loop_with_brute_force_matching() -> None:
 def test_deep_supervision_adds_every_layer() -> None:
     cls, masks, labels = _setup(3)
     layers = [(cls * s, masks * s) for s in (1.0, 0.5, 2.0)]
-    aux = {"mask_cls": layers[0][0], "mask_logits": layers[0][1],
-           "aux_outputs": [{"mask_cls": c, "mask_logits": m} for c, m in layers[1:]]}
-    out = SegOutput(logits=torch.zeros(2, 3, 4, 4), aux=aux)
+    out = SegOutput(logits=torch.zeros(2, 3, 4, 4), mask_cls=layers[0][0], mask_logits=layers[0][1],
+                    earlier_mask_cls=[c for c, _ in layers[1:]], earlier_mask_logits=[m for _, m in layers[1:]])
     deep = SetCriterion(3, ignore_index=IGNORE).double()(out, Targets(labels, IGNORE))
     single = SetCriterion(3, deep_supervision=False, ignore_index=IGNORE).double()
-    per_layer = [single(SegOutput(logits=out.logits, aux={"mask_cls": c, "mask_logits": m}), Targets(labels, IGNORE))
+    per_layer = [single(SegOutput(logits=out.logits, mask_cls=c, mask_logits=m), Targets(labels, IGNORE))
                  for c, m in layers]
     for key in ("ce", "focal", "dice"):
         assert deep[key].item() == pytest.approx(sum(p[key].item() for p in per_layer), rel=1e-12)
@@ -175,7 +174,7 @@ def test_costs_and_losses_stay_finite_under_float16_autocast() -> None:
     masks = torch.full((1, 4, 200, 200), -20.0)
     labels = torch.zeros(1, 200, 200, dtype=torch.long)
     labels[0, :80] = 1
-    out = SegOutput(logits=torch.zeros(1, 2, 200, 200), aux={"mask_cls": cls, "mask_logits": masks, "aux_outputs": []})
+    out = SegOutput(logits=torch.zeros(1, 2, 200, 200), mask_cls=cls, mask_logits=masks)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = SetCriterion(2, ignore_index=IGNORE)(out, Targets(labels, IGNORE))
     assert all(torch.isfinite(v) for v in loss.values()) and loss["focal"].item() > 0

@@ -49,14 +49,14 @@ def test_perturbed_branch_decodes_clean_and_dropped_stages_in_one_batch() -> Non
         logits = net.model.segmentation_head(decoded)
         hidden = net.heads["projection"].stem(decoded[:2])
     torch.testing.assert_close(out.logits.detach(), logits[:2])
-    torch.testing.assert_close(out.aux["perturbed_logits"].detach(), logits[2:])
+    torch.testing.assert_close(out.perturbed_logits.detach(), logits[2:])
     assert not torch.allclose(logits[:2], logits[2:], atol=1e-3)  # the dropout did perturb
     torch.testing.assert_close(out.embeddings["projection"].hidden.detach(), hidden)  # heads read the clean half
     assert out.decoder.shape[0] == 2
     net.eval()  # no dropout in eval mode: both halves are the plain prediction
     with torch.no_grad():
         out = net.forward_features(x, perturb=0.5)
-        torch.testing.assert_close(out.aux["perturbed_logits"], net(x))
+        torch.testing.assert_close(out.perturbed_logits, net(x))
         torch.testing.assert_close(out.logits, net(x))
 
 
@@ -68,7 +68,7 @@ def test_segoutput_take_and_cat_round_trip() -> None:
     whole = SegOutput.cat([out.take(slice(0, 1)), out.take(slice(1, 3))])
     assert torch.equal(whole.logits, out.logits) and torch.equal(whole.decoder, out.decoder)
     assert all(torch.equal(a, b) for a, b in zip(whole.features, out.features, strict=True))
-    assert torch.equal(whole.aux["weight_logits"], out.aux["weight_logits"])
+    assert torch.equal(whole.weight_logits, out.weight_logits)
     emb = out.embeddings["projection"]
     index = torch.tensor([0, 5, emb.hidden[0, 0].numel() * 2 + 7])  # pixels of images 0 and 2
     torch.testing.assert_close(whole.embeddings["projection"].at(index), emb.at(index))

@@ -94,11 +94,18 @@ def test_take_and_cat_round_trip(family: tuple[str, SegModel]) -> None:
         a, b = getattr(whole, field), getattr(out, field)
         assert (a is None and b is None) or torch.equal(a, b), field
     assert all(torch.equal(a, b) for a, b in zip(whole.features, out.features, strict=True))
-    assert sorted(whole.embeddings) == sorted(out.embeddings) and sorted(whole.aux) == sorted(out.aux)
+    assert sorted(whole.embeddings) == sorted(out.embeddings)
+    for field in ("perturbed_logits", "weight_logits", "weight_decoder_logits", "mask_cls", "mask_logits", "mask_embed"):
+        a, b = getattr(whole, field), getattr(out, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
+    for field in ("side_logits", "earlier_mask_cls", "earlier_mask_logits"):
+        assert len(getattr(whole, field)) == len(getattr(out, field)), field
+        assert all(torch.equal(a, b) for a, b in zip(getattr(whole, field), getattr(out, field), strict=True)), field
     index = torch.tensor([1, out.embeddings["projection"].hidden[0, 0].numel() * 2 + 3])
     torch.testing.assert_close(whole.embeddings["projection"].at(index), out.embeddings["projection"].at(index))
     only = SegOutput.cat([out, out], only={"embeddings"})
-    assert only.logits.shape[0] == 6 and only.features == [] and only.decoder is None and only.aux == {}
+    assert only.logits.shape[0] == 6 and only.features == [] and only.decoder is None and only.mask_cls is None
+    assert only.side_logits == [] and only.weight_logits is None
 
 
 def test_perturbed_branch_is_a_second_decoding_of_the_same_batch(family: tuple[str, SegModel]) -> None:
@@ -107,12 +114,12 @@ def test_perturbed_branch_is_a_second_decoding_of_the_same_batch(family: tuple[s
     net.eval()
     with torch.no_grad():  # no dropout in eval mode: both halves are the plain prediction
         out = net.forward_features(x, perturb=0.5)
-        torch.testing.assert_close(out.aux["perturbed_logits"], net(x))
+        torch.testing.assert_close(out.perturbed_logits, net(x))
         torch.testing.assert_close(out.logits, net(x))
     net.train()
     out = net.forward_features(x, perturb=0.5)
-    assert out.logits.shape == out.aux["perturbed_logits"].shape == (2, K, *SIZES[name][0])
-    assert not torch.allclose(out.logits, out.aux["perturbed_logits"])
+    assert out.logits.shape == out.perturbed_logits.shape == (2, K, *SIZES[name][0])
+    assert not torch.allclose(out.logits, out.perturbed_logits)
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide", "ms_flip"])

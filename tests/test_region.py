@@ -44,8 +44,8 @@ def _case(seed: int, mixed: bool = False):
     g = torch.Generator().manual_seed(seed)
     out = SegOutput(logits=torch.zeros(5, K, 4, 4, dtype=torch.float64),
                     decoder=torch.randn(5, C, 4, 4, generator=g, dtype=torch.float64, requires_grad=True),
-                    aux={"mask_cls": torch.randn(5, N, K + 1, generator=g, dtype=torch.float64, requires_grad=True),
-                         "mask_logits": torch.randn(5, N, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)})
+                    mask_cls=torch.randn(5, N, K + 1, generator=g, dtype=torch.float64, requires_grad=True),
+                    mask_logits=torch.randn(5, N, 4, 4, generator=g, dtype=torch.float64, requires_grad=True))
     labels = torch.randint(0, K, (5, 4, 4), generator=g)
     labels[3, :] = 1  # the second unlabeled image: one region only
     confidence = torch.rand(5, 4, 4, generator=g, dtype=torch.float64) * 0.5 + 0.5
@@ -64,7 +64,7 @@ def _reference(term: RegionConsistencyContrast, out: SegOutput, targets: Targets
     """RMC and RFC by loops, with the term's matching (tested against brute force elsewhere)."""
     rows = [2, 3, 4]
     slots = term.regions(targets, (4, 4))
-    (matching,) = term.set_loss.match([(out.aux["mask_cls"], out.aux["mask_logits"])], slots)
+    (matching,) = term.set_loss.match([(out.mask_cls, out.mask_logits)], slots)
     regions, matches = [], []  # per unlabeled row: its region classes, masks and valid pixels; queries and targets
     for r in rows:
         classes = slots.present[r].nonzero().flatten()
@@ -92,7 +92,7 @@ def _reference(term: RegionConsistencyContrast, out: SegOutput, targets: Targets
         valid = region.valid.tolist()
         l_rmc, l_rfc = [], []
         for j, q in enumerate(queries.tolist()):
-            a = [1 / (1 + math.exp(-float(out.aux["mask_logits"][rows[i], q].flatten()[p]))) for p in range(16)]
+            a = [1 / (1 + math.exp(-float(out.mask_logits[rows[i], q].flatten()[p]))) for p in range(16)]
             sims = []
             for m in region.masks:
                 inter = sum(a[p] * float(m[p]) for p in range(16) if valid[p])
@@ -122,7 +122,7 @@ def test_rmc_and_rfc_against_loops(mixed: bool, cross_image: bool) -> None:
     assert values["rmc"].item() == pytest.approx(rmc, rel=1e-10)
     assert values["rfc"].item() == pytest.approx(rfc, rel=1e-10)
     sum(values.values()).backward()
-    assert out.decoder.grad is not None and out.aux["mask_logits"].grad is not None
+    assert out.decoder.grad is not None and out.mask_logits.grad is not None
 
 
 def test_rcc_and_smc_are_the_set_loss_on_the_teachers_confident_masks() -> None:
@@ -132,8 +132,8 @@ def test_rcc_and_smc_are_the_set_loss_on_the_teachers_confident_masks() -> None:
     rows = slice(2, 5)
     masked = targets.labels[rows].masked_fill(targets.confidence[rows] < 0.6, IGNORE)
     reference = SetCriterion(K, deep_supervision=False, ignore_index=IGNORE)(
-        SegOutput(logits=out.logits[rows], aux={"mask_cls": out.aux["mask_cls"][rows],
-                                                "mask_logits": out.aux["mask_logits"][rows]}), Targets(masked, IGNORE))
+        SegOutput(logits=out.logits[rows], mask_cls=out.mask_cls[rows], mask_logits=out.mask_logits[rows]),
+        Targets(masked, IGNORE))
     assert values["rcc"].item() == pytest.approx(reference["ce"].item(), rel=1e-12)
     assert values["smc"].item() == pytest.approx((reference["focal"] + reference["dice"]).item(), rel=1e-12)
 
@@ -196,20 +196,21 @@ def _query_case(seed: int):
                          dtype=torch.float64)
     probs = ((1 - score) / K)[..., None].expand(3, N, K + 1).clone()  # the rest shared by the other columns
     probs.scatter_(2, top[..., None], score[..., None])
-    targets.teacher.aux = {"mask_cls": probs.log(), "mask_logits": torch.randn(3, N, 4, 4, generator=g, dtype=torch.float64),
-                           "mask_embed": torch.randn(3, N, C, generator=g, dtype=torch.float64)}
-    out.aux["mask_embed"] = torch.randn(5, N, C, generator=g, dtype=torch.float64, requires_grad=True)
+    targets.teacher.mask_cls = probs.log()
+    targets.teacher.mask_logits = torch.randn(3, N, 4, 4, generator=g, dtype=torch.float64)
+    targets.teacher.mask_embed = torch.randn(3, N, C, generator=g, dtype=torch.float64)
+    out.mask_embed = torch.randn(5, N, C, generator=g, dtype=torch.float64, requires_grad=True)
     return out, targets, top, score
 
 
 def test_teacher_query_regions_are_its_confident_queries_split_by_the_cutmix_box() -> None:
     _, targets, top, score = _query_case(4)
-    targets.teacher.aux["valid"] = torch.ones(3, 4, 4, dtype=torch.bool)
-    targets.teacher.aux["valid"][1, 3] = False  # the second view's last row is crop padding
+    targets.teacher.valid = torch.ones(3, 4, 4, dtype=torch.bool)
+    targets.teacher.valid[1, 3] = False  # the second view's last row is crop padding
     term = RegionConsistencyContrast(K, confidence_threshold=0.75, min_area=2, teacher_regions="queries")
     slots = term.regions(targets, (4, 4))
-    masks = targets.teacher.aux["mask_logits"].flatten(2) > 0
-    real = targets.teacher.aux["valid"].flatten(1)
+    masks = targets.teacher.mask_logits.flatten(2) > 0
+    real = targets.teacher.valid.flatten(1)
     assert slots.masks.shape == (5, 2 * N, 16)
     for row in range(5):
         if row < 2:  # labeled rows hold no region
@@ -238,8 +239,8 @@ def test_region_feature_contrast_on_mask_embeddings_against_a_loop() -> None:
                                      teacher_regions="queries", rfc_features="mask_embed")
     values = term(out, targets)
     slots = term.regions(targets, (4, 4))
-    (matching,) = term.set_loss.match([(out.aux["mask_cls"], out.aux["mask_logits"])], slots, strict=False)
-    teacher = targets.teacher.aux["mask_embed"]
+    (matching,) = term.set_loss.match([(out.mask_cls, out.mask_logits)], slots, strict=False)
+    teacher = targets.teacher.mask_embed
     per_image = []
     for row in (2, 3, 4):
         u = row - 2
@@ -250,14 +251,14 @@ def test_region_feature_contrast_on_mask_embeddings_against_a_loop() -> None:
         keys = [k / k.norm() for k in keys]
         losses = []
         for j in matched:
-            s = out.aux["mask_embed"][row, int(matching.query[row, j])].detach()
+            s = out.mask_embed[row, int(matching.query[row, j])].detach()
             s = s / s.norm()
             logits = [float(s @ k) / 0.1 for k in keys]
             losses.append(-logits[matched.index(j)] + math.log(sum(math.exp(x) for x in logits)))
         per_image.append(sum(losses) / len(losses))
     assert len(per_image) >= 2 and values["rfc"].item() == pytest.approx(sum(per_image) / len(per_image), rel=1e-10)
     values["rfc"].backward()
-    assert out.aux["mask_embed"].grad is not None and out.aux["mask_embed"].grad.abs().sum() > 0
+    assert out.mask_embed.grad is not None and out.mask_embed.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="teacher_regions=queries"):
         RegionConsistencyContrast(K, rfc_features="mask_embed")
     with pytest.raises(ConfigError, match="empty_images"):
@@ -273,7 +274,7 @@ def test_an_image_without_regions_teaches_no_object_or_nothing(empty_images: str
     rows = [2, 3, 4] if empty_images == "no_object" else [2, 4]
     masked = targets.labels[rows].masked_fill(targets.confidence[rows] < 0.6, IGNORE)
     reference = SetCriterion(K, deep_supervision=False, ignore_index=IGNORE)(
-        SegOutput(logits=out.logits[rows], aux={"mask_cls": out.aux["mask_cls"][rows],
-                                                "mask_logits": out.aux["mask_logits"][rows]}), Targets(masked, IGNORE))
+        SegOutput(logits=out.logits[rows], mask_cls=out.mask_cls[rows], mask_logits=out.mask_logits[rows]),
+        Targets(masked, IGNORE))
     assert values["rcc"].item() == pytest.approx(reference["ce"].item(), rel=1e-12)
     assert values["smc"].item() == pytest.approx((reference["focal"] + reference["dice"]).item(), rel=1e-12)

@@ -62,7 +62,7 @@ def _case(tiny_cfg: Callable[..., DictConfig], overrides: list[str]):
     if hasattr(module, "teacher"):
         with torch.no_grad():
             teacher = module.teacher.forward_features(x[2:])
-        teacher.aux["valid"] = torch.ones(2, 64, 64, dtype=torch.bool)
+        teacher.valid = torch.ones(2, 64, 64, dtype=torch.bool)
     targets = Targets(labels, IGNORE, confidence, labeled=torch.tensor([True, True, False, False]), teacher=teacher)
     return module, net, x, targets
 

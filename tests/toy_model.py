@@ -75,7 +75,7 @@ class TinyNet(SegModel):
         out = SegOutput(logits=logits, decoder_logits=coarse, features=stages, decoder=decoder)
         if perturb > 0:
             b = x.shape[0]
-            out.aux["perturbed_logits"] = logits[b:]
+            out.perturbed_logits = logits[b:]
             out.logits, out.decoder_logits, out.decoder = logits[:b], coarse[:b], decoder[:b]
         if "projection" in self.heads and (heads is None or "projection" in heads):
             out.embeddings["projection"] = self.heads["projection"](out.decoder)

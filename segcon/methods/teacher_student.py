@@ -136,7 +136,7 @@ class TeacherStudentModule(SupervisedModule):
         FixMatch step on the weak views' probabilities (`weak_probs`): `strong_view_step`."""
         probs, teacher = self.weak_probs(unlabeled["image"])
         if teacher is not None:
-            teacher.aux["valid"] = unlabeled["valid"]
+            teacher.valid = unlabeled["valid"]
         return self.strong_view_step(labeled, unlabeled, probs, teacher)
 
     def weak_probs(self, weak: Tensor) -> tuple[Tensor, SegOutput | None]:
@@ -152,12 +152,12 @@ class TeacherStudentModule(SupervisedModule):
     @torch.no_grad()
     def teacher_output(self, weak: Tensor, valid: Tensor | None = None) -> SegOutput | None:
         """The teacher's output on the weak views, when a term reads it (else None), with the
-        views' valid pixels `[B, H, W]` (False on crop padding) as `aux["valid"]` when given."""
+        views' valid pixels `[B, H, W]` (False on crop padding) as its `valid` when given."""
         if not self.objective.reads_teacher:
             return None
         out = self.teacher.forward_features(weak)
         if valid is not None:
-            out.aux["valid"] = valid
+            out.valid = valid
         return out
 
     def pseudo_labels(

@@ -73,7 +73,7 @@ class UniMatch(FixMatch):
         n = labeled["image"].shape[0]
         perturb = self.fp_dropout if self.fp_weight > 0 else 0.0
         first = self.net.forward_features(torch.cat([labeled["image"], unlabeled["image"]]), perturb)
-        fp_logits = first.aux.pop("perturbed_logits", None)
+        fp_logits, first.perturbed_logits = first.perturbed_logits, None  # the second pass has none
         pseudo, logs = self.pseudo_labels(first.logits[n:].detach().softmax(1), labeled, unlabeled)
         s1, p1 = mix(unlabeled["strong"][:, 0], pseudo, self.cutmix_prob)
         s2, p2 = mix(unlabeled["strong"][:, 1], pseudo, self.cutmix_prob)

@@ -57,7 +57,7 @@ class SegModel(nn.Module):
         Args:
             perturb: > 0 adds UniMatch's feature-perturbation branch (Dropout2d with this
                 probability on the features the decoder reads, decoded in the same batch as the
-                clean ones): `aux["perturbed_logits"] [B, K, H, W]`. A family that cannot do it
+                clean ones): `SegOutput.perturbed_logits [B, K, H, W]`. A family that cannot do it
                 raises a ConfigError.
             heads: the train-only heads to run (None: all of them; () none, for gradient-free
                 passes that only need the logits).

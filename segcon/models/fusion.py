@@ -6,7 +6,7 @@ K class scores upsampled bilinearly to the input size; the side outputs, concate
 "decoder feature" `[B, S*K, H, W]`, and a 1x1 convolution fuses them into the final map. The
 model is an smp `SegmentationModel` (encoder, decoder, segmentation_head), so SegNet hosts it like
 any smp architecture: pretrained encoders, projection heads, export and every inference mode work
-unchanged. SegNet returns the side outputs as `SegOutput.aux["side_logits"]`, and the Objective
+unchanged. SegNet returns the side outputs as `SegOutput.side_logits`, and the Objective
 supervises each of them with the supervised loss terms (`model.side_weights`).
 
 Initialisation (`model.fusion_init`): "hed", as HED (Xie & Tu 2015) starts its side outputs and

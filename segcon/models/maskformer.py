@@ -15,8 +15,8 @@ an smp encoder, as RC²L needs it (METHODS.md §4(b)); written here, no MaskForm
 
 In training, `SegOutput.logits` are those log-probabilities (so pseudo-labels and pixel losses
 work), `decoder_logits` the same at the mask resolution, `decoder` the mask features `F`, and
-`aux` holds `mask_cls`, `mask_logits` and `mask_embed` of the last layer and `aux_outputs` (the
-earlier layers' `mask_cls` / `mask_logits`) for the set criterion (segcon.objectives.set_loss).
+`mask_cls`, `mask_logits` and `mask_embed` the last layer's outputs and `earlier_mask_cls` /
+`earlier_mask_logits` the earlier layers' for the set criterion (segcon.objectives.set_loss).
 """
 
 from __future__ import annotations
@@ -248,15 +248,11 @@ class MaskFormer(SegModel):
         coarse = semantic_log_probs(semantic)
         logits = semantic_log_probs(F.interpolate(semantic, size=x.shape[-2:], mode="bilinear", align_corners=False))
         b = x.shape[0]
-        aux: dict[str, Any] = {
-            "mask_cls": mask_cls[-1][:b], "mask_logits": mask_logits[-1][:b], "mask_embed": embed[-1][:b],
-            "aux_outputs": [{"mask_cls": c[:b], "mask_logits": m[:b]} for c, m in zip(mask_cls[:-1], mask_logits[:-1],
-                                                                                       strict=True)],
-        }
-        if perturb > 0:
-            aux["perturbed_logits"] = logits[b:]
         out = SegOutput(logits=logits[:b], decoder_logits=coarse[:b], features=stages, decoder=mask_features[:b],
-                        aux=aux)
+                        mask_cls=mask_cls[-1][:b], mask_logits=mask_logits[-1][:b], mask_embed=embed[-1][:b],
+                        earlier_mask_cls=[c[:b] for c in mask_cls[:-1]],
+                        earlier_mask_logits=[m[:b] for m in mask_logits[:-1]],
+                        perturbed_logits=logits[b:] if perturb > 0 else None)
         wanted = set(self.heads) if heads is None else set(heads) & set(self.heads)
         for name, spec in self.projections.items():
             if name in wanted:

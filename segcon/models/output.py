@@ -213,9 +213,20 @@ class SegOutput:
         decoder: `[B, C, h', w']` the feature the classifier reads.
         embeddings: one PixelEmbedding per train-only projection head, by head name ("projection"
             for the head `model.projection` configures).
-        aux: other train-only outputs by name: tensors ("weight_logits" of CAC's weight branch,
-            "perturbed_logits" of UniMatch's branch), lists of tensors (per-level side outputs) or
-            nested mappings (mask-classification outputs). Every tensor in it has the batch first.
+        side_logits: a fusion network's side outputs `[B, K, H, W]`, one per encoder stage with
+            one (deep-supervised by the Objective); empty for other models.
+        perturbed_logits: `[B, K, H, W]` the scores of the decoder on feature-dropped encoder
+            stages (UniMatch's perturbed branch, `forward_features(perturb=p)`), else None.
+        weight_logits, weight_decoder_logits: CAC's weight branch (a classifier on detached
+            features, `model.weight_branch`): its scores at the logits' and at the decoder's
+            resolution (None when the same or absent).
+        mask_cls, mask_logits, mask_embed: a mask-classification head's last decoder layer: class
+            scores `[B, N, K+1]` (the last is "no object"), mask scores `[B, N, h, w]` and the
+            queries' mask embeddings `[B, N, C]`; None for per-pixel models.
+        earlier_mask_cls, earlier_mask_logits: the same scores of its earlier decoder layers
+            (deep supervision), in order.
+        valid: `[B, H, W]` the images' real pixels (False on crop padding) where a method knows
+            them (the teacher's output on the weak views), else None.
     """
 
     logits: Tensor
@@ -223,7 +234,16 @@ class SegOutput:
     features: list[Tensor] = field(default_factory=list)
     decoder: Tensor | None = None
     embeddings: dict[str, PixelEmbedding] = field(default_factory=dict)
-    aux: dict[str, Any] = field(default_factory=dict)
+    side_logits: list[Tensor] = field(default_factory=list)
+    perturbed_logits: Tensor | None = None
+    weight_logits: Tensor | None = None
+    weight_decoder_logits: Tensor | None = None
+    mask_cls: Tensor | None = None
+    mask_logits: Tensor | None = None
+    mask_embed: Tensor | None = None
+    earlier_mask_cls: list[Tensor] = field(default_factory=list)
+    earlier_mask_logits: list[Tensor] = field(default_factory=list)
+    valid: Tensor | None = None
 
     def logits_at(self, size: tuple[int, int]) -> Tensor:
         """The class scores at `size` (h, w): the decoder-resolution or full-resolution logits

@@ -59,7 +59,7 @@ class SegNet(SegModel):
     Args:
         arch: smp architecture name (unet, fpn, deeplabv3plus, segformer, upernet, dpt, ...), or
             `fusion` (segcon.models.fusion: side outputs of every encoder stage, fused; takes
-            `side_stages` and `fusion_init`; its side outputs are `SegOutput.aux["side_logits"]`).
+            `side_stages` and `fusion_init`; its side outputs are `SegOutput.side_logits`).
         encoder_name: smp encoder name; `tu-<name>` for any timm encoder (e.g. tu-hrnet_w48).
         num_classes: K.
         encoder_weights: smp pretrained-weight name (downloads from a hub); None for random init.
@@ -86,8 +86,8 @@ class SegNet(SegModel):
             `SegOutput.embeddings[<name>]`.
         weight_branch: train-only CAC weight branch, None for none (contrast=cac sets it):
             `{depth: head | decoder}` — a fresh copy of the segmentation head, or of decoder and
-            head, fed with detached features; its logits are `SegOutput.aux["weight_logits"]`
-            (and `aux["weight_decoder_logits"]` at the decoder's resolution when the head upsamples).
+            head, fed with detached features; its logits are `SegOutput.weight_logits` (and
+            `weight_decoder_logits` at the decoder's resolution when the head upsamples).
         side_weights: arch `fusion`: the weight of each side output's deep supervision (read by
             the Objective, one per side output).
         **arch_kwargs: passed to the smp architecture (decoder_channels, encoder_depth, ...).
@@ -164,14 +164,13 @@ class SegNet(SegModel):
         logits, decoder_logits = head_scores(self.model.segmentation_head, decoder)
         out = SegOutput(logits=logits, decoder_logits=decoder_logits, features=list(stages), decoder=decoder)
         if isinstance(self.model, FusionModel):
-            out.aux["side_logits"] = self.model.decoder.split(decoder)
+            out.side_logits = self.model.decoder.split(decoder)
         if perturb > 0:
             b = x.shape[0]
-            out.aux["perturbed_logits"] = logits[b:]
+            out.perturbed_logits = logits[b:]
             out.logits, out.decoder = logits[:b], decoder[:b]
             out.decoder_logits = None if decoder_logits is None else decoder_logits[:b]
-            if "side_logits" in out.aux:
-                out.aux["side_logits"] = [side[:b] for side in out.aux["side_logits"]]
+            out.side_logits = [side[:b] for side in out.side_logits]
         wanted = set(self.heads) if heads is None else set(heads) & set(self.heads)
         for name, spec in self.projections.items():
             if name in wanted:
@@ -179,9 +178,9 @@ class SegNet(SegModel):
                 out.embeddings[name] = self.heads[name](source)
         if WEIGHT_BRANCH in wanted:
             weight_logits, weight_coarse = self.heads[WEIGHT_BRANCH](decoder_inputs, out.decoder)
-            out.aux["weight_logits"] = weight_logits
+            out.weight_logits = weight_logits
             if weight_coarse is not None:
-                out.aux["weight_decoder_logits"] = weight_coarse
+                out.weight_decoder_logits = weight_coarse
         return out
 
     # -- settings -------------------------------------------------------------------------

@@ -45,7 +45,7 @@ class Targets:
         labeled: `[B]` bool, the rows with ground truth; None: all rows.
         teacher: the teacher's output on the weak views of the step's unlabeled images (in their
             batch order; before CutMix), when the method has a teacher and a term reads it; its
-            `aux["valid"]` `[B_u, H, W]` marks the views' real pixels (False on crop padding).
+            `valid` `[B_u, H, W]` marks the views' real pixels (False on crop padding).
         mix_boxes: `[B, H, W]` bool, where CutMix pasted into a row the content of the previous
             unlabeled image of its view's batch (`roll(1)`); None without CutMix. A term that
             reads the teacher's maps mixes them with these boxes to align them with the rows.

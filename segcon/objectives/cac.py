@@ -4,7 +4,7 @@ Two Objective terms (segcon.objectives.base.Term), both reading the whole `SegOu
 
 - `ConfidenceAwareContrastLoss` (λ): SupCon-style contrast over sampled anchors in which every
   pair (i, j) is weighted by `W_ij = 1 - (q_i[y_j] + q_j[y_i]) / 2`, q the softmax of the weight
-  branch (`output.aux["weight_logits"]`, a classifier on detached features). Pairs the model is
+  branch (`output.weight_logits`, a classifier on detached features). Pairs the model is
   already sure about weigh little.
 - `WeightBranchLoss` (β): the supervised loss group applied to the weight branch's logits.
 """
@@ -26,8 +26,6 @@ from segcon.utils.errors import ConfigError
 from segcon.utils.static import arange, off_diagonal
 
 CLASS_MEANS = ("scatter", "present")
-WEIGHT_LOGITS = "weight_logits"
-WEIGHT_DECODER_LOGITS = "weight_decoder_logits"
 
 
 def pair_weights(q: Tensor, y: Tensor, pairs: Tensor) -> Tensor:
@@ -114,7 +112,8 @@ class ConfidenceAwareContrastLoss(Term):
         embedding: the projection head whose embeddings are contrasted.
     """
 
-    reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings", "aux"})
+    reads: ClassVar[frozenset[str]] = frozenset(
+        {"logits", "decoder_logits", "embeddings", "weight_logits", "weight_decoder_logits"})
 
     def __init__(
         self,
@@ -142,8 +141,7 @@ class ConfidenceAwareContrastLoss(Term):
         weight_logits = _weight_logits(output, "cac")
         anchors = sample_anchors(output, targets, self.sampler, self.embedding, type(self).__name__)
         size = output.embeddings[self.embedding].size
-        coarse = output.aux.get(WEIGHT_DECODER_LOGITS)
-        weight_logits = SegOutput(logits=weight_logits, decoder_logits=coarse).logits_at(size)
+        weight_logits = SegOutput(logits=weight_logits, decoder_logits=output.weight_decoder_logits).logits_at(size)
         q = pixels_at(weight_logits, anchors.image, anchors.pixel).softmax(1)
         per_anchor = cac_per_anchor(anchors.z, anchors.y, q, self.temperature, self.base_temperature,
                                     self.detach_pair_weights, anchors.valid)
@@ -153,7 +151,7 @@ class ConfidenceAwareContrastLoss(Term):
 
 class WeightBranchLoss(Term):
     """The weight branch's supervision: the `loss` group's terms (same classes, same settings,
-    each at its own weight) applied to `output.aux["weight_logits"]` with the kept labels. OHEM
+    each at its own weight) applied to `output.weight_logits` with the kept labels. OHEM
     terms keep the pixels that the *main* classifier finds hard, as the authors' code does.
 
     Args:
@@ -161,7 +159,7 @@ class WeightBranchLoss(Term):
             passes `${loss}`).
     """
 
-    reads: ClassVar[frozenset[str]] = frozenset({"logits", "aux"})
+    reads: ClassVar[frozenset[str]] = frozenset({"logits", "weight_logits"})
 
     def __init__(self, loss: Mapping[str, Any]) -> None:
         super().__init__()
@@ -195,9 +193,9 @@ class WeightBranchLoss(Term):
 
 
 def _weight_logits(output: SegOutput, term: str) -> Tensor:
-    if WEIGHT_LOGITS not in output.aux:
+    if output.weight_logits is None:
         raise ConfigError(
             f"the contrast.{term} term needs CAC's weight branch: set model.weight_branch={{depth: head}} "
             "(contrast=cac does)"
         )
-    return output.aux[WEIGHT_LOGITS]
+    return output.weight_logits

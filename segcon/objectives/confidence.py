@@ -176,8 +176,8 @@ class ConfidenceContrastLoss(Term):
         probs = teacher.logits_at((h, w)).detach().float().softmax(1)
         confidence, label = probs.max(1)
         high = confidence >= self.threshold
-        if "valid" in teacher.aux:
-            high &= labels_at(teacher.aux["valid"], (h, w))
+        if teacher.valid is not None:
+            high &= labels_at(teacher.valid, (h, w))
         group = torch.where(high, label, k).reshape(-1)  # k: not confident
         every = torch.arange(group.numel(), device=group.device)
         counts = group_counts(group, k + 1)[:k].to(probs.dtype)

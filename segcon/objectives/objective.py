@@ -68,7 +68,7 @@ class Objective(nn.Module):
     still sees every parameter used and nothing is spent on it. Logged per step: `loss_<name>`
     (unweighted) for every computed term, `weight_<name>` for scheduled terms, `loss` (the total).
 
-    Deep supervision: when the output carries side outputs (`aux["side_logits"]`, a fusion
+    Deep supervision: when the output carries side outputs (`side_logits`, a fusion
     network's), each supervised per-pixel term (`Term.per_pixel`) also applies to every side output s with weight
     `side_weights[s]`; `loss_<name>_side` logs that weighted sum, which joins the term's value
     (and its schedule).
@@ -175,7 +175,7 @@ class Objective(nn.Module):
 
     def _side_logits(self, output: SegOutput) -> list[Tensor]:
         """The output's side outputs, checked against `side_weights` (none without them)."""
-        sides = list(output.aux.get("side_logits") or [])
+        sides = output.side_logits
         if not sides:
             return []
         if self.side_weights is None or len(self.side_weights) != len(sides):

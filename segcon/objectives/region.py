@@ -47,7 +47,7 @@ from torch import Tensor
 
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
-from segcon.objectives.set_loss import Matching, SetCriterion, SlotTargets
+from segcon.objectives.set_loss import Matching, SetCriterion, SlotTargets, _mask_scores
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 from segcon.utils.maps import cutmix, labels_at
@@ -110,7 +110,8 @@ class RegionConsistencyContrast(Term):
             (`no_object`) or is left out of RCC (`skip`).
     """
 
-    reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder", "aux", "embeddings"})
+    reads: ClassVar[frozenset[str]] = frozenset(
+        {"logits", "decoder", "embeddings", "mask_cls", "mask_logits", "mask_embed"})
     reads_teacher: ClassVar[bool] = True
 
     def __init__(
@@ -199,16 +200,14 @@ class RegionConsistencyContrast(Term):
         class is not "no object" with probability >= δ and its mask holds `min_area` real pixels."""
         teacher = targets.teacher
         assert teacher is not None
-        if "mask_cls" not in teacher.aux:
-            raise ConfigError("contrast rc2l: teacher_regions=queries reads the teacher's queries: use model=maskformer_*")
-        score, cls = at_least_float32(teacher.aux["mask_cls"]).softmax(-1).max(-1)  # [U, N]
+        teacher_cls, logits = _mask_scores(teacher, "contrast rc2l (teacher_regions=queries)")
+        score, cls = at_least_float32(teacher_cls).softmax(-1).max(-1)  # [U, N]
         confident = (cls < self.num_classes) & (score >= self.threshold)
-        logits = teacher.aux["mask_logits"]
         if logits.shape[-2:] != size:
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         masks = logits.flatten(2) > 0  # σ(m) > 0.5
-        real = teacher.aux.get("valid")
-        real = masks.new_ones(masks.shape[0], masks.shape[2]) if real is None else labels_at(real, size).flatten(1)
+        real = (masks.new_ones(masks.shape[0], masks.shape[2]) if teacher.valid is None
+                else labels_at(teacher.valid, size).flatten(1))
         own, previous = self._teacher_rows(targets)
         box = (labels_at(targets.mix_boxes, size).flatten(1) if targets.mix_boxes is not None
                else real.new_zeros(own.shape[0], real.shape[1]))
@@ -243,8 +242,7 @@ class RegionConsistencyContrast(Term):
     # -- the terms -------------------------------------------------------------------------
 
     def forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
-        if "mask_cls" not in output.aux:
-            raise ConfigError("contrast rc2l reads a mask-classification head's outputs: use model=maskformer_*")
+        _mask_scores(output, "contrast rc2l")
         if targets.teacher is None and targets.labeled is None:  # a supervised warm-up: no teacher yet
             return dict.fromkeys(TERMS, self.zero(output))
         if targets.teacher is None:
@@ -259,8 +257,7 @@ class RegionConsistencyContrast(Term):
     def _terms(self, output: SegOutput, targets: Targets, zero: Tensor) -> dict[str, Tensor]:
         """The four terms on the unlabeled rows, in float32 or wider."""
         assert targets.labeled is not None
-        mask_cls = at_least_float32(output.aux["mask_cls"])
-        mask_logits = at_least_float32(output.aux["mask_logits"])
+        mask_cls, mask_logits = (at_least_float32(t) for t in _mask_scores(output, "contrast rc2l"))
         size = tuple(mask_logits.shape[-2:])
         slots = self.regions(targets, size)
         (matching,) = self.set_loss.match([(mask_cls, mask_logits)], slots, strict=self.teacher_regions == "semantic")
@@ -299,9 +296,9 @@ class RegionConsistencyContrast(Term):
         `probs [B, S, P]` and by the regions' masks."""
         if self.rfc_features == "mask_embed":
             assert targets.teacher is not None
-            embed = at_least_float32(output.aux["mask_embed"])  # [B, N, C]
+            embed = at_least_float32(output.mask_embed)  # [B, N, C]
             student = embed.gather(1, matching.query[..., None].expand(-1, -1, embed.shape[-1]))
-            teacher_embed = at_least_float32(targets.teacher.aux["mask_embed"].detach())
+            teacher_embed = at_least_float32(targets.teacher.mask_embed.detach())
             own, previous = self._teacher_rows(targets)
             teacher = torch.cat([teacher_embed[own], teacher_embed[previous]], 1)
             return F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)

@@ -138,8 +138,15 @@ def match_on_host(costs: Tensor, targets: SlotTargets, num_classes: int, strict:
     return [Matching(u[:, :k].clamp_min(0), u[:, :k] >= 0, u[:, k:], count) for u in upload]
 
 
+def _mask_scores(output: SegOutput, who: str = "loss mask_set") -> tuple[Tensor, Tensor]:
+    """The last decoder layer's class and mask scores, or a ConfigError naming `who` needs them."""
+    if output.mask_cls is None or output.mask_logits is None:
+        raise ConfigError(f"{who} reads a mask-classification head's outputs: use model=maskformer_*")
+    return output.mask_cls, output.mask_logits
+
+
 class SetCriterion(Term):
-    """MaskFormer's set criterion on `aux["mask_cls"]`, `aux["mask_logits"]` and `aux["aux_outputs"]`
+    """MaskFormer's set criterion on `SegOutput.mask_cls` / `mask_logits` and the earlier layers'
     (see the module docstring); returns `{"ce", "focal", "dice"}` summed over the decoder layers.
 
     Args:
@@ -152,7 +159,8 @@ class SetCriterion(Term):
         ignore_index: label value no mask counts.
     """
 
-    reads: ClassVar[frozenset[str]] = frozenset({"logits", "aux"})
+    reads: ClassVar[frozenset[str]] = frozenset(
+        {"logits", "mask_cls", "mask_logits", "earlier_mask_cls", "earlier_mask_logits"})
 
     def __init__(
         self,
@@ -180,7 +188,7 @@ class SetCriterion(Term):
         self.no_object_weight = no_object_weight
 
     def zero(self, output: SegOutput) -> Tensor:
-        return output.aux["mask_cls"].sum() * 0.0 + output.aux["mask_logits"].sum() * 0.0
+        return _mask_scores(output)[0].sum() * 0.0 + _mask_scores(output)[1].sum() * 0.0
 
     def cost(self, mask_cls: Tensor, mask_logits: Tensor, targets: SlotTargets) -> Tensor:
         """The matching cost `[B, N, S]` of every query against every slot:
@@ -231,15 +239,13 @@ class SetCriterion(Term):
             return self._forward(output, targets)
 
     def _forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
-        if "mask_cls" not in output.aux:
-            raise ConfigError("loss mask_set reads a mask-classification head's outputs: use model=maskformer_*")
-        layers = [(output.aux["mask_cls"], output.aux["mask_logits"])]
+        layers = [_mask_scores(output)]
         if self.deep_supervision:
-            layers += [(a["mask_cls"], a["mask_logits"]) for a in output.aux.get("aux_outputs", [])]
+            layers += list(zip(output.earlier_mask_cls, output.earlier_mask_logits, strict=True))
         layers = [(at_least_float32(c), at_least_float32(m)) for c, m in layers]
-        size = tuple(output.aux["mask_logits"].shape[-2:])
+        size = tuple(layers[0][1].shape[-2:])
         slots = semantic_targets(targets.reliable(), targets.ignore_index, size, self.num_classes)
-        total = dict.fromkeys(("ce", "focal", "dice"), output.aux["mask_cls"].sum() * 0.0)
+        total = dict.fromkeys(("ce", "focal", "dice"), layers[0][0].sum() * 0.0)
         for (mask_cls, mask_logits), matching in zip(layers, self.match(layers, slots), strict=True):
             for key, value in self.layer_losses(mask_cls, mask_logits, slots, matching).items():
                 total[key] = total[key] + value
