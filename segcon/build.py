@@ -80,8 +80,9 @@ def _data_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 def build_objective_of(cfg: DictConfig) -> Objective:
     """The Objective of the `loss`, `contrast` and `pseudo_loss` groups."""
+    settings = {"num_classes": int(cfg.data.num_classes), "ignore_index": int(cfg.data.ignore_index)}
     return build_objective(plain(cfg.get("loss")), plain(cfg.get("contrast")), plain(cfg.get("pseudo_loss")),
-                           plain(cfg.model.get("side_weights")))
+                           plain(cfg.model.get("side_weights")), settings)
 
 
 def build_module(cfg: DictConfig) -> L.LightningModule:

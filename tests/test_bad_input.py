@@ -121,8 +121,9 @@ def test_ignore_index_inside_class_range() -> None:
 
 
 def test_loss_ignore_index_must_match_data() -> None:
+    """Terms take data.ignore_index from the build; one a user gives a term by hand must agree."""
     with pytest.raises(ConfigError, match=r"loss.ce.ignore_index=254 differs from data.ignore_index=255"):
-        validate_cfg(_cfg("loss.ce.ignore_index=254"), check_data=False)
+        validate_cfg(_cfg("+loss.ce.ignore_index=254"), check_data=False)
 
 
 def test_crop_not_multiple_of_output_stride() -> None:

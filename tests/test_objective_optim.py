@@ -152,3 +152,23 @@ def test_every_loss_option_takes_its_schedule_keys_without_a_plus(option: str) -
 
 def test_mask_set_loss_takes_its_schedule_keys() -> None:
     assert compose_train(["loss=mask_set", "loss.mask_set.warmup_steps=3"]).loss.mask_set.warmup_steps == 3
+
+
+def test_terms_and_their_samplers_take_num_classes_and_ignore_index_from_the_data(tiny_cfg) -> None:
+    """The values live in the data config alone: the build hands them to every term and nested
+    _target_ whose constructor takes them (the loss, the sampler inside a contrast term, the
+    weight branch's copy of the loss group), and a value a spec sets itself stays."""
+    from segcon.build import build_objective_of
+    from segcon.objectives.objective import with_data_settings
+
+    cfg = tiny_cfg("contrast=cac", "loss=imbalance", "data.ignore_index=250")
+    objective = build_objective_of(cfg)
+    assert objective.supervised["imbalance"].ignore_index == 250
+    assert objective.supervised["imbalance"].num_classes == cfg.data.num_classes == 5
+    assert objective.contrast["cac"].sampler.ignore_index == 250
+    assert objective.contrast["weight_branch"].terms["imbalance"].ignore_index == 250
+    spec = {"a": {"_target_": "segcon.objectives.supervised.CrossEntropyLoss", "ignore_index": 7},
+            "b": {"_target_": "torch.nn.Identity", "x": [{"_target_": "segcon.objectives.samplers.RandomSampler"}]}}
+    out = with_data_settings(spec, {"ignore_index": 250, "num_classes": 5}, "loss")
+    assert out["a"]["ignore_index"] == 7 and "num_classes" not in out["a"]  # set by hand; not a parameter
+    assert "ignore_index" not in out["b"] and out["b"]["x"][0]["ignore_index"] == 250

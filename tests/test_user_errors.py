@@ -77,7 +77,7 @@ def test_segcon_train_user_errors(data_dir: Path, tmp_path: Path) -> None:
 def test_values_of_the_types_a_key_takes_pass(data_dir: Path) -> None:
     """The annotation of the parameter decides where it says more than the preset's value does:
     `trainer.devices` takes "auto", `trainer.limit_val_batches` a fraction (the presets hold
-    integers), a loss term's `ignore_index` only an integer; a null switches a number off."""
+    integers), OHEM's `min_kept` only an integer; a null switches a number off."""
     from tests.conftest import compose_train, tiny_overrides
 
     fine = ["trainer.devices=auto", "trainer.limit_val_batches=0.5", "optim.lr=1", "divergence.explode_factor=null",
@@ -85,9 +85,10 @@ def test_values_of_the_types_a_key_takes_pass(data_dir: Path) -> None:
     reference = compose_train(tiny_overrides(data_dir))
     cfg = compose_train([*tiny_overrides(data_dir), *fine])
     check_value_types(cfg, [(o, o.split("=")[0]) for o in fine], reference)
-    bad = compose_train([*tiny_overrides(data_dir), "loss.ce.ignore_index=2.5"])
-    with pytest.raises(ConfigError, match=r"loss\.ce\.ignore_index takes an integer, not 2\.5"):
-        check_value_types(bad, [("loss.ce.ignore_index=2.5", "loss.ce.ignore_index")], reference)
+    reference = compose_train([*tiny_overrides(data_dir), "loss=ohem"])
+    bad = compose_train([*tiny_overrides(data_dir), "loss=ohem", "loss.ohem.min_kept=2.5"])
+    with pytest.raises(ConfigError, match=r"loss\.ohem\.min_kept takes an integer, not 2\.5"):
+        check_value_types(bad, [("loss.ohem.min_kept=2.5", "loss.ohem.min_kept")], reference)
 
 
 def _main(tool: str):

@@ -14,6 +14,7 @@ ramp_steps, <term kwargs>}`:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.utils.errors import ConfigError
-from segcon.utils.targets import instantiate
+from segcon.utils.targets import instantiate, locate
 
 PSEUDO = "unsup"
 """The log name of the pseudo-label loss (`train/loss_unsup`, `train/weight_unsup`)."""
@@ -200,11 +201,31 @@ class Objective(nn.Module):
         return value
 
 
-def build_terms(group: Mapping[str, Any] | None, key: str) -> TermGroup:
-    """The terms of a config group with their schedules (`key` names the group in errors)."""
+def with_data_settings(spec: Any, settings: Mapping[str, Any], key: str) -> Any:
+    """`spec` with the data-wide `settings` (`num_classes`, `ignore_index`) handed to every
+    `_target_` in it (nested ones included: samplers, the weight branch's terms) whose constructor
+    takes them and that does not set them itself: the values live in the data config alone."""
+    if isinstance(spec, Mapping):
+        out = {k: with_data_settings(v, settings, f"{key}.{k}") for k, v in spec.items()}
+        if "_target_" in out:
+            try:
+                params = inspect.signature(locate(out["_target_"], f"{key}._target_")).parameters
+            except (TypeError, ValueError):  # no signature to read: nothing is handed over
+                return out
+            out.update({k: v for k, v in settings.items() if k in params and k not in out})
+        return out
+    if isinstance(spec, list | tuple):
+        return [with_data_settings(v, settings, f"{key}[{i}]") for i, v in enumerate(spec)]
+    return spec
+
+
+def build_terms(group: Mapping[str, Any] | None, key: str, settings: Mapping[str, Any] | None = None) -> TermGroup:
+    """The terms of a config group with their schedules (`key` names the group in errors), each
+    given the data-wide `settings` it takes (`with_data_settings`)."""
     terms: dict[str, Term] = {}
     schedules: dict[str, TermSchedule] = {}
-    for name, spec in (group or {}).items():
+    group = with_data_settings(dict(group or {}), settings or {}, key)
+    for name, spec in group.items():
         if spec is None:  # switched off (e.g. an experiment replacing an inherited term)
             continue
         if not isinstance(spec, Mapping) or "_target_" not in spec:
@@ -224,8 +245,10 @@ def build_objective(
     contrast: Mapping[str, Any] | None = None,
     pseudo: Mapping[str, Any] | None = None,
     side_weights: Sequence[float] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> Objective:
     """An Objective from the `loss`, `contrast` and `pseudo_loss` config groups (and the
-    model's deep-supervision weights)."""
-    return Objective(build_terms(loss, "loss"), build_terms(contrast, "contrast"), build_terms(pseudo, "pseudo_loss"),
-                     side_weights)
+    model's deep-supervision weights), every term given the data-wide `settings` it takes
+    (`{num_classes, ignore_index}` of the data config)."""
+    return Objective(build_terms(loss, "loss", settings), build_terms(contrast, "contrast", settings),
+                     build_terms(pseudo, "pseudo_loss", settings), side_weights)
