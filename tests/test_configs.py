@@ -113,3 +113,26 @@ def test_every_experiment_instantiates_its_model_objective_and_module(experiment
 def test_ssl_cityscapes_ohem_keeps_unimatchs_200000_pixels_per_call(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=ssl_cityscapes", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
     assert cfg.loss.ohem.min_kept * cfg.data.batch_size == 200_000  # min_kept counts per image
+
+
+def test_every_trainer_key_is_a_lightning_trainer_argument_and_common_ones_need_no_plus(tmp_path: Path) -> None:
+    """conf/trainer/default.yaml declares the Trainer keys users set by hand, so
+    `trainer.val_check_interval=2` composes without `+`; a key Lightning does not take would only
+    fail when the Trainer is built."""
+    import inspect
+
+    import lightning
+    from omegaconf import OmegaConf
+
+    declared = OmegaConf.load(CONF / "trainer" / "default.yaml")
+    parameters = inspect.signature(lightning.pytorch.Trainer.__init__).parameters
+    assert [k for k in declared if k != "_target_" and k not in parameters] == []
+    for key in ("val_check_interval", "limit_train_batches", "limit_val_batches", "limit_test_batches",
+                "accumulate_grad_batches", "gradient_clip_algorithm", "benchmark", "detect_anomaly", "profiler",
+                "fast_dev_run"):
+        assert key in declared, key
+        assert declared[key] == parameters[key].default, key  # Lightning's: nothing changes unless a user sets it
+    from tests.conftest import compose_train
+
+    cfg = compose_train(["trainer.val_check_interval=2", "trainer.limit_val_batches=2", f"data.root={tmp_path}"])
+    assert cfg.trainer.val_check_interval == 2 and cfg.trainer.limit_val_batches == 2

@@ -21,7 +21,7 @@ from tests.test_train import _tiny_cli_args
 def _training(data_dir: Path, run: Path, *extra: str) -> subprocess.Popen:
     """A long CLI run, returned once it has logged a few steps."""
     args = [*_tiny_cli_args(data_dir), "trainer.max_steps=100000", "trainer.max_epochs=1000",
-            "trainer.check_val_every_n_epoch=1000", "+trainer.limit_train_batches=2", f"hydra.run.dir={run}", *extra]
+            "trainer.check_val_every_n_epoch=1000", "trainer.limit_train_batches=2", f"hydra.run.dir={run}", *extra]
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     proc = subprocess.Popen([sys.executable, "-m", "segcon.train", *args], cwd=run.parent, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

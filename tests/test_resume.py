@@ -163,7 +163,7 @@ def test_checkpoints_of_mid_epoch_validations_resume_exactly(data_dir: Path, tmp
     checkpoint of that step, written once the validation has ended)."""
     from segcon.train import train
 
-    settings = [*BY_STEPS, "+trainer.val_check_interval=2"]
+    settings = [*BY_STEPS, "trainer.val_check_interval=2"]
     whole = tmp_path / "whole"
     train(_config(data_dir, whole, "supervised", *settings, periodic=False))
     assert _stop_and_resume(data_dir, tmp_path, whole, "killed", ["+callbacks.crash.step=2"], settings) == 2

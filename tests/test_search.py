@@ -95,7 +95,7 @@ def test_search_prunes_survives_interruption_and_continues_the_cut_trial(data_di
     study's pruner and stops training there."""
     args = [
         *tiny_overrides(data_dir), "hparams_search=pixel_contrast", f"paths.log_dir={tmp_path}",
-        "hydra.sweeper.n_trials=2", "trainer.max_epochs=-1", "trainer.max_steps=6", "+trainer.val_check_interval=2",
+        "hydra.sweeper.n_trials=2", "trainer.max_epochs=-1", "trainer.max_steps=6", "trainer.val_check_interval=2",
         "~hydra.sweeper.pruner", "+hydra.sweeper.pruner={_target_:tests.helpers.PruneTrials,trials:[2],step:4}",
     ]
     crash = ["+callbacks.crash._target_=tests.helpers.CrashAt", "+callbacks.crash.step=3", "+callbacks.crash.how=term"]

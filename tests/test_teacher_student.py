@@ -71,7 +71,7 @@ def test_metrics_json_keeps_the_runs_bests_when_an_earlier_checkpoint_is_evaluat
     # restored running bests only cover the steps before it; metrics.json must still report
     # the bests over the whole fit (student and teacher), and the last validation.
     cfg = tiny_cfg("method=mean_teacher", "data.labeled_count=4", "trainer.max_steps=5", "trainer.max_epochs=-1",
-                   "+trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=null",
+                   "trainer.val_check_interval=1", "trainer.check_val_every_n_epoch=null",
                    "callbacks.model_checkpoint.mode=min", "method.ema_momentum=0.5")
     train(cfg)
     run = Path(cfg.paths.output_dir)
