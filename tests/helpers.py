@@ -10,6 +10,7 @@ import optuna
 import torch
 
 from segcon.data.datamodule import SegDataModule
+from segcon.methods.callbacks import StepProgressBar
 from segcon.objectives.base import Term
 from segcon.objectives.supervised import PixelLoss
 
@@ -189,3 +190,16 @@ class SlowSteps(L.Callback):
         import time
 
         time.sleep(self.seconds)
+
+
+class RecordedStepBar(StepProgressBar):
+    """The progress bar, writing what its training bar was given at the end of training
+    (description, total, completed) to `<run dir>/train_bar.json`."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        task = self.progress.tasks[self.train_progress_bar_id]
+        record = {"description": task.description, "total": task.total, "completed": task.completed}
+        (Path(trainer.default_root_dir) / "train_bar.json").write_text(json.dumps(record))
+        super().on_train_end(trainer, pl_module)

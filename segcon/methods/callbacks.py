@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -294,3 +295,51 @@ class FinalReport(L.Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._report(trainer, pl_module, "test")
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich progress bar, reading a run bounded by steps (`trainer.max_steps` with
+    `max_epochs: -1`: every iteration-based preset) as one bar of optimizer steps out of
+    `max_steps`, with the time left, instead of one bar per epoch whose total reads "-2". Runs
+    bounded by epochs show Lightning's per-epoch bar, and an epoch without a bound shows no total."""
+
+    def by_steps(self) -> bool:
+        """Whether `max_steps` bounds the run and epochs do not."""
+        trainer = self.trainer
+        return trainer.max_steps is not None and trainer.max_steps > 0 and (
+            trainer.max_epochs is None or trainer.max_epochs < 0)
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self.by_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.by_steps():
+            text = "Steps"
+        elif self.trainer.max_epochs is None or self.trainer.max_epochs < 0:
+            text = f"Epoch {current_epoch}"
+        else:
+            text = f"Epoch {current_epoch}/{self.trainer.max_epochs - 1}"
+        return f"{text:{len(self.validation_description)}}"  # as wide as "Validation": no flicker
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.by_steps():
+            super().on_train_epoch_start(trainer, pl_module)
+            return
+        if self.is_disabled or self.progress is None:
+            return
+        if self.train_progress_bar_id is None:  # one bar for the run, started where a resumed run is
+            self.train_progress_bar_id = self._add_task(trainer.max_steps, self._get_train_description(0))
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self.by_steps():
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()

@@ -57,7 +57,7 @@ SEGCON_TARGETS = frozenset({
     # methods and callbacks
     "segcon.methods.supervised.SupervisedModule", "segcon.methods.mean_teacher.MeanTeacher",
     "segcon.methods.fixmatch.FixMatch", "segcon.methods.unimatch.UniMatch",
-    "segcon.methods.callbacks.ModelCheckpoint",
+    "segcon.methods.callbacks.ModelCheckpoint", "segcon.methods.callbacks.StepProgressBar",
 })
 """segcon's own buildable classes: every one that a config in conf/ or segcon's code names."""
 
