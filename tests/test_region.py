@@ -125,17 +125,21 @@ def test_rmc_and_rfc_against_loops(mixed: bool, cross_image: bool) -> None:
     assert out.decoder.grad is not None and out.mask_logits.grad is not None
 
 
-def test_rcc_and_smc_are_the_set_loss_on_the_teachers_confident_masks() -> None:
-    out, targets = _case(1)
-    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1)
-    values = term(out, targets)
-    rows = slice(2, 5)
+def _assert_set_loss_on(values: dict, out: SegOutput, targets: Targets, rows: list[int]) -> None:
+    """RCC and SMC equal MaskFormer's set loss on `rows` with the teacher's confident (>= 0.6)
+    pseudo-labels as targets."""
     masked = targets.labels[rows].masked_fill(targets.confidence[rows] < 0.6, IGNORE)
     reference = SetCriterion(K, deep_supervision=False, ignore_index=IGNORE)(
         SegOutput(logits=out.logits[rows], mask_cls=out.mask_cls[rows], mask_logits=out.mask_logits[rows]),
         Targets(masked, IGNORE))
     assert values["rcc"].item() == pytest.approx(reference["ce"].item(), rel=1e-12)
     assert values["smc"].item() == pytest.approx((reference["focal"] + reference["dice"]).item(), rel=1e-12)
+
+
+def test_rcc_and_smc_are_the_set_loss_on_the_teachers_confident_masks() -> None:
+    out, targets = _case(1)
+    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1)
+    _assert_set_loss_on(term(out, targets), out, targets, [2, 3, 4])
 
 
 def test_an_image_with_one_region_gives_zero_contrast_without_nan() -> None:
@@ -270,11 +274,4 @@ def test_an_image_without_regions_teaches_no_object_or_nothing(empty_images: str
     out, targets = _case(6)
     targets.confidence[3] = 0.1  # the second unlabeled image: nothing confident, no region
     term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, empty_images=empty_images)
-    values = term(out, targets)
-    rows = [2, 3, 4] if empty_images == "no_object" else [2, 4]
-    masked = targets.labels[rows].masked_fill(targets.confidence[rows] < 0.6, IGNORE)
-    reference = SetCriterion(K, deep_supervision=False, ignore_index=IGNORE)(
-        SegOutput(logits=out.logits[rows], mask_cls=out.mask_cls[rows], mask_logits=out.mask_logits[rows]),
-        Targets(masked, IGNORE))
-    assert values["rcc"].item() == pytest.approx(reference["ce"].item(), rel=1e-12)
-    assert values["smc"].item() == pytest.approx((reference["focal"] + reference["dice"]).item(), rel=1e-12)
+    _assert_set_loss_on(term(out, targets), out, targets, [2, 3, 4] if empty_images == "no_object" else [2, 4])
