@@ -1,8 +1,16 @@
 """segcon-data: dataset utilities.
 
+    segcon-data check data=<folder|crackforest|...> data.root=<dir> [format=table|json]
     segcon-data stats data=<name> data.root=<dir> [format=table|json] [workers=8]
     segcon-data split data=<name> data.root=<dir> labeled=<count|fraction> out=<dir> [seed=0]
                       [class_balanced=true] [protocol=voc_classic|voc_blended|cityscapes] [overwrite=true]
+
+`check` reads a dataset in the folder layout (images/<split>/, masks/<split>/) as it is on disk
+and prints on one screen its splits (images, masks, raw mask values), its classes with their
+pixel shares (binary 0/255 masks detected and mapped 255 -> 1), and the overrides the chosen data
+config needs for these files (class count, value map, class names, palette, the unlabeled
+folder); with `format=json`, one JSON object. Exit status 1 when something no override fixes
+was found (images without masks in a labeled split).
 
 `stats` prints, per split (train, val, and test where labels exist), the number of images, the
 pixel count of every class and of ignore pixels. It reads every label file and exits with
@@ -36,6 +44,7 @@ from rich.table import Table
 
 from segcon.config import config_dir, fill_data_defaults, prepare_data
 from segcon.data.base import SegDataset, read_id_list
+from segcon.data.check import check_folder
 from segcon.data.datamodule import SPLITS
 from segcon.data.splits import PROTOCOLS, Protocol, labeled_count, make_split, write_split
 from segcon.data.stats import SplitStats, split_stats
@@ -157,7 +166,39 @@ def _class_presence(dataset: SegDataset, pool: list[str] | None, workers: int) -
         return dict(threads.map(one, indices))
 
 
-COMMANDS = {"stats": stats, "split": split}
+def check(cfg: DictConfig) -> int:
+    """Run `segcon-data check`; return the exit status."""
+    data = OmegaConf.to_container(cfg.data, resolve=False, throw_on_missing=False)
+    if data.get("num_classes") == "???":
+        data["num_classes"] = None
+    report = check_folder(cfg.data.root, data, int(cfg.workers))
+    if cfg.format == "json":
+        print(json.dumps(report.as_dict()))
+        return 1 if report.problems else 0
+    console = Console()
+    table = Table(title=f"{cfg.data.root}: folder layout")
+    for col in ("folder", "images", "masks", "mask values"):
+        table.add_column(col, justify="left" if col in ("folder", "mask values") else "right")
+    for name, s in report.splits.items():
+        values = ", ".join(map(str, s.values)) if s.masks else "(no masks: unlabeled images)"
+        table.add_row(name, str(s.images), str(s.masks), values)
+    console.print(table)
+    names = report.class_names or [f"class_{i}" for i in range(report.num_classes)]
+    shares = ", ".join(f"{n} {100 * f:.2f} %" for n, f in zip(names, report.pixel_shares, strict=False))
+    mapping = " (binary masks stored as 0/255: 255 is the foreground, class 1)" if report.binary else ""
+    console.print(f"classes: {report.num_classes}{mapping}; pixel shares of the labeled splits: {shares}")
+    if report.class_names is None:
+        console.print("class names: no classes.txt (one name per line) in the root; class_0 ... are used")
+    for problem in report.problems:
+        console.print(f"[red]problem:[/red] {problem}")
+    if report.overrides:
+        console.print(f"overrides this data needs with data={cfg.data.name}:\n  " + " ".join(report.overrides), soft_wrap=True)
+    else:
+        console.print(f"data={cfg.data.name} fits these files as it is")
+    return 1 if report.problems else 0
+
+
+COMMANDS = {"check": check, "stats": stats, "split": split}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -60,3 +60,46 @@ def test_usage_and_user_errors(tmp_path: Path, capsys) -> None:
     assert proc.returncode == 2
     assert f"data root {tmp_path}/absent does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _folder(root: Path, masks: dict[str, list[np.ndarray | None]], names: list[str] | None = None) -> None:
+    """A folder-layout dataset: per folder, one 8x8 image per entry and its mask (None: none)."""
+    for split, arrays in masks.items():
+        (root / "images" / split).mkdir(parents=True)
+        for i, mask in enumerate(arrays):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            if mask is not None:
+                (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / split / f"{i}.png")
+    if names:
+        (root / "classes.txt").write_text("\n".join(names) + "\n")
+
+
+def test_check_finds_binary_masks_and_a_missing_unlabeled_folder(tmp_path: Path, capsys) -> None:
+    """Another crack dataset with the CrackForest preset: 0/255 masks (what the preset maps), no
+    unlabeled folder (which the preset names): one override, data.splits.unlabeled=null."""
+    crack = np.zeros((8, 8), np.uint8)
+    crack[2, :] = 255  # 8 crack pixels of 64
+    _folder(tmp_path, {"train": [crack, crack], "val": [np.zeros((8, 8))]})
+    assert main(["check", "data=crackforest", f"data.root={tmp_path}", "format=json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["values"] == [0, 255] and report["binary"] and report["num_classes"] == 2
+    assert report["pixel_shares"] == [round(176 / 192, 6), round(16 / 192, 6)]
+    assert report["splits"]["train"] == {"images": 2, "masks": 2, "values": [0, 255]}
+    assert report["overrides"] == ["data.splits.unlabeled=null"] and report["problems"] == []
+    assert main(["check", "data=folder", f"data.root={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert 'data.num_classes=2 data.dataset.value_map="{255: 1}"' in out and "no classes.txt" in out
+
+
+def test_check_counts_classes_names_an_image_folder_and_reports_images_without_masks(tmp_path: Path,
+                                                                                      capsys) -> None:
+    a = np.array([[0, 1, 3, 255]] * 4)  # 4 pixels of each of 0, 1, 3 and ignore
+    _folder(tmp_path, {"train": [a, a, None], "val": [a], "extra": [None, None]}, names=["a", "b", "c", "d"])
+    assert main(["check", "data=folder", f"data.root={tmp_path}", "format=json"]) == 1  # a train image lacks its mask
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_classes"] == 4 and not report["binary"] and report["values"] == [0, 1, 3, 255]
+    assert report["pixel_shares"] == [round(1 / 3, 6), round(1 / 3, 6), 0.0, round(1 / 3, 6)]
+    assert report["class_names"] == ["a", "b", "c", "d"]
+    assert report["overrides"] == ["data.num_classes=4", "data.splits.unlabeled=extra"]
+    assert report["problems"] == ["images/train: 1 of 3 images have no mask in masks/train/"]
