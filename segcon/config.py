@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.utils.errors import ConfigError, DataError
@@ -59,12 +59,29 @@ def prepare_data(cfg: DictConfig) -> None:
 
 def fill_data_defaults(cfg: DictConfig) -> None:
     """Fill `data.class_names` (from `<root>/classes.txt`, else class_<i>) and `data.palette`
-    when the data config leaves them null."""
+    when the data config leaves them null; settle a folder dataset's `dataset.value_map: auto`
+    from its masks and drop the `optional_splits` whose image folder is missing, each with one
+    printed line."""
+    from segcon.data.check import detect_value_map
     from segcon.data.folder import read_class_names
     from segcon.evaluation.visualize import default_palette
 
     data = cfg.data
     with open_dict(data):
+        root = Path(str(data.root)).expanduser() if data.get("root") else None
+        for split in data.get("optional_splits") or []:
+            folder = data.splits.get(split)
+            if folder and root is not None and not (root / "images" / folder).is_dir():
+                data.splits[split] = None
+                rank_zero_info(f"data.splits.{split}: {root / 'images' / folder} does not exist; running without "
+                               f"a {split} split")
+        dataset = data.get("dataset") or {}
+        train_masks = root / "masks" / str(data.splits.train) if root is not None else None
+        if dataset.get("value_map") == "auto" and train_masks is not None and train_masks.is_dir():
+            found = detect_value_map(root, data.splits.train, int(data.ignore_index), int(data.num_classes))
+            data.dataset.value_map = found
+            rank_zero_info("data.dataset.value_map=auto: " + ("the masks hold 0 and 255 (binary): 255 -> class 1"
+                                                             if found else "the masks hold class indices: no mapping"))
         if data.get("class_names") is None:
             names = read_class_names(data.root) if data.get("root") else None
             data.class_names = names or [f"class_{i}" for i in range(data.num_classes)]

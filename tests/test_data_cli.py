@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from segcon.data_cli import main
@@ -62,12 +63,14 @@ def test_usage_and_user_errors(tmp_path: Path, capsys) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def _folder(root: Path, masks: dict[str, list[np.ndarray | None]], names: list[str] | None = None) -> None:
-    """A folder-layout dataset: per folder, one 8x8 image per entry and its mask (None: none)."""
+def _folder(root: Path, masks: dict[str, list[np.ndarray | None]], names: list[str] | None = None,
+            size: int = 8) -> None:
+    """A folder-layout dataset: per folder, one image (`size` square) per entry and its mask
+    (None: none)."""
     for split, arrays in masks.items():
         (root / "images" / split).mkdir(parents=True)
         for i, mask in enumerate(arrays):
-            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / split / f"{i}.jpg")
+            Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(root / "images" / split / f"{i}.jpg")
             if mask is not None:
                 (root / "masks" / split).mkdir(parents=True, exist_ok=True)
                 Image.fromarray(mask.astype(np.uint8)).save(root / "masks" / split / f"{i}.png")
@@ -103,3 +106,48 @@ def test_check_counts_classes_names_an_image_folder_and_reports_images_without_m
     assert report["class_names"] == ["a", "b", "c", "d"]
     assert report["overrides"] == ["data.num_classes=4", "data.splits.unlabeled=extra"]
     assert report["problems"] == ["images/train: 1 of 3 images have no mask in masks/train/"]
+
+
+@pytest.mark.parametrize(("foreground", "unlabeled"), [(255, True), (1, False)])
+def test_the_crack_preset_takes_any_binary_folder_dataset(tmp_path: Path, caplog, foreground: int,
+                                                          unlabeled: bool) -> None:
+    """experiment=crack_confidence_ssl on another crack dataset: 0/255 or 0/1 masks (detected,
+    the mapping printed), with or without a folder of unlabeled images (skipped with one line)."""
+    import logging
+
+    from segcon.train import train
+    from tests.conftest import compose_train
+
+    g = np.random.default_rng(0)
+    masks = []
+    for _ in range(6):
+        m = np.zeros((64, 64), np.uint8)
+        m[g.integers(0, 64), :] = foreground  # a crack across the image
+        masks.append(m)
+    root = tmp_path / "data"
+    _folder(root, {"train": masks[:4], "val": masks[4:], **({"unlabeled": [None, None]} if unlabeled else {})}, size=64)
+    cfg = compose_train(["experiment=crack_confidence_ssl", f"data.root={root}", "logger=csv", "data.crop_size=[64,64]",
+                         "data.batch_size=2", "data.unlabeled_batch_size=2", "data.num_workers=0", "trainer.max_steps=2",
+                         "trainer.val_check_interval=2", "trainer.num_sanity_val_steps=0", "data.sup_warmup_steps=1",
+                         "callbacks.rich_progress_bar=null", "callbacks.model_summary=null"], output_dir=tmp_path / "run")
+    with caplog.at_level(logging.INFO):
+        train(cfg)
+    said = caplog.text
+    if foreground == 255:
+        assert "value_map=auto: the masks hold 0 and 255 (binary): 255 -> class 1" in said
+    else:
+        assert "value_map=auto: the masks hold class indices: no mapping" in said
+    assert ("running without a unlabeled split" in said) == (not unlabeled)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["labeled_images"] == 1 and metrics["unlabeled_images"] == 3
+    assert metrics["unlabeled_stream_images"] == 3 + 2 * unlabeled
+
+
+def test_an_automatic_value_map_refuses_masks_it_cannot_read(tmp_path: Path) -> None:
+    from segcon.data.check import detect_value_map
+    from segcon.utils.errors import DataError
+
+    _folder(tmp_path, {"train": [np.array([[0, 7]] * 2)]})
+    with pytest.raises(DataError, match=r"hold the values \[0, 7\], which are neither 0/255 binary masks"):
+        detect_value_map(tmp_path, "train", 255, 2)
+    assert detect_value_map(tmp_path, "train", 255, 8) is None  # class indices of an 8-class dataset

@@ -122,9 +122,10 @@ def _overrides(data: Mapping[str, Any], splits: Mapping[str, SplitReport], binar
     if k and declared != k:
         out.append(f"data.num_classes={k}")
     dataset = data.get("dataset") or {}
-    if binary and not dataset.get("value_map") and dataset.get("mask_threshold") is None:
+    value_map = dataset.get("value_map")
+    if binary and not value_map and dataset.get("mask_threshold") is None:
         out.append('data.dataset.value_map="{255: 1}"')
-    if not binary and dataset.get("value_map"):
+    if not binary and value_map and value_map != "auto":  # auto settles itself from the masks
         out.append("data.dataset.value_map=null")
     class_names = data.get("class_names")
     if class_names is not None and len(class_names) != k and k:
@@ -132,11 +133,32 @@ def _overrides(data: Mapping[str, Any], splits: Mapping[str, SplitReport], binar
     palette = data.get("palette")
     if palette is not None and len(palette) != k and k:
         out.append("data.palette=null")
+    optional = set(data.get("optional_splits") or [])
     for logical, folder in configured.items():
-        if folder not in splits:
+        if folder not in splits and logical not in optional:  # an optional one is dropped by itself
             out.append(f"data.splits.{logical}=null")
     if "unlabeled" not in configured:
         image_only = [name for name, s in splits.items() if s.masks == 0 and name not in configured.values()]
         if image_only:
             out.append(f"data.splits.unlabeled={image_only[0]}")
     return out
+
+
+def detect_value_map(root: str | Path, split: str, ignore_index: int, num_classes: int,
+                     probe: int = 16) -> dict[int, int] | None:
+    """`data.dataset.value_map: auto` of a folder dataset: {255: 1} when the first `probe` masks
+    of `split` hold 0 and 255 only (binary masks stored as 0/255), None when they hold class
+    indices (values in [0, K) and the ignore value); a DataError naming the values otherwise."""
+    folder = Path(root).expanduser() / "masks" / split
+    values: set[int] = set()
+    for path in list_files(folder, (".png",))[:probe]:
+        values |= set(_mask_counts(path))
+    if not values:
+        raise DataError(f"data.dataset.value_map=auto reads the masks of {folder}, and there are none")
+    if values <= {0, 255} and 255 in values and num_classes == 2:
+        return {255: 1}
+    if all(0 <= v < num_classes or v == ignore_index for v in values):
+        return None
+    raise DataError(f"data.dataset.value_map=auto: the masks of {folder} hold the values {sorted(values)}, which "
+                    f"are neither 0/255 binary masks nor class indices below data.num_classes={num_classes}; set "
+                    "data.dataset.value_map={raw: class, ...} (segcon-data check shows the values)")

@@ -42,6 +42,10 @@ class FolderDataset(SegDataset):
         recursive: bool = False,
         **kwargs,
     ) -> None:
+        if isinstance(value_map, str):
+            raise ConfigError(f"data.dataset.value_map={value_map!r} is settled from the masks of the train split "
+                              f"before the dataset is built, and {Path(root).expanduser() / 'masks'} has none to read: "
+                              "check data.root, or pass a mapping such as {255: 1}")
         if value_map and mask_threshold is not None:
             raise ConfigError(
                 "data.dataset.value_map and data.dataset.mask_threshold are both set; "
