@@ -47,7 +47,7 @@ from torch import Tensor
 
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
-from segcon.objectives.set_loss import Matching, SetCriterion, SlotTargets, _mask_scores
+from segcon.objectives.set_loss import Matching, SetCriterion, SlotTargets, mask_scores
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 from segcon.utils.maps import cutmix, labels_at
@@ -200,7 +200,7 @@ class RegionConsistencyContrast(Term):
         class is not "no object" with probability >= δ and its mask holds `min_area` real pixels."""
         teacher = targets.teacher
         assert teacher is not None
-        teacher_cls, logits = _mask_scores(teacher, "contrast rc2l (teacher_regions=queries)")
+        teacher_cls, logits = mask_scores(teacher, "contrast rc2l (teacher_regions=queries)")
         score, cls = at_least_float32(teacher_cls).softmax(-1).max(-1)  # [U, N]
         confident = (cls < self.num_classes) & (score >= self.threshold)
         if logits.shape[-2:] != size:
@@ -242,7 +242,7 @@ class RegionConsistencyContrast(Term):
     # -- the terms -------------------------------------------------------------------------
 
     def forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
-        _mask_scores(output, "contrast rc2l")
+        mask_scores(output, "contrast rc2l")
         if targets.teacher is None and targets.labeled is None:  # a supervised warm-up: no teacher yet
             return dict.fromkeys(TERMS, self.zero(output))
         if targets.teacher is None:
@@ -257,7 +257,7 @@ class RegionConsistencyContrast(Term):
     def _terms(self, output: SegOutput, targets: Targets, zero: Tensor) -> dict[str, Tensor]:
         """The four terms on the unlabeled rows, in float32 or wider."""
         assert targets.labeled is not None
-        mask_cls, mask_logits = (at_least_float32(t) for t in _mask_scores(output, "contrast rc2l"))
+        mask_cls, mask_logits = (at_least_float32(t) for t in mask_scores(output, "contrast rc2l"))
         size = tuple(mask_logits.shape[-2:])
         slots = self.regions(targets, size)
         (matching,) = self.set_loss.match([(mask_cls, mask_logits)], slots, strict=self.teacher_regions == "semantic")

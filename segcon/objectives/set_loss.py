@@ -138,7 +138,7 @@ def match_on_host(costs: Tensor, targets: SlotTargets, num_classes: int, strict:
     return [Matching(u[:, :k].clamp_min(0), u[:, :k] >= 0, u[:, k:], count) for u in upload]
 
 
-def _mask_scores(output: SegOutput, who: str = "loss mask_set") -> tuple[Tensor, Tensor]:
+def mask_scores(output: SegOutput, who: str = "loss mask_set") -> tuple[Tensor, Tensor]:
     """The last decoder layer's class and mask scores, or a ConfigError naming `who` needs them."""
     if output.mask_cls is None or output.mask_logits is None:
         raise ConfigError(f"{who} reads a mask-classification head's outputs: use model=maskformer_*")
@@ -188,7 +188,7 @@ class SetCriterion(Term):
         self.no_object_weight = no_object_weight
 
     def zero(self, output: SegOutput) -> Tensor:
-        return _mask_scores(output)[0].sum() * 0.0 + _mask_scores(output)[1].sum() * 0.0
+        return mask_scores(output)[0].sum() * 0.0 + mask_scores(output)[1].sum() * 0.0
 
     def cost(self, mask_cls: Tensor, mask_logits: Tensor, targets: SlotTargets) -> Tensor:
         """The matching cost `[B, N, S]` of every query against every slot:
@@ -239,7 +239,7 @@ class SetCriterion(Term):
             return self._forward(output, targets)
 
     def _forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
-        layers = [_mask_scores(output)]
+        layers = [mask_scores(output)]
         if self.deep_supervision:
             layers += list(zip(output.earlier_mask_cls, output.earlier_mask_logits, strict=True))
         layers = [(at_least_float32(c), at_least_float32(m)) for c, m in layers]
