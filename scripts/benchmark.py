@@ -204,7 +204,7 @@ def child_forward(args: argparse.Namespace) -> dict:
 def child_bare(args: argparse.Namespace) -> dict:
     import torch
 
-    from segcon.methods.optim import poly_factor
+    from segcon.engine.optim import poly_factor
     from segcon.objectives.supervised import CrossEntropyLoss
 
     device = _device(args)

@@ -10,7 +10,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from segcon.methods.supervised import SupervisedModule
+from segcon.engine.evaluation import EvaluationModule
 from segcon.models.base import SegModel
 from segcon.objectives.objective import Objective, build_objective
 from segcon.utils.errors import ConfigError
@@ -100,11 +100,10 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
                       divergence=plain(cfg.get("divergence")), **_data_kwargs(cfg), **method)
 
 
-def build_evaluator(cfg: DictConfig, net: SegModel) -> SupervisedModule:
+def build_evaluator(cfg: DictConfig, net: SegModel) -> EvaluationModule:
     """A module that only evaluates `net` (segcon-eval): validation and test as in training,
     whatever method trained it."""
-    return SupervisedModule(net=net, objective=None, optim={}, num_overlays=int(cfg.method.get("num_overlays", 4)),
-                            **_data_kwargs(cfg))
+    return EvaluationModule(net=net, num_overlays=int(cfg.method.get("num_overlays", 4)), **_data_kwargs(cfg))
 
 
 def instantiate_all(group: DictConfig | None, key: str) -> list[Any]:

@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from segcon.build import build_datamodule, build_evaluator, instantiate_all
 from segcon.config import fill_data_defaults, prepare_data, validate_cfg
-from segcon.methods.callbacks import FinalReport
-from segcon.methods.supervised import best_key
+from segcon.engine.callbacks import FinalReport
+from segcon.engine.evaluation import best_key
 from segcon.methods.teacher_student import TEACHER
 from segcon.restore import build_inference_net, compose_entry, rebuild_config, required
 from segcon.utils.checkpoint import load_run_checkpoint

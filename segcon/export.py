@@ -33,7 +33,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from segcon.config import validate_cfg
-from segcon.methods.supervised import best_key
+from segcon.engine.evaluation import best_key
 from segcon.methods.teacher_student import TEACHER
 from segcon.restore import build_inference_net, compose_entry, rebuild_config, required
 from segcon.utils.checkpoint import (

@@ -28,8 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
-from segcon.methods.callbacks import FinalReport, ModelCheckpoint, ResumeState, StopTogether
-from segcon.methods.optim import lr_for_batch
+from segcon.engine.callbacks import FinalReport, ModelCheckpoint, ResumeState, StopTogether
 from segcon.overrides import check_value_types
 from segcon.resume import resume_checkpoint
 from segcon.search import trial_reporter
@@ -150,12 +149,6 @@ def _train(cfg: DictConfig, request: StopRequest) -> dict[str, float]:
     set_run_config(loggers, OmegaConf.to_container(cfg, resolve=True))
     global_batch = cfg.data.batch_size * trainer.world_size
     rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s) = {global_batch}")
-    lr, note = lr_for_batch(
-        float(cfg.optim.lr), cfg.optim.get("base_batch"), global_batch, str(cfg.optim.get("scale_lr", "none"))
-    )
-    if note:
-        (rank_zero_info if lr != cfg.optim.lr else rank_zero_warn)(note)
-    module.optim_cfg["lr"] = lr
 
     if cfg.train:
         try:

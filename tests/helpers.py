@@ -10,7 +10,7 @@ import optuna
 import torch
 
 from segcon.data.datamodule import SegDataModule
-from segcon.methods.callbacks import StepProgressBar
+from segcon.engine.callbacks import StepProgressBar
 from segcon.objectives.base import Term
 from segcon.objectives.supervised import PixelLoss
 

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from hydra_plugins.segcon_optuna_sweeper.segcon_optuna_sweeper import SegconOptunaSweeper
 from segcon.data.sampling import ResumableSampler
 from segcon.data.splits import LABELED, META, UNLABELED, labeled_count, make_split, write_split
-from segcon.methods.callbacks import StopTogether
+from segcon.engine.callbacks import StopTogether
 from segcon.objectives.set_loss import SetCriterion, mask_costs, semantic_targets
 from segcon.resume import (
     FREE_KEYS,
@@ -565,7 +565,7 @@ def test_an_ended_epochs_loop_state_becomes_the_next_epochs_start(
     or after them by a signal) or touching another state: an ended epoch's state becomes
     "epoch completed, no batch of the next one yet" (the totals keep their counts); every other
     state is left as saved."""
-    from segcon.methods.callbacks import start_next_epoch
+    from segcon.engine.callbacks import start_next_epoch
 
     batches = {"ready": 4, "started": 4, "processed": 4, "completed": 4 if last else 3}
     state = _fit_loop(epoch, batches, last)

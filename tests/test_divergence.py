@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from segcon.methods.divergence import DivergenceError, DivergencePolicy
+from segcon.engine.divergence import DivergenceError, DivergencePolicy
 from segcon.train import train
 from segcon.utils.errors import ConfigError
 
@@ -100,7 +100,7 @@ def test_the_loss_watch_judges_against_the_running_median() -> None:
     median of the window (and over 1) is exploding, said once per window; below the factor, or
     under 1 whatever the factor, it is not; non-finite losses stay out of the window; the state
     round-trips."""
-    from segcon.methods.divergence import EXPLODE_WARMUP, EXPLODE_WINDOW, LossWatch
+    from segcon.engine.divergence import EXPLODE_WARMUP, EXPLODE_WINDOW, LossWatch
 
     watch = LossWatch(factor=100.0)
     assert all(watch.judge(s, 1e9 if s == 3 else 2.0) is None for s in range(EXPLODE_WARMUP))  # warm-up

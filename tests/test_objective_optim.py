@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from segcon.methods.optim import build_optimizer, poly_factor
+from segcon.engine.optim import build_optimizer, poly_factor
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
 from segcon.objectives.objective import Objective, TermGroup, TermSchedule, build_objective
@@ -122,7 +122,7 @@ def test_head_lr_multiplier_groups() -> None:
 
 
 def test_lr_for_batch_scales_linearly_or_warns() -> None:
-    from segcon.methods.optim import lr_for_batch
+    from segcon.engine.optim import lr_for_batch
 
     assert lr_for_batch(0.01, 16, 8, "linear") == (0.005, lr_for_batch(0.01, 16, 8, "linear")[1])
     assert "lr 0.005" in lr_for_batch(0.01, 16, 8, "linear")[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from segcon.methods.callbacks import StepProgressBar
+from segcon.engine.callbacks import StepProgressBar
 from segcon.utils.targets import instantiate
 from tests.conftest import compose_train
 

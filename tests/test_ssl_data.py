@@ -16,7 +16,7 @@ from segcon.data.sampling import ResumableSampler
 from segcon.data.splits import make_split
 from segcon.data.ssl import UnlabeledViews
 from segcon.data.transforms import SegTransform
-from segcon.methods.supervised import split_summary
+from segcon.engine.evaluation import split_summary
 from segcon.utils.errors import ConfigError, DataError, find_user_error
 from tests.fake_datasets import make_folder_dataset
 

@@ -193,6 +193,28 @@ def test_every_allowed_name_is_a_class_or_function_defined_there() -> None:
             assert f"{obj.__module__}.{obj.__qualname__}" == target
 
 
+def test_names_of_moved_classes_still_build_the_class_now_in_their_place() -> None:
+    """Run configs of earlier versions name the callbacks under segcon.methods.callbacks and the
+    methods under segcon.methods.teacher_student: each still locates, to the class now allowed."""
+    from segcon.utils.targets import MOVED_TARGETS, SEGCON_TARGETS, locate
+
+    assert {"segcon.methods.callbacks.ModelCheckpoint", "segcon.methods.teacher_student.MeanTeacher"} <= set(MOVED_TARGETS)
+    for old, new in MOVED_TARGETS.items():
+        assert new in SEGCON_TARGETS, new
+        cls = locate(old, "callbacks.x._target_")
+        assert f"{cls.__module__}.{cls.__qualname__}" == new
+    # built from a stored run config, interpolations resolved against the config's root
+    from omegaconf import OmegaConf
+
+    from segcon.engine.callbacks import ModelCheckpoint
+    from segcon.utils.targets import instantiate
+
+    cfg = OmegaConf.create({"out": "/tmp/run", "cb": {"_target_": "segcon.methods.callbacks.ModelCheckpoint",
+                                                      "dirpath": "${out}/checkpoints", "monitor": "val/mIoU"}})
+    built = instantiate(cfg.cb, "callbacks.model_checkpoint")
+    assert type(built) is ModelCheckpoint and built.dirpath == "/tmp/run/checkpoints"
+
+
 def test_the_users_own_targets_come_from_the_environment_by_defining_module(monkeypatch: pytest.MonkeyPatch) -> None:
     """`SEGCON_TRUSTED_TARGETS`: an exact name, or a package prefix ending in a dot that allows
     what its modules define, not what they import (`tests.helpers.torch.load`, `tests.helpers.os`)."""

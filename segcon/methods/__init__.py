@@ -1,1 +1,1 @@
-"""LightningModules (one per training method), optimizers, callbacks."""
+"""The training methods: one LightningModule per method, each a step on top of SupervisedModule."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from segcon.engine.evaluation import metric_key
 from segcon.evaluation.metrics import ConfusionMatrix
 from segcon.methods.alignment import DistributionAlignment
 from segcon.methods.pseudo_labels import (
@@ -28,7 +29,7 @@ from segcon.methods.pseudo_labels import (
     mix,
     pseudo_label_stats,
 )
-from segcon.methods.supervised import SupervisedModule, metric_key
+from segcon.methods.supervised import SupervisedModule
 from segcon.models.base import SegModel
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets
@@ -229,7 +230,7 @@ class TeacherStudentModule(SupervisedModule):
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
-        if self._warmup_end_step is not None and not self._step_skipped:
+        if self._warmup_end_step is not None and not self.step_skipped:
             t = self.global_step - 1 - self._warmup_end_step
             ema_update(self.teacher, self.net, ema_momentum(max(t, 0), self.ema_max))
         self._end_warmup_when_due()

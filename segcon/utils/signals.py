@@ -106,7 +106,7 @@ class AgreedSigterm(_SignalConnector):
     for a rank that has stopped (Lightning issue #20806; it hung segcon's CI). Its validation
     loop also stops at the next batch, so a signal during (or just before) an in-fit validation
     ends the run with that validation half done and nothing saved. Here the handler only records
-    the request during a fit; `segcon.methods.callbacks.StopTogether` decides, on every rank at
+    the request during a fit; `segcon.engine.callbacks.StopTogether` decides, on every rank at
     once, after each optimizer step and at the end of each validation. Outside a fit (validate,
     test) the request takes effect at once, as in Lightning.
     """

@@ -57,15 +57,18 @@ SEGCON_TARGETS = frozenset({
     # methods and callbacks
     "segcon.methods.supervised.SupervisedModule", "segcon.methods.mean_teacher.MeanTeacher",
     "segcon.methods.fixmatch.FixMatch", "segcon.methods.unimatch.UniMatch",
-    "segcon.methods.callbacks.ModelCheckpoint", "segcon.methods.callbacks.StepProgressBar",
+    "segcon.engine.callbacks.ModelCheckpoint", "segcon.engine.callbacks.StepProgressBar",
 })
 """segcon's own buildable classes: every one that a config in conf/ or segcon's code names."""
 
 MOVED_TARGETS = {
-    f"segcon.methods.teacher_student.{name}": f"segcon.methods.{module}.{name}"
-    for module, name in (("mean_teacher", "MeanTeacher"), ("fixmatch", "FixMatch"), ("unimatch", "UniMatch"))
+    **{f"segcon.methods.teacher_student.{name}": f"segcon.methods.{module}.{name}"
+       for module, name in (("mean_teacher", "MeanTeacher"), ("fixmatch", "FixMatch"), ("unimatch", "UniMatch"))},
+    **{f"segcon.methods.callbacks.{name}": f"segcon.engine.callbacks.{name}"
+       for name in ("ModelCheckpoint", "StepProgressBar")},
 }
-"""Names checkpoints of earlier segcon versions store (before 2026-12-01) -> where the class is now."""
+"""Names the run configs of earlier segcon versions store -> where the class is now (the methods
+before 2026-12-01; the callbacks before segcon.engine, 2026-12-07)."""
 
 _LIGHTNING = "lightning.pytorch"
 LIBRARY_TARGETS = frozenset({
@@ -178,4 +181,20 @@ def instantiate(spec: Any, key: str, **kwargs: Any) -> Any:
     allowed; `key` names `spec` (e.g. `model`, `logger.wandb`) in the error."""
     check_targets(spec, key)
     check_targets({k: v for k, v in kwargs.items() if isinstance(v, Mapping | DictConfig | list)}, key)
-    return hydra_instantiate(spec, **kwargs)
+    return hydra_instantiate(current_names(spec), **kwargs)
+
+
+def current_names(spec: Any) -> Any:
+    """`spec` with every `_target_` of `MOVED_TARGETS` replaced by the class's name now (a copy
+    where one is replaced, `spec` itself otherwise)."""
+    if isinstance(spec, DictConfig | ListConfig):  # resolved (against its root) only when a name changes
+        plain = OmegaConf.to_container(spec, resolve=False)
+        return spec if current_names(plain) is plain else current_names(OmegaConf.to_container(spec, resolve=True))
+    if isinstance(spec, Mapping):
+        items = {k: MOVED_TARGETS.get(v, v) if k == "_target_" and isinstance(v, str) else current_names(v)
+                 for k, v in spec.items()}
+        return spec if all(items[k] is v for k, v in spec.items()) else items
+    if isinstance(spec, list):
+        items = [current_names(v) for v in spec]
+        return spec if all(a is b for a, b in zip(items, spec, strict=True)) else items
+    return spec

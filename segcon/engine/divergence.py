@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from segcon.utils.errors import ConfigError, SegconError
@@ -158,3 +159,90 @@ def restore_buffers(module: nn.Module, snapshot: Mapping[str, Tensor]) -> None:
     buffers = dict(module.named_buffers())
     for k, v in snapshot.items():
         buffers[k].copy_(v)
+
+
+class DivergenceGuard:
+    """The divergence check of a training module: one per module, called from its hooks.
+
+    `before_step` snapshots the BatchNorm statistics when steps may be skipped; `check` runs before
+    the optimizer step: one reduction across ranks and one host read of the non-finite flag, the
+    largest loss and whether any rank was asked to stop (a signal), then stops (DivergenceError),
+    or drops the step's gradients and puts the statistics back. `skipped` says whether this step
+    was dropped (memory banks and the teacher then leave it out). Its counters and the loss watch
+    are checkpoint state (`state_dict`).
+
+    Args:
+        policy: the `divergence` config, checked (DivergencePolicy).
+    """
+
+    def __init__(self, policy: DivergencePolicy) -> None:
+        self.policy = policy
+        self.loss_watch = LossWatch(policy.explode_factor)
+        self.skipped_steps = 0
+        self.skips_in_a_row = 0
+        self.skipped = False
+        self._statistics: dict[str, Tensor] = {}
+
+    def before_step(self, net: nn.Module) -> None:
+        """At the start of a step: not skipped yet; under `policy: skip`, the buffers kept."""
+        self.skipped = False
+        if self.policy.policy == "skip":
+            self._statistics = buffer_snapshot(net)
+
+    def check(self, step: int, logs: Mapping[str, Tensor], net: nn.Module, optimizer: torch.optim.Optimizer,
+              reduce_max: Any, check_gradients: bool, stop_requested: bool) -> bool:
+        """Judge step `step` from its logged values `logs` (`train/loss` among them) and `net`'s
+        gradients; return whether any rank was asked to stop.
+
+        `reduce_max(tensor) -> tensor` is the strategy's max over ranks; `check_gradients` is off
+        under a GradScaler (the scaler handles non-finite gradients)."""
+        bad_logs, bad_grads, names = non_finite_flags(logs, net.named_parameters(),
+                                                      self.policy.check_gradients and check_gradients)
+        device = next(net.parameters()).device
+        flag = torch.cat([bad_logs.to(device), bad_grads.to(device)]).any().float()
+        loss = logs.get("train/loss", flag.new_zeros(())).detach().float().reshape(())
+        requested = flag.new_tensor(float(stop_requested))
+        # the largest loss of any rank, so that every rank watches the same values: one host sync per step
+        bad, largest, stop = reduce_max(torch.stack([flag, loss, requested])).tolist()
+        if bad == 0.0:
+            self.skips_in_a_row = 0
+            self._judge_explosion(step, largest)
+            return stop > 0
+        what = describe(step, logs, bad_logs, bad_grads, names)
+        if self.policy.policy == "stop":
+            raise DivergenceError(
+                f"{what}. Stopped before the optimizer step: the weights and every checkpoint written so far hold "
+                "the state before it. Lower optim.lr, check the data, or set divergence.policy=skip."
+            )
+        optimizer.zero_grad(set_to_none=True)  # the optimizer leaves every parameter (and its moments) alone
+        restore_buffers(net, self._statistics)
+        self.skipped = True
+        self.skipped_steps += 1
+        self.skips_in_a_row += 1
+        rank_zero_warn(f"{what}: step skipped ({self.skips_in_a_row} in a row, {self.skipped_steps} in all)")
+        if self.skips_in_a_row >= self.policy.max_consecutive:
+            raise DivergenceError(f"{what}: {self.skips_in_a_row} steps in a row were not finite "
+                                  f"(divergence.max_consecutive={self.policy.max_consecutive}); stopping. "
+                                  "Lower optim.lr or check the data.")
+        return stop > 0
+
+    def _judge_explosion(self, step: int, largest: float) -> None:
+        exploding = self.loss_watch.judge(step, largest)
+        if exploding and self.policy.on_explode == "stop":
+            raise DivergenceError(f"{exploding}. Stopped before the optimizer step: the weights and every checkpoint "
+                                  "written so far hold the state before it. Lower optim.lr or check the data.")
+        if exploding:
+            rank_zero_warn(f"{exploding}. Lower optim.lr or check the data; divergence.on_explode=stop stops such "
+                           "a run, divergence.explode_factor=null silences this.")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint keys (`checkpoint["segcon"]`): skipped_steps, skips_in_a_row, loss_watch."""
+        return {"skipped_steps": self.skipped_steps, "skips_in_a_row": self.skips_in_a_row,
+                "loss_watch": self.loss_watch.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any], resuming: bool) -> None:
+        """From `checkpoint["segcon"]`; the run of skips and the loss watch only when resuming a fit."""
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if resuming:
+            self.skips_in_a_row = int(state.get("skips_in_a_row", 0))
+            self.loss_watch.load_state_dict(state.get("loss_watch", {}))

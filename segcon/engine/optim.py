@@ -1,12 +1,16 @@
-"""Optimizers with a head learning-rate multiplier, and the poly schedule with linear warm-up."""
+"""Optimizers with a head learning-rate multiplier, the poly schedule with linear warm-up, and the
+learning rate of a run's global batch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from segcon.models.base import SegModel
 from segcon.utils.errors import ConfigError
 
 
@@ -53,6 +57,28 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=tuple(betas))
     raise ConfigError(f"optim.name must be sgd or adamw, got {name!r}")
+
+
+def optimization(net: SegModel, optim: Mapping[str, Any], total_steps: int, global_batch: int | None) -> dict[str, Any]:
+    """What `configure_optimizers` returns for `net` (its `parameter_groups`) under the `optim`
+    config: the optimizer at the learning rate of the run's `global_batch` (`lr_for_batch`, with
+    the note it prints; None: `optim.lr` as it is), and the poly schedule stepped every optimizer
+    step over `total_steps` (none with `scheduler.name: constant`)."""
+    cfg = dict(optim)
+    sched = dict(cfg.pop("scheduler", {}) or {})
+    scale_lr, base_batch = str(cfg.pop("scale_lr", "none")), cfg.pop("base_batch", None)
+    if global_batch is not None:
+        lr, note = lr_for_batch(float(cfg["lr"]), base_batch, global_batch, scale_lr)
+        if note:
+            (rank_zero_info if lr != cfg["lr"] else rank_zero_warn)(note)
+        cfg["lr"] = lr
+    groups = net.parameter_groups()
+    optimizer = build_optimizer(groups["encoder"], groups["head"], **cfg)
+    kind = sched.pop("name", "poly")
+    if kind == "constant":
+        return {"optimizer": optimizer}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(step, total_steps, **sched))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 SCALE_MODES = ("none", "linear")
