@@ -275,3 +275,15 @@ def test_an_image_without_regions_teaches_no_object_or_nothing(empty_images: str
     targets.confidence[3] = 0.1  # the second unlabeled image: nothing confident, no region
     term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, empty_images=empty_images)
     _assert_set_loss_on(term(out, targets), out, targets, [2, 3, 4] if empty_images == "no_object" else [2, 4])
+
+
+def test_the_set_loss_settings_reach_the_matcher_and_the_terms_it_sets_are_refused() -> None:
+    """contrast.rc2l.set_loss holds SetCriterion's keys (one source: loss=mask_set's defaults)."""
+    default = RegionConsistencyContrast(K).set_loss
+    term = RegionConsistencyContrast(K, set_loss={"no_object_weight": 0.3, "cost_focal": 5.0, "dice_weight": 2.0})
+    assert term.set_loss.costs == (default.costs[0], 5.0, default.costs[2])
+    assert term.set_loss.weights == (default.weights[0], default.weights[1], 2.0)
+    assert term.set_loss.no_object_weight == pytest.approx(0.3)
+    assert not term.set_loss.deep_supervision
+    with pytest.raises(ConfigError, match="set_loss.deep_supervision"):
+        RegionConsistencyContrast(K, set_loss={"deep_supervision": True})

@@ -39,7 +39,8 @@ the matcher's (segcon.objectives.set_loss.match_on_host).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,9 @@ class RegionConsistencyContrast(Term):
         embedding: None pools the mask features (the model's `decoder`); a projection head's name
             pools its per-pixel embeddings instead (student and teacher; the teacher keeps it via
             method.teacher_heads).
-        no_object_weight, focal_weight, dice_weight, cost_class, cost_focal, cost_dice: the
-            matcher and SMC/RCC settings, as MaskFormer's set criterion (0.1, 20, 1, 1, 20, 1).
+        set_loss: the matcher's costs and the RCC/SMC weights as SetCriterion's keyword arguments
+            (`no_object_weight`, `focal_weight`, `cost_focal`, ...); None or absent keys: its
+            defaults, MaskFormer's (loss=mask_set).
         teacher_regions: `semantic` (per-class masks of the teacher's semantic map) or `queries`
             (the teacher's confident queries' masks); see the module docstring.
         rfc_features: `pooled` (region features pooled from per-pixel maps) or `mask_embed` (the
@@ -127,12 +129,7 @@ class RegionConsistencyContrast(Term):
         feature_temperature: float = 0.1,
         cross_image: bool = False,
         embedding: str | None = None,
-        no_object_weight: float = 0.1,
-        focal_weight: float = 20.0,
-        dice_weight: float = 1.0,
-        cost_class: float = 1.0,
-        cost_focal: float = 20.0,
-        cost_dice: float = 1.0,
+        set_loss: Mapping[str, Any] | None = None,
         teacher_regions: str = "semantic",
         rfc_features: str = "pooled",
         empty_images: str = "no_object",
@@ -155,8 +152,11 @@ class RegionConsistencyContrast(Term):
         self.weights = dict(zip(TERMS, (rcc_weight, smc_weight, rmc_weight, rfc_weight), strict=True))
         self.tau_m, self.tau_f = mask_temperature, feature_temperature
         self.cross_image, self.embedding = cross_image, embedding
-        self.set_loss = SetCriterion(num_classes, no_object_weight, 1.0, focal_weight, dice_weight, cost_class,
-                                     cost_focal, cost_dice, deep_supervision=False)
+        settings = dict(set_loss or {})
+        for key in ("num_classes", "deep_supervision", "ignore_index"):
+            if key in settings:
+                raise ConfigError(f"contrast rc2l: set_loss.{key} is set by the term itself; remove it")
+        self.set_loss = SetCriterion(num_classes, deep_supervision=False, **settings)
 
     def zero(self, output: SegOutput) -> Tensor:
         zero = self.set_loss.zero(output) + output.decoder.sum() * 0.0
