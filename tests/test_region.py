@@ -285,5 +285,5 @@ def test_the_set_loss_settings_reach_the_matcher_and_the_terms_it_sets_are_refus
     assert term.set_loss.weights == (default.weights[0], default.weights[1], 2.0)
     assert term.set_loss.no_object_weight == pytest.approx(0.3)
     assert not term.set_loss.deep_supervision
-    with pytest.raises(ConfigError, match="set_loss.deep_supervision"):
+    with pytest.raises(ConfigError, match=r"set_loss\.deep_supervision"):
         RegionConsistencyContrast(K, set_loss={"deep_supervision": True})
