@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import re
+import sys
+import types
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import DictConfig
 
 from segcon.models.output import SegOutput
 from segcon.objectives.base import Targets, Term
@@ -18,7 +23,7 @@ def _python_blocks(path: Path) -> list[str]:
 
 
 def test_the_add_a_term_example_runs_and_keeps_the_contract(capsys) -> None:
-    (block,) = _python_blocks(ROOT / "docs" / "architecture.md")
+    block = _python_blocks(ROOT / "docs" / "architecture.md")[0]
     namespace: dict = {"__name__": "docs_example"}
     exec(compile(block, "docs/architecture.md", "exec"), namespace)  # our own page
     assert capsys.readouterr().out.strip() == "['loss', 'loss_ce', 'loss_entropy']"
@@ -34,3 +39,30 @@ def test_the_add_a_term_example_runs_and_keeps_the_contract(capsys) -> None:
     expected = entropy[labels != 255].mean()  # the entropy of the valid pixels, by definition
     assert abs(value.item() - expected.item()) < 1e-12
     assert torch.equal(term(SegOutput.cat([SegOutput(logits=logits)], only=term.reads), Targets(labels)), value)
+
+
+def test_the_add_a_method_example_averages_the_two_networks_and_trains(
+    tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The method of docs/architecture.md, imported as a user's module: its pseudo-label
+    probabilities are the mean of the teacher's and the student's, and segcon-train runs it."""
+    from segcon.build import build_module
+    from segcon.train import train
+
+    block = _python_blocks(ROOT / "docs" / "architecture.md")[1]
+    module = types.ModuleType("docs_method")
+    exec(compile(block, "docs/architecture.md", "exec"), module.__dict__)  # our own page
+    monkeypatch.setitem(sys.modules, "docs_method", module)
+    monkeypatch.setenv("SEGCON_TRUSTED_TARGETS", "docs_method.")
+    overrides = ("method=mean_teacher", "method._target_=docs_method.AveragedTeacher", "data.labeled_count=4",
+                 "trainer.max_steps=2", "trainer.max_epochs=-1", "method.sup_warmup_epochs=0")
+    method = build_module(tiny_cfg(*overrides))
+    assert type(method).__name__ == "AveragedTeacher"
+    with torch.no_grad():
+        method.teacher.model.segmentation_head[0].bias += 1.0  # the two networks now differ
+        weak = torch.randn(2, 3, 32, 32)
+        probs, _ = method.weak_probs(weak)
+        expected = (method.teacher(weak).softmax(1) + method.net.forward_features(weak, heads=()).logits.softmax(1)) / 2
+    assert torch.allclose(probs, expected, atol=1e-6) and not torch.allclose(probs, method.teacher(weak).softmax(1))
+    metrics = train(tiny_cfg(*overrides))
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0
