@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from segcon.models.base import SegModel
-from segcon.models.heads import ProjectionHead, projection_spec
+from segcon.models.heads import projection_specs
 from segcon.models.output import SegOutput
 from segcon.utils.errors import ConfigError
 
@@ -53,10 +53,7 @@ class TinyNet(SegModel):
         super().__init__()
         self.num_classes = num_classes
         self.model = _Inference(num_classes, width)
-        self.heads = nn.ModuleDict()
-        if projection:
-            spec = projection_spec(projection, "model.projection")
-            self.heads["projection"] = ProjectionHead(2 * width, int(spec["dim"]), spec["kind"])
+        self.build_projection_heads(projection, None, lambda spec: 2 * width)  # they read the decoder feature
 
     @property
     def input_divisor(self) -> int:
@@ -77,8 +74,7 @@ class TinyNet(SegModel):
             b = x.shape[0]
             out.perturbed_logits = logits[b:]
             out.logits, out.decoder_logits, out.decoder = logits[:b], coarse[:b], decoder[:b]
-        if "projection" in self.heads and (heads is None or "projection" in heads):
-            out.embeddings["projection"] = self.heads["projection"](out.decoder)
+        self.run_projection_heads(out, heads)
         return out
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -90,8 +86,7 @@ class TinyNet(SegModel):
     def check_config(cls, config: Mapping[str, Any]) -> int:
         if int(config.get("width", 8)) < 1:
             raise ConfigError(f"model.width must be >= 1, got {config['width']}")
-        if config.get("projection"):
-            projection_spec(config["projection"], "model.projection")
+        projection_specs(config.get("projection"), None)
         return 4
 
     @classmethod

@@ -26,11 +26,13 @@ tests/test_model_contract.py runs one shared contract test for every family.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from segcon.models.heads import ProjectionHead, projection_specs
 from segcon.models.output import SegOutput
 from segcon.utils.errors import ConfigError
 
@@ -39,12 +41,16 @@ class SegModel(nn.Module):
     """Base class of segcon's model families (see the module docstring for the contract).
 
     Subclasses set `self.model`, `self.heads` and `self.num_classes` in `__init__` and implement
-    `forward_features`, `input_divisor`, `parameter_groups` and `check_config`.
+    `forward_features`, `input_divisor` and `check_config`. The base builds and runs the
+    projection heads (`build_projection_heads`, `run_projection_heads`), splits the parameters
+    when the inference network has an `encoder` (`parameter_groups`), and builds networks on the
+    meta device for checks (`on_meta`): a family writes its network.
     """
 
     model: nn.Module
     heads: nn.ModuleDict
     num_classes: int
+    projections: dict[str, dict[str, Any]]
 
     @property
     def input_divisor(self) -> int:
@@ -72,8 +78,36 @@ class SegModel(nn.Module):
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """`{"encoder": [...], "head": [...]}`: the backbone (base learning rate) and everything
         else (decoder, classifier, train-only heads: `head_lr_mult`); together every parameter
-        once."""
-        raise NotImplementedError
+        once. Here: `self.model.encoder`'s parameters and the rest; a family whose backbone is
+        elsewhere overrides it."""
+        encoder = list(self.model.get_submodule("encoder").parameters())
+        ids = {id(p) for p in encoder}
+        return {"encoder": encoder, "head": [p for p in self.parameters() if id(p) not in ids]}
+
+    def build_projection_heads(self, projection: Mapping[str, Any] | None,
+                               projections: Mapping[str, Mapping[str, Any] | None] | None,
+                               channels: Callable[[Mapping[str, Any]], int]) -> None:
+        """`self.projections` (every projection head's checked settings by name: `model.projection`
+        as "projection", then `model.projections`) and `self.heads` with one ProjectionHead each;
+        `channels(spec)` is the width of what a head reads (its `source`: the decoder feature,
+        or the concatenated encoder `stages`)."""
+        self.projections = projection_specs(projection, projections)
+        self.heads = nn.ModuleDict()
+        for name, spec in self.projections.items():
+            self.heads[name] = ProjectionHead(channels(spec), int(spec["dim"]), spec["kind"])
+
+    def wanted_heads(self, heads: Collection[str] | None) -> set[str]:
+        """The train-only heads a pass runs: all with None, else those of `heads` the model has."""
+        return set(self.heads) if heads is None else set(heads) & set(self.heads)
+
+    def run_projection_heads(self, out: SegOutput, heads: Collection[str] | None) -> None:
+        """Put the wanted projection heads' embeddings into `out.embeddings`, each read from
+        `out.decoder` or the encoder stages of `out.features` its `source` names."""
+        wanted = self.wanted_heads(heads)
+        for name, spec in self.projections.items():
+            if name in wanted:
+                source = out.decoder if spec["source"] == "decoder" else [out.features[i] for i in spec["stages"]]
+                out.embeddings[name] = self.heads[name](source)
 
     def keep_heads(self, names: Collection[str]) -> None:
         """Delete the train-only heads not in `names` (a teacher keeps the ones its method
@@ -101,3 +135,13 @@ class SegModel(nn.Module):
     def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         """`config` with every pretrained-weight source switched off."""
         return dict(config)
+
+
+def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
+    """`build()` on the meta device (no memory, no initialisation: for checks that only need the
+    structure), or on the CPU for the modules that cannot be built there."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
+        return build()

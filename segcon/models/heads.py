@@ -21,6 +21,12 @@ PROJECTION_SOURCES = ("decoder", "encoder")
 PROJECTION_DEFAULTS: dict[str, Any] = {"source": "decoder", "dim": 256, "kind": "convmlp", "stages": [2, 3, 4, 5]}
 WEIGHT_BRANCH_DEPTHS = ("head", "decoder")
 
+WEIGHT_BRANCH = "weight_branch"
+"""The name of CAC's weight branch among the train-only heads."""
+
+DEFAULT_PROJECTION = "projection"
+"""The name of the projection head `model.projection` configures."""
+
 
 def projection_spec(spec: Mapping[str, Any], key: str) -> dict[str, Any]:
     """A projection head's settings with the defaults filled in, checked (`key` names the config
@@ -37,6 +43,23 @@ def projection_spec(spec: Mapping[str, Any], key: str) -> dict[str, Any]:
     if not isinstance(full["dim"], int) or full["dim"] < 1:
         raise ConfigError(f"{key}.dim must be a positive integer, got {full['dim']!r}")
     return full
+
+
+def projection_specs(
+    projection: Mapping[str, Any] | None, projections: Mapping[str, Mapping[str, Any] | None] | None
+) -> dict[str, dict[str, Any]]:
+    """Every projection head's full settings by name: `projection` as "projection", then the
+    named `projections` (null entries are switched off)."""
+    specs: dict[str, dict[str, Any]] = {}
+    if projection:
+        specs[DEFAULT_PROJECTION] = projection_spec(projection, "model.projection")
+    for name, spec in (projections or {}).items():
+        if not spec:
+            continue
+        if name in (DEFAULT_PROJECTION, WEIGHT_BRANCH):
+            raise ConfigError(f"model.projections.{name}: the name {name!r} is taken; choose another head name")
+        specs[str(name)] = projection_spec(spec, f"model.projections.{name}")
+    return specs
 
 
 def weight_branch_depth(spec: Mapping[str, Any]) -> str:

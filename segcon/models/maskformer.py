@@ -31,11 +31,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from segmentation_models_pytorch.encoders import get_encoder
 from torch import Tensor, nn
 
-from segcon.models.base import SegModel
-from segcon.models.heads import ProjectionHead
+from segcon.models.base import SegModel, on_meta
+from segcon.models.heads import projection_specs
 from segcon.models.output import SegOutput
-from segcon.models.segnet import check_encoder, load_pretrained, projection_specs
+from segcon.models.segnet import check_encoder, load_pretrained
 from segcon.utils.errors import ConfigError
+
+PUBLISHED_SIZES: dict[str, int] = {"num_queries": 100, "hidden_dim": 256, "mask_dim": 256, "conv_dim": 256,
+                                   "dec_layers": 6, "nheads": 8, "dim_feedforward": 2048}
+"""MaskFormer's published head sizes (Cheng et al. 2021): the defaults of the network and its checks."""
 
 SEMANTIC_EPS = 1e-8
 """Floor of the normalised semantic map before the log (where every mask is off)."""
@@ -136,13 +140,13 @@ class MaskFormerNet(nn.Module):
         classes: int,
         encoder_weights: str | None = None,
         in_channels: int = 3,
-        num_queries: int = 100,
-        hidden_dim: int = 256,
-        mask_dim: int = 256,
-        conv_dim: int = 256,
-        dec_layers: int = 6,
-        nheads: int = 8,
-        dim_feedforward: int = 2048,
+        num_queries: int = PUBLISHED_SIZES["num_queries"],
+        hidden_dim: int = PUBLISHED_SIZES["hidden_dim"],
+        mask_dim: int = PUBLISHED_SIZES["mask_dim"],
+        conv_dim: int = PUBLISHED_SIZES["conv_dim"],
+        dec_layers: int = PUBLISHED_SIZES["dec_layers"],
+        nheads: int = PUBLISHED_SIZES["nheads"],
+        dim_feedforward: int = PUBLISHED_SIZES["dim_feedforward"],
         dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -188,7 +192,7 @@ class MaskFormerNet(nn.Module):
 
 _OWN_KEYS = ("_target_", "encoder_name", "num_classes", "encoder_weights", "in_channels", "weights_path",
              "projection", "projections")
-_SIZES = ("num_queries", "hidden_dim", "mask_dim", "conv_dim", "dec_layers", "nheads", "dim_feedforward")
+_SIZES = tuple(PUBLISHED_SIZES)
 
 
 class MaskFormer(SegModel):
@@ -203,7 +207,7 @@ class MaskFormer(SegModel):
         projection, projections: train-only projection heads as SegNet's (`source: decoder` reads
             the mask features).
         num_queries, hidden_dim, mask_dim, conv_dim, dec_layers, nheads, dim_feedforward, dropout:
-            the head's sizes (MaskFormer: 100, 256, 256, 256, 6, 8, 2048, 0.1).
+            the head's sizes (defaults: PUBLISHED_SIZES, and dropout 0.1).
     """
 
     def __init__(
@@ -222,21 +226,13 @@ class MaskFormer(SegModel):
         self.num_classes = num_classes
         if weights_path:
             rank_zero_info(f"model.weights_path: {load_pretrained(self.model, str(weights_path))}")
-        self.projections = projection_specs(projection, projections)
-        self.heads = nn.ModuleDict()
-        for name, spec in self.projections.items():
-            channels = (sum(self.model.encoder.out_channels[i] for i in spec["stages"]) if spec["source"] == "encoder"
-                        else self.model.pixel_decoder.mask_features.out_channels)
-            self.heads[name] = ProjectionHead(channels, int(spec["dim"]), spec["kind"])
+        self.build_projection_heads(projection, projections, lambda spec: (
+            sum(self.model.encoder.out_channels[i] for i in spec["stages"]) if spec["source"] == "encoder"
+            else self.model.pixel_decoder.mask_features.out_channels))
 
     @property
     def input_divisor(self) -> int:
         return int(self.model.encoder.output_stride)
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        encoder = list(self.model.encoder.parameters())
-        ids = {id(p) for p in encoder}
-        return {"encoder": encoder, "head": [p for p in self.parameters() if id(p) not in ids]}
 
     def forward_features(self, x: Tensor, perturb: float = 0.0, heads: Collection[str] | None = None) -> SegOutput:
         """See SegModel.forward_features; with `perturb` > 0 the head decodes the clean stages and
@@ -253,11 +249,7 @@ class MaskFormer(SegModel):
                         earlier_mask_cls=[c[:b] for c in mask_cls[:-1]],
                         earlier_mask_logits=[m[:b] for m in mask_logits[:-1]],
                         perturbed_logits=logits[b:] if perturb > 0 else None)
-        wanted = set(self.heads) if heads is None else set(heads) & set(self.heads)
-        for name, spec in self.projections.items():
-            if name in wanted:
-                source = out.decoder if spec["source"] == "decoder" else [out.features[i] for i in spec["stages"]]
-                out.embeddings[name] = self.heads[name](source)
+        self.run_projection_heads(out, heads)
         return out
 
     @classmethod
@@ -269,7 +261,7 @@ class MaskFormer(SegModel):
         unknown = sorted(set(config) - set(_OWN_KEYS) - set(_SIZES) - {"dropout"})
         if unknown:
             raise ConfigError(f"model has unknown key(s) {unknown} for MaskFormer; it takes {sorted(_SIZES)}, dropout")
-        sizes = {k: config.get(k, v) for k, v in zip(_SIZES, (100, 256, 256, 256, 6, 8, 2048), strict=True)}
+        sizes = {k: config.get(k, v) for k, v in PUBLISHED_SIZES.items()}
         bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
         if bad:
             raise ConfigError(f"model: {bad} must be positive integers")
@@ -279,19 +271,14 @@ class MaskFormer(SegModel):
         if sizes["conv_dim"] % _norm(sizes["conv_dim"]).num_groups:
             raise ConfigError(f"model.conv_dim={sizes['conv_dim']} must be a multiple of its GroupNorm groups "
                               f"({_norm(sizes['conv_dim']).num_groups}); use a multiple of 32, or of 4 below 128")
-        try:
-            with torch.device("meta"):
-                encoder = get_encoder(str(config["encoder_name"]), in_channels=int(config.get("in_channels", 3)),
-                                      depth=5, weights=None)
-        except (RuntimeError, NotImplementedError):  # encoders that cannot be built on meta
-            encoder = get_encoder(str(config["encoder_name"]), in_channels=int(config.get("in_channels", 3)), depth=5,
-                                  weights=None)
+        encoder = on_meta(lambda: get_encoder(str(config["encoder_name"]), in_channels=int(config.get("in_channels", 3)),
+                                              depth=5, weights=None))
         return int(encoder.output_stride)
 
     @classmethod
     def describe(cls, config: Mapping[str, Any]) -> str:
-        return (f"MaskFormer / {config.get('encoder_name')} ({config.get('num_queries', 100)} queries, "
-                f"{config.get('dec_layers', 6)} layers)")
+        sizes = {**PUBLISHED_SIZES, **{k: config[k] for k in _SIZES if k in config}}
+        return f"MaskFormer / {config.get('encoder_name')} ({sizes['num_queries']} queries, {sizes['dec_layers']} layers)"
 
     @classmethod
     def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,13 +12,13 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from segcon.models.base import SegModel
+from segcon.models.base import SegModel, on_meta
 from segcon.models.fusion import FusionModel
 from segcon.models.heads import (
-    ProjectionHead,
+    WEIGHT_BRANCH,
     WeightBranch,
     head_scores,
-    projection_spec,
+    projection_specs,
     weight_branch_depth,
 )
 from segcon.models.output import SegOutput
@@ -35,12 +35,6 @@ from segcon.utils.weights import (
 
 FUSION = "fusion"
 """segcon's multi-stage fusion architecture (segcon.models.fusion), next to smp's."""
-
-WEIGHT_BRANCH = "weight_branch"
-"""The name of CAC's weight branch among the train-only heads."""
-
-DEFAULT_PROJECTION = "projection"
-"""The name of the projection head `model.projection` configures."""
 
 _OWN_KEYS = ("_target_", "arch", "encoder_name", "num_classes", "encoder_weights", "in_channels", "weights_path",
              "weights_scope", "weights_match", "weights_skip", "weights_rename", "input_norm", "projection",
@@ -120,10 +114,7 @@ class SegNet(SegModel):
             report = load_pretrained(self.model, str(weights_path), weights_scope, weights_match, weights_skip,
                                      weights_rename)
             rank_zero_info(f"model.weights_path: {report}")
-        self.projections = projection_specs(projection, projections)
-        self.heads = nn.ModuleDict()
-        for name, spec in self.projections.items():
-            self.heads[name] = ProjectionHead(self._projection_channels(spec), int(spec["dim"]), spec["kind"])
+        self.build_projection_heads(projection, projections, self._projection_channels)
         if weight_branch:
             depth = weight_branch_depth(weight_branch)
             self.heads[WEIGHT_BRANCH] = WeightBranch(self.model.decoder, self.model.segmentation_head, depth)
@@ -138,11 +129,6 @@ class SegNet(SegModel):
     @property
     def input_divisor(self) -> int:
         return _divisor(self.model)
-
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        encoder = list(self.model.encoder.parameters())
-        ids = {id(p) for p in encoder}
-        return {"encoder": encoder, "head": [p for p in self.parameters() if id(p) not in ids]}
 
     def forward_features(self, x: Tensor, perturb: float = 0.0, heads: Collection[str] | None = None) -> SegOutput:
         """See SegModel.forward_features. With `perturb` > 0 the encoder runs once, the decoder and
@@ -171,12 +157,8 @@ class SegNet(SegModel):
             out.logits, out.decoder = logits[:b], decoder[:b]
             out.decoder_logits = None if decoder_logits is None else decoder_logits[:b]
             out.side_logits = [side[:b] for side in out.side_logits]
-        wanted = set(self.heads) if heads is None else set(heads) & set(self.heads)
-        for name, spec in self.projections.items():
-            if name in wanted:
-                source = out.decoder if spec["source"] == "decoder" else [out.features[i] for i in spec["stages"]]
-                out.embeddings[name] = self.heads[name](source)
-        if WEIGHT_BRANCH in wanted:
+        self.run_projection_heads(out, heads)
+        if WEIGHT_BRANCH in self.wanted_heads(heads):
             weight_logits, weight_coarse = self.heads[WEIGHT_BRANCH](decoder_inputs, out.decoder)
             out.weight_logits = weight_logits
             if weight_coarse is not None:
@@ -201,11 +183,7 @@ class SegNet(SegModel):
             weight_branch_depth(config["weight_branch"])
         _check_weight_settings(config)
         kwargs = {k: v for k, v in config.items() if k not in _OWN_KEYS}
-        try:
-            with torch.device("meta"):
-                model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
-        except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
-            model = _create(arch, encoder, encoder_weights=None, classes=1, **kwargs)
+        model = on_meta(lambda: _create(arch, encoder, encoder_weights=None, classes=1, **kwargs))
         _check_side_weights(model, config.get("side_weights"))
         return _divisor(model)
 
@@ -300,23 +278,6 @@ def check_encoder(name: str) -> None:
             + (f"; closest: {', '.join(close)}" if close else "")
             + ". Any timm model works as tu-<name> (e.g. tu-convnext_tiny)."
         )
-
-
-def projection_specs(
-    projection: Mapping[str, Any] | None, projections: Mapping[str, Mapping[str, Any] | None] | None
-) -> dict[str, dict[str, Any]]:
-    """Every projection head's full settings by name: `projection` as "projection", then the
-    named `projections` (null entries are switched off)."""
-    specs: dict[str, dict[str, Any]] = {}
-    if projection:
-        specs[DEFAULT_PROJECTION] = projection_spec(projection, "model.projection")
-    for name, spec in (projections or {}).items():
-        if not spec:
-            continue
-        if name in (DEFAULT_PROJECTION, WEIGHT_BRANCH):
-            raise ConfigError(f"model.projections.{name}: the name {name!r} is taken; choose another head name")
-        specs[str(name)] = projection_spec(spec, f"model.projections.{name}")
-    return specs
 
 
 def _twice(tokens: list[Tensor | None]) -> list[Tensor | None]:
