@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
@@ -66,3 +67,31 @@ def test_the_add_a_method_example_averages_the_two_networks_and_trains(
     assert torch.allclose(probs, expected, atol=1e-6) and not torch.allclose(probs, method.teacher(weak).softmax(1))
     metrics = train(tiny_cfg(*overrides))
     assert 0.0 <= metrics["val/mIoU"] <= 1.0
+
+
+def test_the_configuration_reference_matches_conf() -> None:
+    """docs/reference/config.md is what scripts/config_reference.py makes of conf/ now."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import config_reference
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    page = config_reference.reference()
+    assert (ROOT / "docs" / "reference" / "config.md").read_text() == page, \
+        "the configuration reference is stale: run `make docs` (python scripts/config_reference.py)"
+    # every option file of every group has its section, with its keys and their comments
+    for group in ("model", "contrast", "loss", "method", "data", "experiment"):
+        for path in (ROOT / "conf" / group).glob("*.yaml"):
+            assert f"### `{group}={path.stem}`" in page, path
+    assert "| `contrast.rc2l.confidence_threshold` | `0.7` | δ: teacher pixels below it are ignored |" in page
+
+
+def test_the_site_builds_strictly(tmp_path: Path) -> None:
+    """`mkdocs build --strict`: every page in the navigation, no broken link or anchor."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "site" / "reference" / "config" / "index.html").is_file()
