@@ -37,10 +37,14 @@ FAMILIES = {
     "maskformer": {"_target_": "segcon.models.maskformer.MaskFormer", "encoder_name": "resnet18", "num_classes": K,
                    "num_queries": 6, "hidden_dim": 16, "mask_dim": 16, "conv_dim": 16, "dec_layers": 2, "nheads": 2,
                    "dim_feedforward": 32, "projection": {"dim": 8}},
+    "dpt": {"_target_": "segcon.models.dpt.DPTDinoV2", "encoder_name": "vit_small_patch14_dinov2", "num_classes": K,
+            "encoder_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2}, "layers": [0, 1, 2, 3], "features": 16,
+            "out_channels": [8, 16, 32, 32], "projection": {"dim": 8},
+            "projections": {"tokens": {"source": "encoder", "stages": [2, 3], "dim": 8}}},
 }
-# two input sizes per family, multiples of its divisor (1, 32, 4, 32)
+# two input sizes per family, multiples of its divisor (1, 32, 4, 32, 32, 1: DPT pads to multiples of 14 itself)
 SIZES = {"unet": [(48, 40), (37, 53)], "fpn": [(64, 96), (96, 64)], "tiny": [(36, 44), (44, 28)],
-         "fusion": [(64, 96), (96, 64)], "maskformer": [(64, 96), (96, 64)]}
+         "fusion": [(64, 96), (96, 64)], "maskformer": [(64, 96), (96, 64)], "dpt": [(56, 42), (45, 61)]}
 
 
 @pytest.fixture(params=list(FAMILIES), scope="module")

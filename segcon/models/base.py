@@ -70,6 +70,21 @@ class SegModel(nn.Module):
         """
         raise NotImplementedError
 
+    @property
+    def feature_channels(self) -> int:
+        """The one width C of every encoder feature the decoder reads, for families that have one
+        (a ViT's embedding); the others raise a ConfigError (the default)."""
+        raise ConfigError(f"{type(self).__name__} has no complementary channel dropout (UniMatch V2's feature "
+                          "perturbation): its encoder features differ in width; use model=dpt_dinov2_*")
+
+    def forward_complementary(self, x: Tensor, masks: Tensor, heads: Collection[str] | None = None) -> SegOutput:
+        """`forward_features` with UniMatch V2's complementary channel dropout: every encoder
+        feature the decoder reads is multiplied, image by image, by the channel scales `masks
+        [B, feature_channels]` (`complementary_masks`). Families without one feature width raise
+        a ConfigError (the default)."""
+        raise ConfigError(f"{type(self).__name__} has no complementary channel dropout (UniMatch V2's feature "
+                          "perturbation): its encoder features differ in width; use model=dpt_dinov2_*")
+
     def forward(self, x: Tensor) -> SegOutput | Tensor:
         if not self.training:
             return self.model(x)
@@ -145,3 +160,18 @@ def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
             return build()
     except (RuntimeError, NotImplementedError):  # some encoders (mit_b*) cannot be built on meta
         return build()
+
+
+def complementary_masks(pairs: int, channels: int, device: torch.device | str = "cpu",
+                        generator: torch.Generator | None = None) -> Tensor:
+    """UniMatch V2's complementary channel dropout for a batch of two views of `pairs` images
+    (`[view 1 of every image, view 2 of every image]`): channel scales `[2 * pairs, C]`. For each
+    image, view 1 keeps a Bernoulli(0.5) set of channels and view 2 the complement, each kept
+    channel scaled by 2 (so the two views together keep every channel once, and each view's
+    expected scale is 1); `pairs // 2` images, drawn at random, keep every channel in both views."""
+    first = torch.bernoulli(torch.full((pairs, channels), 0.5, device=device), generator=generator) * 2.0
+    second = 2.0 - first
+    kept = torch.randperm(pairs, generator=generator, device=device)[: pairs // 2]
+    first[kept] = 1.0
+    second[kept] = 1.0
+    return torch.cat([first, second])

@@ -43,7 +43,7 @@ SEGCON_TARGETS = frozenset({
     "segcon.data.pascal_context.PascalContext", "segcon.data.voc.VOC", "segcon.data.voc.VOCAug",
     "segcon.data.synthetic.ensure_synthetic",
     # model families
-    "segcon.models.segnet.SegNet", "segcon.models.maskformer.MaskFormer",
+    "segcon.models.segnet.SegNet", "segcon.models.maskformer.MaskFormer", "segcon.models.dpt.DPTDinoV2",
     # supervised losses, contrastive and region terms, samplers
     "segcon.objectives.supervised.CrossEntropyLoss", "segcon.objectives.supervised.DiceLoss",
     "segcon.objectives.supervised.FocalLoss", "segcon.objectives.supervised.OhemCrossEntropyLoss",
@@ -56,7 +56,7 @@ SEGCON_TARGETS = frozenset({
     "segcon.objectives.samplers.MarginalSampler", "segcon.objectives.samplers.ViewsSampler",
     # methods and callbacks
     "segcon.methods.supervised.SupervisedModule", "segcon.methods.mean_teacher.MeanTeacher",
-    "segcon.methods.fixmatch.FixMatch", "segcon.methods.unimatch.UniMatch",
+    "segcon.methods.fixmatch.FixMatch", "segcon.methods.unimatch.UniMatch", "segcon.methods.unimatch_v2.UniMatchV2",
     "segcon.engine.callbacks.ModelCheckpoint", "segcon.engine.callbacks.StepProgressBar",
 })
 """segcon's own buildable classes: every one that a config in conf/ or segcon's code names."""

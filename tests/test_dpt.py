@@ -1,0 +1,108 @@
+"""The DPT-DINOv2 family (segcon.models.dpt): the head's shapes, padding to patches, DINOv2's key
+names, its checks and a training run. The shared model contract runs in test_model_contract."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from segcon.models.dpt import PATCH, DPTDinoV2, DPTHead
+from segcon.utils.errors import ConfigError
+
+TINY = {"encoder_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2}, "layers": [0, 1, 2, 3], "features": 16,
+        "out_channels": [8, 16, 32, 32]}
+
+
+def _net(**extra) -> DPTDinoV2:
+    torch.manual_seed(0)
+    return DPTDinoV2("vit_small_patch14_dinov2", 3, **{**TINY, **extra})
+
+
+@pytest.mark.parametrize(("h", "w"), [(56, 56), (28, 70), (42, 98)])
+def test_the_head_reassembles_at_4_2_1_half_and_fuses_at_8x_the_grid(h: int, w: int) -> None:
+    head = DPTHead(48, 16, [8, 16, 32, 32], 3)
+    gh, gw = h // PATCH, w // PATCH
+    grids = [torch.randn(2, 48, gh, gw) for _ in range(4)]
+    maps = [rn(resize(project(g))) for g, project, resize, rn in zip(grids, head.projects, head.resize, head.layer_rn,
+                                                                      strict=True)]
+    half = ((gh + 1) // 2, (gw + 1) // 2)  # a stride-2, padding-1, 3x3 convolution
+    assert [tuple(m.shape[-2:]) for m in maps] == [(4 * gh, 4 * gw), (2 * gh, 2 * gw), (gh, gw), half]
+    assert all(m.shape[1] == 16 for m in maps)
+    decoder, scores = head(grids)
+    assert decoder.shape == (2, 16, 8 * gh, 8 * gw) and scores.shape == (2, 3, 8 * gh, 8 * gw)
+
+
+def test_sizes_off_the_patch_grid_are_padded_with_zeros_and_cropped_back() -> None:
+    """The scores of a 45 x 61 image are those of its zero-padded 56 x 70 copy, cropped (same
+    tokens, same interpolation grid)."""
+    net = _net().eval()
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        scores = net(x)
+        grids = net.model.grids(F.pad(x, (0, 70 - 61, 0, 56 - 45)))
+        _, coarse = net.model.head(grids)
+        padded = F.interpolate(coarse, size=(56, 70), mode="bilinear", align_corners=True)
+    assert scores.shape == (1, 3, 45, 61)
+    assert torch.equal(scores, padded[..., :45, :61])
+    assert [tuple(g.shape[-2:]) for g in grids] == [(4, 5)] * 4
+
+
+def test_dinov2_key_names_load_into_the_encoder(tmp_path: Path) -> None:
+    """A backbone state dict under DINOv2's published names (timm's, plus `mask_token`) loads
+    into the encoder; the head keeps its own initialisation."""
+    import timm
+
+    torch.manual_seed(1)
+    source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, **TINY["encoder_kwargs"])
+    state = {k: v.clone() for k, v in source.state_dict().items()}
+    state["mask_token"] = torch.zeros(1, 48)
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.ls1.gamma",
+            "norm.weight"} <= set(state)
+    file = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(state, file)
+    fresh, loaded = _net(), _net(weights_path=str(file))
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.model.encoder.state_dict()[key], value), key
+    assert torch.equal(loaded.model.head.classifier[-1].weight, fresh.model.head.classifier[-1].weight)
+    state["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
+    torch.save(state, file)
+    with pytest.raises(ConfigError, match=r"blocks\.0\.attn\.qkv\.weight"):
+        _net(weights_path=str(file))
+
+
+def test_settings_are_checked_before_building() -> None:
+    base = {"encoder_name": "vit_small_patch14_dinov2", "num_classes": 3}
+    assert DPTDinoV2.check_config(base) == 1
+    with pytest.raises(ConfigError, match="4 blocks"):
+        DPTDinoV2.check_config({**base, "encoder_kwargs": {"depth": 4}})
+    with pytest.raises(ConfigError, match="timm has no model"):
+        DPTDinoV2.check_config({**base, "encoder_name": "vit_small_patch16_dinov3x"})
+    with pytest.raises(ConfigError, match="encoder_weights"):
+        DPTDinoV2.check_config({**base, "encoder_weights": "imagenet"})
+    with pytest.raises(ConfigError, match="no DPT settings"):
+        DPTDinoV2.check_config({**base, "encoder_name": "vit_small_patch16_224"})
+    with pytest.raises(ConfigError, match="stages"):
+        DPTDinoV2.check_config({**base, "projection": {"source": "encoder", "stages": [3, 4], "dim": 8}})
+
+
+def test_a_tiny_dinov2_trains_and_evaluates_through_segcon_train(tiny_cfg: Callable[..., DictConfig]) -> None:
+    from segcon.train import train
+
+    cfg = tiny_cfg("model=dpt_dinov2_s", "model.encoder_kwargs={depth: 4, embed_dim: 48, num_heads: 2}",
+                   "model.layers=[0,1,2,3]", "model.features=16", "model.out_channels=[8,16,32,32]",
+                   "optim.head_lr_mult=40", "trainer.max_steps=2", "trainer.max_epochs=-1")
+    metrics = train(cfg)
+    assert 0.0 <= metrics["val/mIoU"] <= 1.0
+
+
+def test_every_parameter_reaches_the_scores() -> None:
+    """DDP without find_unused_parameters needs it: no head block without a gradient (the deepest
+    fusion block has no skip, so no unit for one)."""
+    net = _net(projection=None).train()
+    net.forward_features(torch.randn(2, 3, 42, 56)).logits.sum().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is None] == []
