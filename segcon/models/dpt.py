@@ -7,8 +7,8 @@ B, 4, 11, 17, 23 for L), layer-normed, without the class token, are the encoder'
 grids `[B, C, H/14, W/14]`. The DPT head reassembles them (a 1×1 projection to `out_channels[i]`,
 then ×4, ×2, ×1 and ×½ resampling: 1/3.5 to 1/28 of the input, DPT's 1/4 to 1/32 at patch 16),
 brings each to `features` channels, fuses them deepest first (residual conv units, ×2 bilinear
-upsampling) into a map at 1/1.75 of the input, and classifies it (3×3 conv, ReLU, dropout 0.1,
-1×1 conv); the scores are upsampled bilinearly to the input.
+upsampling) into a map at 1/1.75 of the input, and classifies it (3×3 conv, ReLU, 1×1 conv); the
+scores are upsampled bilinearly to the input.
 
 Sizes that are not multiples of 14 are padded at the right and bottom with zeros (the normalised
 mean) to the next multiple, and the scores are cropped back: any input size works
@@ -43,7 +43,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 ENCODER_WEIGHTS = (None, "timm")
 _OWN_KEYS = ("_target_", "encoder_name", "num_classes", "encoder_weights", "encoder_kwargs", "weights_path",
-             "weights_skip", "weights_rename", "layers", "features", "out_channels", "dropout", "projection",
+             "weights_skip", "weights_rename", "layers", "features", "out_channels", "projection",
              "projections", "input_norm")
 
 
@@ -85,8 +85,7 @@ class DPTHead(nn.Module):
     """Reassemble four token grids `[B, C, h, w]`, fuse them, classify: the decoder feature
     `[B, features, 8h, 8w]` and its class scores `[B, K, 8h, 8w]`."""
 
-    def __init__(self, embed_dim: int, features: int, out_channels: Sequence[int], num_classes: int,
-                 dropout: float = 0.1) -> None:
+    def __init__(self, embed_dim: int, features: int, out_channels: Sequence[int], num_classes: int) -> None:
         super().__init__()
         oc = list(out_channels)
         self.projects = nn.ModuleList(nn.Conv2d(embed_dim, c, 1) for c in oc)
@@ -97,7 +96,7 @@ class DPTHead(nn.Module):
         self.layer_rn = nn.ModuleList(nn.Conv2d(c, features, 3, padding=1, bias=False) for c in oc)
         self.fusion = nn.ModuleList(FusionBlock(features, skip=i < 3) for i in range(4))  # shallowest first
         self.classifier = nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Conv2d(features, num_classes, 1))
+                                        nn.Conv2d(features, num_classes, 1))
 
     def decode(self, grids: Sequence[Tensor]) -> Tensor:
         """The fused decoder feature `[B, features, 8h, 8w]` of four grids `[B, C, h, w]`."""
@@ -118,7 +117,7 @@ class DPTNet(nn.Module):
     multiples of 14 and cropped back)."""
 
     def __init__(self, encoder_name: str, num_classes: int, layers: Sequence[int], features: int,
-                 out_channels: Sequence[int], dropout: float = 0.1, pretrained: bool = False,
+                 out_channels: Sequence[int], pretrained: bool = False,
                  encoder_kwargs: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         import timm
@@ -126,7 +125,7 @@ class DPTNet(nn.Module):
         self.encoder = timm.create_model(encoder_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True,
                                          **dict(encoder_kwargs or {}))
         self.layers = [int(i) for i in layers]
-        self.head = DPTHead(int(self.encoder.embed_dim), features, out_channels, num_classes, dropout)
+        self.head = DPTHead(int(self.encoder.embed_dim), features, out_channels, num_classes)
 
     def grids(self, x: Tensor) -> list[Tensor]:
         """The four layers' normalised patch tokens as grids `[B, C, H/14, W/14]` (`x` padded)."""
@@ -170,7 +169,6 @@ class DPTDinoV2(SegModel):
             other names.
         layers, features, out_channels: the encoder layers read and the head's widths (default:
             UniMatch V2's for the encoder, `VARIANTS`).
-        dropout: before the classifier's last convolution (0.1).
         projection, projections: train-only projection heads as SegNet's; `source: decoder` reads
             the fused feature, `source: encoder` the token grids of `stages` (0-3).
         input_norm: the input normalisation the weights expect (data.mean / data.std follow it).
@@ -188,7 +186,6 @@ class DPTDinoV2(SegModel):
         layers: Sequence[int] | None = None,
         features: int | None = None,
         out_channels: Sequence[int] | None = None,
-        dropout: float = 0.1,
         projection: Mapping[str, Any] | None = None,
         projections: Mapping[str, Mapping[str, Any] | None] | None = None,
         input_norm: Mapping[str, Any] | None = None,
@@ -196,7 +193,7 @@ class DPTDinoV2(SegModel):
         super().__init__()
         settings = head_settings(encoder_name, layers, features, out_channels)
         self.model = DPTNet(encoder_name, num_classes, settings["layers"], settings["features"],
-                            settings["out_channels"], dropout, encoder_weights == "timm", encoder_kwargs)
+                            settings["out_channels"], encoder_weights == "timm", encoder_kwargs)
         self.num_classes = num_classes
         if weights_path:
             report = load_pretrained(self.model, str(weights_path), "auto", "name", list(weights_skip), weights_rename)
