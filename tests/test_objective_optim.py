@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -172,3 +174,24 @@ def test_terms_and_their_samplers_take_num_classes_and_ignore_index_from_the_dat
     out = with_data_settings(spec, {"ignore_index": 250, "num_classes": 5}, "loss")
     assert out["a"]["ignore_index"] == 7 and "num_classes" not in out["a"]  # set by hand; not a parameter
     assert "ignore_index" not in out["b"] and out["b"]["x"][0]["ignore_index"] == 250
+
+
+def test_a_frozen_encoder_gets_no_gradient_and_stays_out_of_the_optimizer(tiny_cfg) -> None:
+    """optim.freeze_encoder=true (UniMatch V2's lock_backbone on ADE20K): after training steps the
+    encoder's weights are the initial ones, the head's moved, and AdamW holds only head tensors."""
+    from segcon.build import build_module
+    from segcon.train import train
+
+    cfg = tiny_cfg("optim.freeze_encoder=true", "trainer.max_steps=2", "trainer.max_epochs=-1")
+    torch.manual_seed(cfg.seed)
+    module = build_module(cfg)
+    groups = module.net.parameter_groups()
+    assert all(not p.requires_grad for p in groups["encoder"]) and all(p.requires_grad for p in groups["head"])
+    train(cfg)
+    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    encoder = {k: v for k, v in module.net.named_parameters() if k.startswith("model.encoder.")}
+    assert encoder and all(torch.equal(state["state_dict"][f"net.{k}"], v) for k, v in encoder.items())
+    head = {k: v for k, v in module.net.named_parameters() if k.startswith("model.decoder.")}
+    assert any(not torch.equal(state["state_dict"][f"net.{k}"], v) for k, v in head.items())
+    (group,) = state["optimizer_states"][0]["param_groups"]
+    assert len(group["params"]) == len(groups["head"])

@@ -67,6 +67,7 @@ def optimization(net: SegModel, optim: Mapping[str, Any], total_steps: int, glob
     cfg = dict(optim)
     sched = dict(cfg.pop("scheduler", {}) or {})
     scale_lr, base_batch = str(cfg.pop("scale_lr", "none")), cfg.pop("base_batch", None)
+    cfg.pop("freeze_encoder", None)  # applied when the module is built (`freeze_encoder`)
     if global_batch is not None:
         lr, note = lr_for_batch(float(cfg["lr"]), base_batch, global_batch, scale_lr)
         if note:
@@ -79,6 +80,15 @@ def optimization(net: SegModel, optim: Mapping[str, Any], total_steps: int, glob
         return {"optimizer": optimizer}
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_factor(step, total_steps, **sched))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def freeze_encoder(net: SegModel) -> int:
+    """Stop training the backbone (`optim.freeze_encoder`): its parameters need no gradient, so
+    the optimizer leaves them out and DDP does not wait for them. Returns how many tensors."""
+    params = net.parameter_groups()["encoder"]
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
 
 
 SCALE_MODES = ("none", "linear")

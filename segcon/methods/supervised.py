@@ -14,7 +14,7 @@ from torch import Tensor
 
 from segcon.engine.divergence import DivergenceGuard, DivergencePolicy
 from segcon.engine.evaluation import EvaluationModule, split_summary
-from segcon.engine.optim import optimization
+from segcon.engine.optim import freeze_encoder, optimization
 from segcon.engine.terms import fill_memories, give_class_frequencies
 from segcon.models.base import SegModel
 from segcon.objectives.base import Targets
@@ -51,6 +51,8 @@ class SupervisedModule(EvaluationModule):
         super().__init__(net, **evaluation)
         self.objective = objective
         self.optim_cfg = dict(optim)
+        if self.optim_cfg.get("freeze_encoder"):
+            freeze_encoder(net)  # before a teacher copies the network, and before DDP wraps it
         self.guard = DivergenceGuard(DivergencePolicy.from_config(divergence))
         # Training files replaced because they could not be read (data.on_bad_file=skip): the errors.
         self.skipped_files: list[str] = []
