@@ -15,7 +15,8 @@ Cases, in this order (the most wanted first, so a run cut by its budget keeps th
   method   the teacher-student methods on R-50, bf16-mixed: 8 labeled + 8 unlabeled images;
            ratios to the supervised step and to the method's pass-count limit (below; goal
            <= 1.05x). RC2L runs on its own network family (MaskFormer R-50), against its own
-           supervised step.
+           supervised step; UniMatch V2 on DPT-DINOv2-S, against its supervised step and its
+           pass-count limit (3 forward+backward, 1 gradient-free).
   overhead segcon's supervised step and the same step in a bare PyTorch loop (R-50, bf16-mixed,
            channels_last), both copying each batch from pinned host memory: what Lightning
            and segcon add (goal <= 1.05x).
@@ -79,6 +80,9 @@ METHODS: dict[str, tuple[list[str], int, int]] = {
     "confidence_ssl": (["method=confidence_ssl", "contrast=confidence"], 2, 1),
 }
 RC2L = ["model=maskformer_r50", "loss=mask_set", "method=rc2l", "contrast=rc2l", "pseudo_loss.ce.weight=0"]
+UNIMATCH_V2 = (3, 1)
+"""UniMatch V2's passes per labeled batch on the DPT-DINOv2 model: the labeled images and the two
+strong views with gradient (3), the teacher on the weak view (1)."""
 
 
 @dataclasses.dataclass
@@ -100,6 +104,7 @@ class Sizes:
     loader_workers: list[int]
     loader_batches: int
     rc2l_model: str
+    dpt_model: str
     compile_model: str
     compile_backend: str
 
@@ -107,7 +112,7 @@ class Sizes:
 FULL = Sizes(models=["deeplabv3plus_r50", "deeplabv3plus_r101"], precisions=["bf16-mixed", "16-mixed"], batch=8,
              crop=(512, 1024), steps=10, warmup=3, infer_size=(1024, 2048), infer_images=2, infer_crop=(512, 1024),
              infer_stride=(341, 683), chunks=[1, 2, 4, 8], loader_image=1024, loader_workers=[2, 4, 8, 16],
-             loader_batches=48, rc2l_model="maskformer_r50", compile_model="deeplabv3plus_r50",
+             loader_batches=48, rc2l_model="maskformer_r50", dpt_model="dpt_dinov2_s", compile_model="deeplabv3plus_r50",
              compile_backend="inductor")
 # Every kind of case at tiny sizes, with the small Unet-R18 in place of DeepLabV3+ (the cases do
 # not depend on the network; a network that fails on the GPU fails its own cases only) and fp32:
@@ -116,7 +121,8 @@ FULL = Sizes(models=["deeplabv3plus_r50", "deeplabv3plus_r101"], precisions=["bf
 TINY = Sizes(models=["unet_r18"], precisions=["32-true"], batch=2,
              crop=(32, 64), steps=1, warmup=1, infer_size=(64, 128), infer_images=1, infer_crop=(32, 64), infer_stride=(24, 48),
              chunks=[1], loader_image=64, loader_workers=[0, 1], loader_batches=2,
-             rc2l_model="maskformer_r18_light", compile_model="unet_r18", compile_backend="eager")
+             rc2l_model="maskformer_r18_light", dpt_model="dpt_dinov2_s", compile_model="unet_r18",
+             compile_backend="eager")
 
 
 @dataclasses.dataclass
@@ -159,6 +165,11 @@ def plan(sizes: Sizes, data_root: str, loader_root: str, only: list[str] | None)
                             ("rc2l", RC2L)):
         args = _args(sizes, data_root, model=sizes.rc2l_model, overrides=[o for o in overrides if "model=" not in o])
         cases.append(Case(f"method {name}", "method", _batched(benchmark.child_segcon, args), sizes.batch, True))
+    dpt = _args(sizes, data_root, model=sizes.dpt_model)
+    for name, method in (("dpt supervised", "supervised"), ("unimatch_v2", "unimatch_v2")):
+        args = _args(sizes, data_root, model=sizes.dpt_model, overrides=[f"method={method}"])
+        cases.append(Case(f"method {name}", "method", _batched(benchmark.child_segcon, args), sizes.batch, True))
+    cases.append(Case("method dpt forward-only", "method", _batched(benchmark.child_forward, dpt), sizes.batch, True))
     # its own segcon step (that of `train ... contrast=none`), so `--only overhead` is complete
     cases.append(Case(f"overhead segcon {r50} {sizes.precisions[0]}", "overhead",
                       _batched(benchmark.child_segcon, _args(sizes, data_root, overrides=["contrast=none"])),
@@ -293,6 +304,17 @@ def summarise(records: list[dict], sizes: Sizes) -> list[dict]:
                 add(name + " (vs supervised)", fig, res["step_median_s"] / sup["step_median_s"], "supervised step", None)
                 add(name + " (vs pass count)", f"limit {limit:.4f} s ({fb} fb + {f} f)", res["step_median_s"] / limit,
                     "pass-count limit", 1.05)
+            elif method == "unimatch_v2":
+                dpt_sup, dpt_fwd = ok.get("method dpt supervised"), ok.get("method dpt forward-only")
+                if dpt_sup and dpt_fwd:
+                    fb, f = UNIMATCH_V2
+                    limit = fb * dpt_sup["step_median_s"] + f * dpt_fwd["forward_median_s"]
+                    add(name + " (vs supervised)", fig, res["step_median_s"] / dpt_sup["step_median_s"],
+                        "DPT-DINOv2 supervised step", None)
+                    add(name + " (vs pass count)", f"limit {limit:.4f} s ({fb} fb + {f} f)",
+                        res["step_median_s"] / limit, "pass-count limit", 1.05)
+                else:
+                    add(name, fig, None, "", None)
             elif method == "rc2l" and sup:
                 add(name + " (vs supervised)", fig, res["step_median_s"] / sup["step_median_s"],
                     "MaskFormer supervised step", None)

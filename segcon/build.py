@@ -97,7 +97,8 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
                           "teacher: use a teacher-student method (method=confidence_ssl for contrast=confidence, "
                           "method=rc2l for contrast=rc2l)")
     return method_cls(net=build_model(cfg), objective=objective, optim=plain(cfg.optim),
-                      divergence=plain(cfg.get("divergence")), **_data_kwargs(cfg), **method)
+                      divergence=plain(cfg.get("divergence")), memory_estimate=bool(cfg.get("memory_estimate", True)),
+                      **_data_kwargs(cfg), **method)
 
 
 def build_evaluator(cfg: DictConfig, net: SegModel) -> EvaluationModule:

@@ -87,6 +87,9 @@ def test_the_dry_run_runs_every_case_and_its_table_follows_from_the_cases(tmp_pa
         if method != "supervised":
             assert rows[f"method {method} (vs pass count)"]["ratio"] == \
                 res[f"method {method}"]["step_median_s"] / (fb * sup + f * fwd)
+    fb, f = gpu_check.UNIMATCH_V2
+    assert rows["method unimatch_v2 (vs pass count)"]["ratio"] == res["method unimatch_v2"]["step_median_s"] / (
+        fb * res["method dpt supervised"]["step_median_s"] + f * res["method dpt forward-only"]["forward_median_s"])
     overhead = f"{sizes.models[0]} {sizes.precisions[0]}"
     assert rows["overhead segcon / bare (time)"]["ratio"] == \
         res[f"overhead segcon {overhead}"]["step_median_s"] / res[f"overhead bare {overhead}"]["step_median_s"]

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from segcon.engine.divergence import DivergenceGuard, DivergencePolicy
 from segcon.engine.evaluation import EvaluationModule, split_summary
+from segcon.engine.memory import check_fits, estimate_memory
 from segcon.engine.optim import freeze_encoder, optimization
 from segcon.engine.terms import fill_memories, give_class_frequencies
 from segcon.models.base import SegModel
@@ -33,6 +34,9 @@ class SupervisedModule(EvaluationModule):
             rescaled to the run's global batch when fitting starts (`optim.scale_lr`).
         divergence: what a step with a non-finite loss or gradient does (the `divergence`
             config: stop, or skip up to `max_consecutive` in a row; segcon.engine.divergence).
+        memory_estimate: before the first step, print the memory a step needs (one extra forward
+            pass of two images, leaving no trace) and, on a GPU, stop with the knobs to turn when
+            it will not fit (segcon.engine.memory; the top-level `memory_estimate` key).
         **evaluation: EvaluationModule's arguments (data settings, overlays, run config,
             inference, detailed metrics).
 
@@ -46,6 +50,7 @@ class SupervisedModule(EvaluationModule):
         objective: Objective,
         optim: Mapping[str, Any],
         divergence: Mapping[str, Any] | None = None,
+        memory_estimate: bool = True,
         **evaluation: Any,
     ) -> None:
         super().__init__(net, **evaluation)
@@ -59,6 +64,8 @@ class SupervisedModule(EvaluationModule):
         self._step_logs: dict[str, Tensor] = {}
         self.stop_agreed: bool | None = None  # whether any rank was asked to stop, read with the step's check
         self._class_frequencies: dict[str, float] = {}
+        self.memory_estimate = memory_estimate
+        self._memory_reported = False
 
     @classmethod
     def check_config(cls, config: Mapping[str, Any]) -> None:
@@ -99,6 +106,29 @@ class SupervisedModule(EvaluationModule):
                 self.skipped_files.append(err)
                 rank_zero_warn(f"data.on_bad_file=skip: replaced a training image ({len(self.skipped_files)} so far): {err}")
         self.guard.before_step(self.net)
+        if self.memory_estimate and not self._memory_reported:
+            self._memory_reported = True
+            self.report_memory(batch)
+
+    def step_images(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Two images of a training batch at its crop, and how many images a step runs with a
+        gradient (here the batch)."""
+        return batch["image"][:2], int(batch["image"].shape[0])
+
+    def report_memory(self, batch: dict[str, Any]) -> None:
+        """Print the step's memory estimate (segcon.engine.memory); on a GPU, a ConfigError naming
+        the knobs when it exceeds what is free besides what the run already holds."""
+        sample, images = self.step_images(batch)
+        estimate = estimate_memory(self.net, getattr(self, "teacher", None), str(self.optim_cfg.get("name", "adamw")),
+                                   sample, images, self.trainer.precision_plugin.forward_context())
+        rank_zero_info(estimate.describe())
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            check_fits(estimate, free + torch.cuda.memory_allocated(self.device), self.batch_keys())
+
+    def batch_keys(self) -> str:
+        """The batch settings a user lowers when a step does not fit, with their values."""
+        return f"data.batch_size ({self.trainer.datamodule.batch_size})"
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The divergence check (segcon.engine.divergence): stop, or drop this step's gradients.

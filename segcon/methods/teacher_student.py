@@ -132,6 +132,17 @@ class TeacherStudentModule(SupervisedModule):
         self.log_step(logs, labeled["image"].shape[0])
         return loss
 
+    def step_images(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Two labeled images, and the labeled images plus every strong view of a step (the
+        images that run with a gradient in the mean-teacher / FixMatch step)."""
+        labeled, strong = batch["labeled"]["image"], batch["unlabeled"]["strong"]
+        return labeled[:2], int(labeled.shape[0] + strong.shape[0] * strong.shape[1])
+
+    def batch_keys(self) -> str:
+        dm = self.trainer.datamodule
+        return (f"data.batch_size ({dm.batch_size}), data.unlabeled_batch_size ({dm.unlabeled_batch_size}), "
+                f"data.num_strong ({dm.num_strong})")
+
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         """One semi-supervised step: the loss and its logs. By default the mean-teacher /
         FixMatch step on the weak views' probabilities (`weak_probs`): `strong_view_step`."""

@@ -67,6 +67,12 @@ class UniMatch(FixMatch):
         if not 0.0 <= float(config.get("fp_dropout", 0.5)) < 1.0:
             raise ConfigError(f"method.fp_dropout={config['fp_dropout']} must lie in [0, 1) (a dropout probability)")
 
+    def step_images(self, batch: dict[str, Any]) -> tuple[Tensor, int]:
+        """Two labeled images; the labeled images, the weak views (with the perturbed decoding
+        counted once more by the decoder only, left out here) and both strong views."""
+        labeled, strong = batch["labeled"]["image"], batch["unlabeled"]["strong"]
+        return labeled[:2], int(labeled.shape[0] + strong.shape[0] * (1 + strong.shape[1]))
+
     def unsupervised_step(self, labeled: dict[str, Any], unlabeled: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
         if unlabeled["strong"].shape[1] < 2:
             raise ConfigError("method=unimatch needs two strong views: data.num_strong=2 (the unimatch preset sets it)")
