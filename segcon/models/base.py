@@ -11,6 +11,9 @@ evaluation, checkpoints and export only use what `SegModel` declares:
   inference graph; a teacher keeps only the ones its method reads (`keep_heads`).
 - `forward(x)`: in training a `SegOutput` (segcon.models.output), in eval mode `model(x)`.
 - `forward_features(x, perturb, heads)`: the `SegOutput` in any mode.
+- `forward_complementary(x, masks, heads)` and `feature_channels` (optional): the same with
+  UniMatch V2's complementary channel dropout on the encoder features, for families whose
+  features share one width (a ViT); the others raise a ConfigError naming one that can.
 - `input_divisor`: H and W of an input must be multiples of it.
 - `parameter_groups()`: the backbone (base learning rate) and everything else.
 - `check_config(config)`: the family checks its own settings before anything is built and
