@@ -19,7 +19,7 @@ from segcon.utils.errors import ConfigError
 
 
 class UniMatchV2(MeanTeacher):
-    """The EMA teacher (parameters and buffers, ratio `min(1 - 1/(t+1), ema_momentum)`, 0.996)
+    """The EMA teacher (parameters and buffers, ratio `min(1 - 1/(t+1), ema_momentum)`; 0.996 published)
     labels each unlabeled image's weak view, kept at confidence ≥ `method.confidence.threshold`
     (0.95). Two strong views of it are CutMixed, each with its own box (the box content and its
     pseudo-labels from the previous image of the batch, as every segcon method mixes); the student
