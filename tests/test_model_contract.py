@@ -5,6 +5,7 @@ then trains, evaluates, exports and predicts through segcon's commands unchanged
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -243,3 +244,17 @@ def test_a_family_that_is_not_smp_trains_with_teacher_student_methods(
     ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert any(k.startswith("teacher.heads.projection.") for k in ckpt["state_dict"])
     assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["val/teacher/mIoU"] >= 0.0
+
+
+def test_offline_config_switches_off_every_weight_source_the_family_names(family: tuple[str, SegModel]) -> None:
+    """Rebuilding a trained model (segcon-eval, -predict, -export) reads no weight file and
+    downloads nothing: the config keys naming weights are null, every other key is kept."""
+    name, net = family
+    config = {**FAMILIES[name]}
+    for key in ("weights_path", "encoder_weights"):
+        if key in inspect.signature(type(net).__init__).parameters:
+            config[key] = "/weights/file.pth" if key == "weights_path" else "imagenet"
+    offline = type(net).offline_config(config)
+    assert {k: v for k, v in offline.items() if v is not None} == \
+        {k: v for k, v in config.items() if k not in ("weights_path", "encoder_weights")}
+    assert offline.get("weights_path") is None and offline.get("encoder_weights") is None

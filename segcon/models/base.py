@@ -39,6 +39,9 @@ from segcon.models.heads import ProjectionHead, projection_specs
 from segcon.models.output import SegOutput
 from segcon.utils.errors import ConfigError
 
+WEIGHT_SOURCES = ("weights_path", "encoder_weights")
+"""The model config keys that name pretrained weights (a file, a download)."""
+
 
 class SegModel(nn.Module):
     """Base class of segcon's model families (see the module docstring for the contract).
@@ -151,8 +154,10 @@ class SegModel(nn.Module):
 
     @classmethod
     def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        """`config` with every pretrained-weight source switched off."""
-        return dict(config)
+        """`config` with every pretrained-weight source switched off: here `weights_path` and
+        `encoder_weights` set to null where the config has them; a family with other sources
+        extends it."""
+        return {**config, **{k: None for k in WEIGHT_SOURCES if k in config}}
 
 
 def on_meta(build: Callable[[], nn.Module]) -> nn.Module:

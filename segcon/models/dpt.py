@@ -269,10 +269,6 @@ class DPTDinoV2(SegModel):
     def describe(cls, config: Mapping[str, Any]) -> str:
         return f"DPT / {config.get('encoder_name')}"
 
-    @classmethod
-    def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {**config, "weights_path": None, "encoder_weights": None}
-
 
 def head_settings(encoder_name: str, layers: Sequence[int] | None, features: int | None,
                   out_channels: Sequence[int] | None) -> dict[str, Any]:

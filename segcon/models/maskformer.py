@@ -279,7 +279,3 @@ class MaskFormer(SegModel):
     def describe(cls, config: Mapping[str, Any]) -> str:
         sizes = {**PUBLISHED_SIZES, **{k: config[k] for k in _SIZES if k in config}}
         return f"MaskFormer / {config.get('encoder_name')} ({sizes['num_queries']} queries, {sizes['dec_layers']} layers)"
-
-    @classmethod
-    def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {**config, "weights_path": None, "encoder_weights": None}

@@ -191,10 +191,6 @@ class SegNet(SegModel):
     def describe(cls, config: Mapping[str, Any]) -> str:
         return f"{config.get('arch')} / {config.get('encoder_name')}"
 
-    @classmethod
-    def offline_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
-        return {**config, "weights_path": None, "encoder_weights": None}
-
 
 def _check_weight_settings(config: Mapping[str, Any]) -> None:
     """The pretrained-weight keys' types and values (before anything is read)."""
