@@ -108,8 +108,8 @@ class RegionConsistencyContrast(Term):
             (the teacher's confident queries' masks); see the module docstring.
         rfc_features: `pooled` (region features pooled from per-pixel maps) or `mask_embed` (the
             queries' mask embeddings; needs `teacher_regions: queries`).
-        empty_images: an unlabeled image without a region teaches its queries "no object"
-            (`no_object`) or is left out of RCC (`skip`).
+        empty_images: an unlabeled image without a region is left out of RCC (`skip`, the
+            default) or teaches its queries "no object" (`no_object`).
     """
 
     reads: ClassVar[frozenset[str]] = frozenset(
@@ -132,7 +132,7 @@ class RegionConsistencyContrast(Term):
         set_loss: Mapping[str, Any] | None = None,
         teacher_regions: str = "semantic",
         rfc_features: str = "pooled",
-        empty_images: str = "no_object",
+        empty_images: str = "skip",
     ) -> None:
         super().__init__()
         for key, value, choices in (("teacher_regions", teacher_regions, TEACHER_REGIONS),
