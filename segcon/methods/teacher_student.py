@@ -227,6 +227,17 @@ class TeacherStudentModule(SupervisedModule):
         unsup, unsup_logs = self.objective.pseudo_loss(output.take(slice(n, None)), targets, self.unsup_step)
         return self.combine(output, labeled["mask"], unsup, targets, {**logs, **unsup_logs}, teacher)
 
+    def two_view_pseudo_loss(
+        self, second: SegOutput, first_view: PseudoLabels, second_view: PseudoLabels
+    ) -> tuple[Tensor, Tensor, Targets, dict[str, Tensor]]:
+        """The `pseudo_loss` group on each half of `second` (the two strong views, batched) with
+        its pseudo-labels: the two values (logged with `_s1` / `_s2`), both views' targets, logs."""
+        m = first_view.label.shape[0]
+        t1, t2 = first_view.targets(), second_view.targets()
+        u1, logs1 = self.objective.pseudo_loss(second.take(slice(0, m)), t1, self.unsup_step, "_s1")
+        u2, logs2 = self.objective.pseudo_loss(second.take(slice(m, None)), t2, self.unsup_step, "_s2")
+        return u1, u2, Targets.cat([t1, t2]), {**logs1, **logs2}
+
     def _end_warmup_when_due(self) -> None:
         """Start the unsupervised phase, the teacher a copy of the student, once the supervised
         warm-up's epochs and steps are done (checked before each epoch and after each step)."""

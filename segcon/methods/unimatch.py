@@ -12,7 +12,6 @@ from torch import Tensor
 from segcon.methods.fixmatch import FixMatch
 from segcon.methods.pseudo_labels import mix
 from segcon.models.output import SegOutput
-from segcon.objectives.base import Targets
 from segcon.utils.errors import ConfigError
 
 # (key, published value, must be > 0 rather than >= 0)
@@ -84,12 +83,9 @@ class UniMatch(FixMatch):
         s1, p1 = mix(unlabeled["strong"][:, 0], pseudo, self.cutmix_prob)
         s2, p2 = mix(unlabeled["strong"][:, 1], pseudo, self.cutmix_prob)
         second = self.net.forward_features(torch.cat([s1, s2]))
-        m = s1.shape[0]
-        t1, t2 = p1.targets(), p2.targets()
-        u1, logs1 = self.objective.pseudo_loss(second.take(slice(0, m)), t1, self.unsup_step, "_s1")
-        u2, logs2 = self.objective.pseudo_loss(second.take(slice(m, None)), t2, self.unsup_step, "_s2")
+        u1, u2, strong_targets, strong_logs = self.two_view_pseudo_loss(second, p1, p2)
         unsup = self.strong_weight * u1 + self.strong_weight * u2
-        logs.update({**logs1, **logs2})
+        logs.update(strong_logs)
         if fp_logits is not None:
             ufp, logs_fp = self.objective.pseudo_loss(SegOutput(logits=fp_logits[n:]), pseudo.targets(),
                                                       self.unsup_step, "_fp")
@@ -102,6 +98,6 @@ class UniMatch(FixMatch):
         if self.objective.contrast:
             output = SegOutput.cat([labeled_output, second], only=self.objective.contrast_reads())
         teacher = self.teacher_output(unlabeled["image"], unlabeled["valid"])
-        loss, logs = self.combine(output, labeled["mask"], unsup, Targets.cat([t1, t2]), logs, teacher, labeled_output)
+        loss, logs = self.combine(output, labeled["mask"], unsup, strong_targets, logs, teacher, labeled_output)
         loss = loss * self.loss_scale
         return loss, {**logs, "loss": loss.detach()}

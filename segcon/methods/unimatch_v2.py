@@ -14,7 +14,6 @@ from segcon.methods.mean_teacher import MeanTeacher
 from segcon.methods.pseudo_labels import mix
 from segcon.models.base import complementary_masks
 from segcon.models.output import SegOutput
-from segcon.objectives.base import Targets
 from segcon.utils.errors import ConfigError
 
 
@@ -68,14 +67,12 @@ class UniMatchV2(MeanTeacher):
             second = self.net.forward_complementary(strong, masks)
         else:
             second = self.net(strong)
-        t1, t2 = p1.targets(), p2.targets()
-        u1, logs1 = self.objective.pseudo_loss(second.take(slice(0, m)), t1, self.unsup_step, "_s1")
-        u2, logs2 = self.objective.pseudo_loss(second.take(slice(m, None)), t2, self.unsup_step, "_s2")
-        logs.update({**logs1, **logs2})
+        u1, u2, strong_targets, strong_logs = self.two_view_pseudo_loss(second, p1, p2)
+        logs.update(strong_logs)
         output = labeled_output
         if self.objective.contrast:
             output = SegOutput.cat([labeled_output, second], only=self.objective.contrast_reads())
-        loss, logs = self.combine(output, labeled["mask"], (u1 + u2) / 2, Targets.cat([t1, t2]), logs, teacher,
+        loss, logs = self.combine(output, labeled["mask"], (u1 + u2) / 2, strong_targets, logs, teacher,
                                   labeled_output)
         loss = loss * self.loss_scale
         return loss, {**logs, "loss": loss.detach()}
