@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from segcon.models.dpt import PATCH, DPTDinoV2, DPTHead
+from segcon.models.dpt import DPTDinoV2, DPTHead
 from segcon.utils.errors import ConfigError
 
 TINY = {"encoder_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2}, "layers": [0, 1, 2, 3], "features": 16,
@@ -26,7 +26,7 @@ def _net(**extra) -> DPTDinoV2:
 @pytest.mark.parametrize(("h", "w"), [(56, 56), (28, 70), (42, 98)])
 def test_the_head_reassembles_at_4_2_1_half_and_fuses_at_8x_the_grid(h: int, w: int) -> None:
     head = DPTHead(48, 16, [8, 16, 32, 32], 3)
-    gh, gw = h // PATCH, w // PATCH
+    gh, gw = h // 14, w // 14  # DINOv2's patch size
     grids = [torch.randn(2, 48, gh, gw) for _ in range(4)]
     maps = [rn(resize(project(g))) for g, project, resize, rn in zip(grids, head.projects, head.resize, head.layer_rn,
                                                                       strict=True)]
@@ -50,6 +50,20 @@ def test_sizes_off_the_patch_grid_are_padded_with_zeros_and_cropped_back() -> No
     assert scores.shape == (1, 3, 45, 61)
     assert torch.equal(scores, padded[..., :45, :61])
     assert [tuple(g.shape[-2:]) for g in grids] == [(4, 5)] * 4
+
+
+def test_a_from_scratch_patch_size_sets_the_grid_and_the_padding() -> None:
+    """With `encoder_kwargs.patch_size` 6 a 45 x 61 image is padded to 48 x 66 (the next multiples
+    of 6), its grids are 8 x 11 and its scores those of the padded copy, cropped."""
+    net = _net(encoder_kwargs={**TINY["encoder_kwargs"], "patch_size": 6}).eval()
+    x = torch.randn(1, 3, 45, 61)
+    with torch.no_grad():
+        scores = net(x)
+        grids = net.model.grids(F.pad(x, (0, 66 - 61, 0, 48 - 45)))
+        _, coarse = net.model.head(grids)
+        padded = F.interpolate(coarse, size=(48, 66), mode="bilinear", align_corners=True)
+    assert [tuple(g.shape[-2:]) for g in grids] == [(8, 11)] * 4
+    assert torch.equal(scores, padded[..., :45, :61])
 
 
 def test_dinov2_key_names_load_into_the_encoder(tmp_path: Path) -> None:

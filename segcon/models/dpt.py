@@ -10,8 +10,9 @@ brings each to `features` channels, fuses them deepest first (residual conv unit
 upsampling) into a map at 1/1.75 of the input, and classifies it (3×3 conv, ReLU, 1×1 conv); the
 scores are upsampled bilinearly to the input.
 
-Sizes that are not multiples of 14 are padded at the right and bottom with zeros (the normalised
-mean) to the next multiple, and the scores are cropped back: any input size works
+Sizes that are not multiples of the patch size (14 for DINOv2; `encoder_kwargs.patch_size` sets
+another for a ViT trained from scratch) are padded at the right and bottom with zeros (the
+normalised mean) to the next multiple, and the scores are cropped back: any input size works
 (`input_divisor` 1), and the patches see the image unresized.
 """
 
@@ -30,9 +31,6 @@ from segcon.models.heads import projection_specs
 from segcon.models.output import SegOutput
 from segcon.models.segnet import load_pretrained
 from segcon.utils.errors import ConfigError
-
-PATCH = 14
-"""DINOv2's patch size: the token grid is the input / 14."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "vit_small_patch14_dinov2": {"layers": [2, 5, 8, 11], "features": 64, "out_channels": [48, 96, 192, 384]},
@@ -114,7 +112,7 @@ class DPTHead(nn.Module):
 
 class DPTNet(nn.Module):
     """The inference network: `images [B, 3, H, W] -> scores [B, K, H, W]` (any H, W: padded to
-    multiples of 14 and cropped back)."""
+    multiples of the patch size and cropped back)."""
 
     def __init__(self, encoder_name: str, num_classes: int, layers: Sequence[int], features: int,
                  out_channels: Sequence[int], pretrained: bool = False,
@@ -124,25 +122,27 @@ class DPTNet(nn.Module):
 
         self.encoder = timm.create_model(encoder_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True,
                                          **dict(encoder_kwargs or {}))
+        self.patch = int(self.encoder.patch_embed.patch_size[0])
         self.layers = [int(i) for i in layers]
         self.head = DPTHead(int(self.encoder.embed_dim), features, out_channels, num_classes)
 
     def grids(self, x: Tensor) -> list[Tensor]:
-        """The four layers' normalised patch tokens as grids `[B, C, H/14, W/14]` (`x` padded)."""
-        h, w = x.shape[-2] // PATCH, x.shape[-1] // PATCH
+        """The four layers' normalised patch tokens as grids `[B, C, H/p, W/p]` (`x` padded to
+        multiples of the patch size p)."""
+        h, w = x.shape[-2] // self.patch, x.shape[-1] // self.patch
         tokens = self.encoder.get_intermediate_layers(x, n=self.layers, reshape=False, norm=True)
         return [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w) for t in tokens]
 
     def forward(self, x: Tensor) -> Tensor:
-        padded = pad_to_patches(x)
+        padded = pad_to_patches(x, self.patch)
         _, coarse = self.head(self.grids(padded))
         return upsample_and_crop(coarse, padded.shape[-2:], x.shape[-2:])
 
 
-def pad_to_patches(x: Tensor) -> Tensor:
-    """`x [B, C, H, W]` zero-padded at the right and bottom to multiples of 14."""
+def pad_to_patches(x: Tensor, patch: int) -> Tensor:
+    """`x [B, C, H, W]` zero-padded at the right and bottom to multiples of `patch`."""
     # always padded (by 0 where it fits), so that an exported graph pads every size it is given
-    return F.pad(x, (0, -x.shape[-1] % PATCH, 0, -x.shape[-2] % PATCH))
+    return F.pad(x, (0, -x.shape[-1] % patch, 0, -x.shape[-2] % patch))
 
 
 def upsample_and_crop(scores: Tensor, padded: Sequence[int], size: Sequence[int]) -> Tensor:
@@ -159,8 +159,8 @@ class DPTDinoV2(SegModel):
             `layers`, `features` and `out_channels` given).
         num_classes: K.
         encoder_weights: None (random init) or "timm" (timm's hub weights: downloads).
-        encoder_kwargs: further `timm.create_model` arguments (`depth`, `embed_dim`, `num_heads`:
-            a small DINOv2-shaped ViT for CPU runs and tests).
+        encoder_kwargs: further `timm.create_model` arguments (`depth`, `embed_dim`, `num_heads`,
+            `patch_size`: a small DINOv2-shaped ViT for CPU runs and tests).
         weights_path: a local file with DINOv2's published backbone weights (their key names),
             timm's, or a full model of this family.
         weights_skip: stored tensors not to load (`mask_token`: DINOv2's masked-image-modelling
@@ -209,7 +209,7 @@ class DPTDinoV2(SegModel):
     def forward_features(self, x: Tensor, perturb: float = 0.0, heads: Collection[str] | None = None) -> SegOutput:
         """See SegModel.forward_features; `features` are the four token grids. With `perturb` > 0
         the head decodes the clean grids and a Dropout2d copy of them in one batch of 2B."""
-        padded = pad_to_patches(x)
+        padded = pad_to_patches(x, self.model.patch)
         grids = self.model.grids(padded)
         decoded = [torch.cat([g, F.dropout2d(g, perturb, self.training)]) for g in grids] if perturb > 0 else grids
         decoder, coarse = self.model.head(decoded)
@@ -223,7 +223,7 @@ class DPTDinoV2(SegModel):
     def forward_complementary(self, x: Tensor, masks: Tensor, heads: Collection[str] | None = None) -> SegOutput:
         """See SegModel.forward_complementary: the four token grids scaled by `masks [B, C]`
         (the same scales on every layer, as UniMatch V2 applies them) before the head."""
-        padded = pad_to_patches(x)
+        padded = pad_to_patches(x, self.model.patch)
         scale = masks[:, :, None, None].to(x.dtype)
         grids = [g * scale for g in self.model.grids(padded)]
         decoder, coarse = self.model.head(grids)
