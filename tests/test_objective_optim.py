@@ -98,6 +98,14 @@ def test_build_objective_from_config_groups() -> None:
         build_objective(loss, {"ce": loss["ce"]})
     with pytest.raises(ConfigError, match=r"loss\.l1\._target_='torch\.nn\.L1Loss', which is not a class segcon builds"):
         build_objective({"l1": {"_target_": "torch.nn.L1Loss"}})
+    # an experiment's schedule for a term whose group was then switched (contrast=none)
+    with pytest.raises(ConfigError, match=r"contrast\.rc2l sets \['ramp_steps', 'warmup_steps'\] but no _target_: "
+                                          r"the contrast group chosen does not define 'rc2l'\. Switch it off with "
+                                          r"contrast\.rc2l=null"):
+        build_objective(loss, {"rc2l": {"warmup_steps": 120, "ramp_steps": 60}})
+    assert set(build_objective(loss, {"rc2l": None}).contrast) == set()
+    with pytest.raises(ConfigError, match=r"loss\.ce must be a mapping with a _target_"):
+        build_objective({"ce": 1.0})
     with pytest.raises(ConfigError, match="is not a Term"):  # a class the user allowed
         build_objective({"plain": {"_target_": "tests.helpers.NotATerm"}})
     with pytest.raises(ConfigError, match=r"pseudo_loss.con: _Contrast is not a per-pixel loss"):

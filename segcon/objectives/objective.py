@@ -228,8 +228,13 @@ def build_terms(group: Mapping[str, Any] | None, key: str, settings: Mapping[str
     for name, spec in group.items():
         if spec is None:  # switched off (e.g. an experiment replacing an inherited term)
             continue
-        if not isinstance(spec, Mapping) or "_target_" not in spec:
-            raise ConfigError(f"{key}.{name} must be a mapping with a _target_ (a loss class)")
+        if isinstance(spec, Mapping) and "_target_" not in spec:
+            # e.g. an experiment's warm-up for its term, left behind by `contrast=none`
+            raise ConfigError(f"{key}.{name} sets {sorted(spec)} but no _target_: the {key} group chosen does not "
+                              f"define {name!r}. Switch it off with {key}.{name}=null, or choose a {key} group "
+                              "that defines it")
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{key}.{name} must be a mapping with a _target_ (a loss class), or null")
         spec = dict(spec)
         schedules[name] = TermSchedule(
             weight=float(spec.pop("weight", 1.0)),
