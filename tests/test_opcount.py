@@ -3,6 +3,7 @@ by hand, and the per-step counter of scripts/benchmark.py on the shipped configs
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -92,16 +93,31 @@ def test_each_term_and_method_stays_within_its_sync_and_kernel_budget(overrides:
     assert 0 < step["ops"] - ce_step["ops"] <= BUDGETS[overrides]
 
 
+RC2L_BASE = ["method=rc2l", "loss=mask_set", "pseudo_loss.ce.weight=0"]
+
+
+@functools.cache
+def _rc2l_step_without_region_terms(root: str) -> dict:
+    """The count of the RC²L step with `contrast=none` (one count for the three cases below)."""
+    import benchmark
+
+    return benchmark.count_step([*RC2L_BASE, "contrast=none"], model="maskformer_r18_light", batch=2, data_root=root)
+
+
 @pytest.mark.slow
-def test_rc2l_region_terms_add_one_host_sync_the_matchers(data_dir: Path) -> None:
-    """RC²L's region terms (the light MaskFormer, against the same step without them): the
-    Hungarian matching runs on the host, so its costs make one copy there; nothing else waits."""
+@pytest.mark.parametrize("regions", [[], ["contrast.rc2l.teacher_regions=queries"],
+                                     ["contrast.rc2l.teacher_regions=queries", "contrast.rc2l.rfc_features=mask_embed"]],
+                         ids=["semantic", "queries", "queries_mask_embed"])
+def test_rc2l_region_terms_add_one_host_sync_the_matchers(data_dir: Path, regions: list[str]) -> None:
+    """RC²L's region terms (the light MaskFormer, against the same step without them), with the
+    teacher's regions from its semantic map or from its own queries: the Hungarian matching runs
+    on the host, so its costs make one copy there; nothing else waits."""
     import benchmark
 
     root = str(data_dir / "synthetic-tiny")
-    base = ["method=rc2l", "loss=mask_set", "pseudo_loss.ce.weight=0"]
-    none = benchmark.count_step([*base, "contrast=none"], model="maskformer_r18_light", batch=2, data_root=root)
-    rc2l = benchmark.count_step([*base, "contrast=rc2l"], model="maskformer_r18_light", batch=2, data_root=root)
+    none = _rc2l_step_without_region_terms(root)
+    rc2l = benchmark.count_step([*RC2L_BASE, "contrast=rc2l", *regions], model="maskformer_r18_light", batch=2,
+                                data_root=root)
     assert none["syncs"] == 2, none["sync_sites"]  # the divergence read and loss=mask_set's matcher
     assert rc2l["syncs"] - none["syncs"] == 1, rc2l["sync_sites"]
     assert 0 < rc2l["ops"] - none["ops"] <= 370
