@@ -37,33 +37,23 @@ def test_the_head_reassembles_at_4_2_1_half_and_fuses_at_8x_the_grid(h: int, w: 
     assert decoder.shape == (2, 16, 8 * gh, 8 * gw) and scores.shape == (2, 3, 8 * gh, 8 * gw)
 
 
-def test_sizes_off_the_patch_grid_are_padded_with_zeros_and_cropped_back() -> None:
-    """The scores of a 45 x 61 image are those of its zero-padded 56 x 70 copy, cropped (same
-    tokens, same interpolation grid)."""
-    net = _net().eval()
+@pytest.mark.parametrize(("patch", "padded_size"), [(None, (56, 70)), (6, (48, 66))])
+def test_sizes_off_the_patch_grid_are_padded_with_zeros_and_cropped_back(
+        patch: int | None, padded_size: tuple[int, int]) -> None:
+    """The scores of a 45 x 61 image are those of its copy zero-padded to the next multiples of
+    the patch size (DINOv2's 14, or `encoder_kwargs.patch_size` 6 for a ViT from scratch), cropped
+    (same tokens, same interpolation grid); the grids are the padded size / the patch size."""
+    size = 14 if patch is None else patch
+    net = _net(encoder_kwargs={**TINY["encoder_kwargs"], **({} if patch is None else {"patch_size": patch})}).eval()
     x = torch.randn(1, 3, 45, 61)
     with torch.no_grad():
         scores = net(x)
-        grids = net.model.grids(F.pad(x, (0, 70 - 61, 0, 56 - 45)))
+        grids = net.model.grids(F.pad(x, (0, padded_size[1] - 61, 0, padded_size[0] - 45)))
         _, coarse = net.model.head(grids)
-        padded = F.interpolate(coarse, size=(56, 70), mode="bilinear", align_corners=True)
+        padded = F.interpolate(coarse, size=padded_size, mode="bilinear", align_corners=True)
     assert scores.shape == (1, 3, 45, 61)
     assert torch.equal(scores, padded[..., :45, :61])
-    assert [tuple(g.shape[-2:]) for g in grids] == [(4, 5)] * 4
-
-
-def test_a_from_scratch_patch_size_sets_the_grid_and_the_padding() -> None:
-    """With `encoder_kwargs.patch_size` 6 a 45 x 61 image is padded to 48 x 66 (the next multiples
-    of 6), its grids are 8 x 11 and its scores those of the padded copy, cropped."""
-    net = _net(encoder_kwargs={**TINY["encoder_kwargs"], "patch_size": 6}).eval()
-    x = torch.randn(1, 3, 45, 61)
-    with torch.no_grad():
-        scores = net(x)
-        grids = net.model.grids(F.pad(x, (0, 66 - 61, 0, 48 - 45)))
-        _, coarse = net.model.head(grids)
-        padded = F.interpolate(coarse, size=(48, 66), mode="bilinear", align_corners=True)
-    assert [tuple(g.shape[-2:]) for g in grids] == [(8, 11)] * 4
-    assert torch.equal(scores, padded[..., :45, :61])
+    assert [tuple(g.shape[-2:]) for g in grids] == [(padded_size[0] // size, padded_size[1] // size)] * 4
 
 
 def test_dinov2_key_names_load_into_the_encoder(tmp_path: Path) -> None:
