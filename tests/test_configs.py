@@ -110,6 +110,14 @@ def test_every_experiment_instantiates_its_model_objective_and_module(experiment
         assert module.objective.pseudo and module.teacher is not None
 
 
+@pytest.mark.parametrize("experiment", ["ssl_cityscapes", "unimatch_v2_cityscapes"])
+def test_the_unimatch_cityscapes_presets_slide_their_training_crop_at_two_thirds(experiment: str, tmp_path: Path) -> None:
+    """UniMatch (V1 and V2) evaluate Cityscapes with windows of the training crop every 2/3 of it."""
+    data = compose_train([f"experiment={experiment}", f"data.root={tmp_path}"], output_dir=tmp_path / "run").data
+    assert data.eval.mode == "slide" and list(data.eval.crop) == list(data.crop_size)
+    assert [int(c * 2 / 3) for c in data.crop_size] == list(data.eval.stride)
+
+
 def test_ssl_cityscapes_ohem_keeps_unimatchs_200000_pixels_per_call(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=ssl_cityscapes", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
     assert cfg.loss.ohem.min_kept * cfg.data.batch_size == 200_000  # min_kept counts per image

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from segcon.models.dpt import DPTDinoV2, DPTHead
+from segcon.models.dpt import DPTDecoder, DPTDinoV2, dpt_classifier
 from segcon.utils.errors import ConfigError
 
 TINY = {"encoder_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2}, "layers": [0, 1, 2, 3], "features": 16,
@@ -25,7 +25,7 @@ def _net(**extra) -> DPTDinoV2:
 
 @pytest.mark.parametrize(("h", "w"), [(56, 56), (28, 70), (42, 98)])
 def test_the_head_reassembles_at_4_2_1_half_and_fuses_at_8x_the_grid(h: int, w: int) -> None:
-    head = DPTHead(48, 16, [8, 16, 32, 32], 3)
+    head, classifier = DPTDecoder(48, 16, [8, 16, 32, 32]), dpt_classifier(16, 3)
     gh, gw = h // 14, w // 14  # DINOv2's patch size
     grids = [torch.randn(2, 48, gh, gw) for _ in range(4)]
     maps = [rn(resize(project(g))) for g, project, resize, rn in zip(grids, head.projects, head.resize, head.layer_rn,
@@ -33,7 +33,8 @@ def test_the_head_reassembles_at_4_2_1_half_and_fuses_at_8x_the_grid(h: int, w: 
     half = ((gh + 1) // 2, (gw + 1) // 2)  # a stride-2, padding-1, 3x3 convolution
     assert [tuple(m.shape[-2:]) for m in maps] == [(4 * gh, 4 * gw), (2 * gh, 2 * gw), (gh, gw), half]
     assert all(m.shape[1] == 16 for m in maps)
-    decoder, scores = head(grids)
+    decoder = head(grids)
+    scores = classifier(decoder)
     assert decoder.shape == (2, 16, 8 * gh, 8 * gw) and scores.shape == (2, 3, 8 * gh, 8 * gw)
 
 
@@ -49,7 +50,7 @@ def test_sizes_off_the_patch_grid_are_padded_with_zeros_and_cropped_back(
     with torch.no_grad():
         scores = net(x)
         grids = net.model.grids(F.pad(x, (0, padded_size[1] - 61, 0, padded_size[0] - 45)))
-        _, coarse = net.model.head(grids)
+        coarse = net.model.classifier(net.model.decoder(grids))
         padded = F.interpolate(coarse, size=padded_size, mode="bilinear", align_corners=True)
     assert scores.shape == (1, 3, 45, 61)
     assert torch.equal(scores, padded[..., :45, :61])
@@ -72,7 +73,7 @@ def test_dinov2_key_names_load_into_the_encoder(tmp_path: Path) -> None:
     fresh, loaded = _net(), _net(weights_path=str(file))
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.model.encoder.state_dict()[key], value), key
-    assert torch.equal(loaded.model.head.classifier[-1].weight, fresh.model.head.classifier[-1].weight)
+    assert torch.equal(loaded.model.classifier[-1].weight, fresh.model.classifier[-1].weight)
     state["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
     torch.save(state, file)
     with pytest.raises(ConfigError, match=r"blocks\.0\.attn\.qkv\.weight"):
@@ -90,8 +91,12 @@ def test_settings_are_checked_before_building() -> None:
         DPTDinoV2.check_config({**base, "encoder_weights": "imagenet"})
     with pytest.raises(ConfigError, match="no DPT settings"):
         DPTDinoV2.check_config({**base, "encoder_name": "vit_small_patch16_224"})
-    with pytest.raises(ConfigError, match="stages"):
+    with pytest.raises(ConfigError, match=r"model\.projection\.stages=\[3, 4\]: .* 0, 1, 2, 3"):
         DPTDinoV2.check_config({**base, "projection": {"source": "encoder", "stages": [3, 4], "dim": 8}})
+    with pytest.raises(ConfigError, match=r"model\.projections\.ctx_3\.stages=\[4\]: .*contrast=contextrast_vit"):
+        DPTDinoV2.check_config({**base, "projections": {"ctx_3": {"source": "encoder", "stages": [4], "dim": 8}}})
+    with pytest.raises(ConfigError, match=r"weight_branch\.depth"):
+        DPTDinoV2.check_config({**base, "weight_branch": {"depth": "encoder"}})
 
 
 def test_a_tiny_dinov2_trains_and_evaluates_through_segcon_train(tiny_cfg: Callable[..., DictConfig]) -> None:
@@ -110,3 +115,34 @@ def test_every_parameter_reaches_the_scores() -> None:
     net = _net(projection=None).train()
     net.forward_features(torch.randn(2, 3, 42, 56)).logits.sum().backward()
     assert [n for n, p in net.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("contrast", ["pixel", "pixel_memory", "cac", "contextrast_vit"])
+def test_every_contrastive_term_trains_the_vit(contrast: str, tiny_cfg: Callable[..., DictConfig]) -> None:
+    """Each contrast group on a tiny DPT as the user selects it: the module builds, the term's
+    loss on a labeled batch (past its warm-up) is finite and positive, and its gradient reaches the
+    ViT; CAC's weight branch reads detached features (no path from its scores to the network)."""
+    from segcon.build import build_module
+    from segcon.models.heads import WEIGHT_BRANCH
+    from segcon.objectives.base import Targets
+
+    cfg = tiny_cfg("model=dpt_dinov2_s", "model.encoder_kwargs={depth: 4, embed_dim: 48, num_heads: 2}",
+                   "model.layers=[0,1,2,3]", "model.features=16", "model.out_channels=[8,16,32,32]",
+                   f"contrast={contrast}")
+    torch.manual_seed(0)
+    module = build_module(cfg).train()
+    net, k = module.net, int(cfg.data.num_classes)
+    labels = F.interpolate(torch.arange(16.0).reshape(1, 1, 4, 4).remainder(k).repeat(2, 1, 1, 1), size=(112, 112),
+                           mode="nearest")[:, 0].long()  # 16 blocks of every class in each image
+    out = net.forward_features(torch.randn(2, 3, 112, 112))  # 8 x 8 token grids: >= 5 pixels a class
+    loss, logs = module.objective.contrast_loss(out, Targets(labels=labels), step=10**6)
+    assert torch.isfinite(loss) and float(loss.detach()) > 0, logs
+    encoder = list(net.model.encoder.parameters())
+    grads = torch.autograd.grad(loss, encoder, allow_unused=True)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+    if contrast == "cac":
+        assert out.weight_logits is not None and out.weight_logits.shape == (2, k, 112, 112)
+        weight_grads = torch.autograd.grad(out.weight_logits.sum(), [*encoder, *net.model.decoder.parameters()],
+                                           allow_unused=True)
+        assert all(g is None for g in weight_grads)
+        assert all(p.requires_grad for p in net.heads[WEIGHT_BRANCH].parameters())

@@ -27,7 +27,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from segcon.models.base import SegModel, on_meta
-from segcon.models.heads import projection_specs
+from segcon.models.heads import (
+    DEFAULT_PROJECTION,
+    WEIGHT_BRANCH,
+    WeightBranch,
+    projection_specs,
+    weight_branch_depth,
+)
 from segcon.models.output import SegOutput
 from segcon.models.segnet import load_pretrained
 from segcon.utils.errors import ConfigError
@@ -42,7 +48,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 ENCODER_WEIGHTS = (None, "timm")
 _OWN_KEYS = ("_target_", "encoder_name", "num_classes", "encoder_weights", "encoder_kwargs", "weights_path",
              "weights_skip", "weights_rename", "layers", "features", "out_channels", "projection",
-             "projections", "input_norm")
+             "projections", "weight_branch", "input_norm")
 
 
 class ResidualConvUnit(nn.Module):
@@ -79,11 +85,11 @@ class FusionBlock(nn.Module):
         return self.out(path)
 
 
-class DPTHead(nn.Module):
-    """Reassemble four token grids `[B, C, h, w]`, fuse them, classify: the decoder feature
-    `[B, features, 8h, 8w]` and its class scores `[B, K, 8h, 8w]`."""
+class DPTDecoder(nn.Module):
+    """DPT's reassembly and fusion: four token grids `[B, C, h, w]` in, the fused decoder feature
+    `[B, features, 8h, 8w]` out."""
 
-    def __init__(self, embed_dim: int, features: int, out_channels: Sequence[int], num_classes: int) -> None:
+    def __init__(self, embed_dim: int, features: int, out_channels: Sequence[int]) -> None:
         super().__init__()
         oc = list(out_channels)
         self.projects = nn.ModuleList(nn.Conv2d(embed_dim, c, 1) for c in oc)
@@ -93,11 +99,8 @@ class DPTHead(nn.Module):
                                      nn.Conv2d(oc[3], oc[3], 3, stride=2, padding=1)])
         self.layer_rn = nn.ModuleList(nn.Conv2d(c, features, 3, padding=1, bias=False) for c in oc)
         self.fusion = nn.ModuleList(FusionBlock(features, skip=i < 3) for i in range(4))  # shallowest first
-        self.classifier = nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True),
-                                        nn.Conv2d(features, num_classes, 1))
 
-    def decode(self, grids: Sequence[Tensor]) -> Tensor:
-        """The fused decoder feature `[B, features, 8h, 8w]` of four grids `[B, C, h, w]`."""
+    def forward(self, grids: Sequence[Tensor]) -> Tensor:
         maps = [rn(resize(project(g))) for g, project, resize, rn in
                 zip(grids, self.projects, self.resize, self.layer_rn, strict=True)]
         path = self.fusion[3](maps[3], size=tuple(maps[2].shape[-2:]))
@@ -105,9 +108,12 @@ class DPTHead(nn.Module):
         path = self.fusion[1](path, maps[1], size=tuple(maps[0].shape[-2:]))
         return self.fusion[0](path, maps[0])
 
-    def forward(self, grids: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        decoder = self.decode(grids)
-        return decoder, self.classifier(decoder)
+
+def dpt_classifier(features: int, num_classes: int) -> nn.Sequential:
+    """DPT's segmentation head: `[B, features, h, w]` to scores `[B, K, h, w]` (3×3 conv, ReLU,
+    1×1 conv)."""
+    return nn.Sequential(nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(features, num_classes, 1))
 
 
 class DPTNet(nn.Module):
@@ -124,7 +130,8 @@ class DPTNet(nn.Module):
                                          **dict(encoder_kwargs or {}))
         self.patch = int(self.encoder.patch_embed.patch_size[0])
         self.layers = [int(i) for i in layers]
-        self.head = DPTHead(int(self.encoder.embed_dim), features, out_channels, num_classes)
+        self.decoder = DPTDecoder(int(self.encoder.embed_dim), features, out_channels)
+        self.classifier = dpt_classifier(features, num_classes)
 
     def grids(self, x: Tensor) -> list[Tensor]:
         """The four layers' normalised patch tokens as grids `[B, C, H/p, W/p]` (`x` padded to
@@ -135,7 +142,7 @@ class DPTNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         padded = pad_to_patches(x, self.patch)
-        _, coarse = self.head(self.grids(padded))
+        coarse = self.classifier(self.decoder(self.grids(padded)))
         return upsample_and_crop(coarse, padded.shape[-2:], x.shape[-2:])
 
 
@@ -171,6 +178,9 @@ class DPTDinoV2(SegModel):
             UniMatch V2's for the encoder, `VARIANTS`).
         projection, projections: train-only projection heads as SegNet's; `source: decoder` reads
             the fused feature, `source: encoder` the token grids of `stages` (0-3).
+        weight_branch: train-only CAC weight branch (`{depth: head}`: a fresh classifier on the
+            detached fused feature; `{depth: decoder}`: a fresh reassembly, fusion and classifier
+            on the detached token grids), None for none (contrast=cac sets it).
         input_norm: the input normalisation the weights expect (data.mean / data.std follow it).
     """
 
@@ -188,6 +198,7 @@ class DPTDinoV2(SegModel):
         out_channels: Sequence[int] | None = None,
         projection: Mapping[str, Any] | None = None,
         projections: Mapping[str, Mapping[str, Any] | None] | None = None,
+        weight_branch: Mapping[str, Any] | None = None,
         input_norm: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -201,6 +212,9 @@ class DPTDinoV2(SegModel):
         embed_dim = int(self.model.encoder.embed_dim)
         self.build_projection_heads(projection, projections, lambda spec: (
             embed_dim * len(spec["stages"]) if spec["source"] == "encoder" else settings["features"]))
+        if weight_branch:
+            self.heads[WEIGHT_BRANCH] = WeightBranch(self.model.decoder, self.model.classifier,
+                                                     weight_branch_depth(weight_branch))
 
     @property
     def input_divisor(self) -> int:
@@ -212,13 +226,13 @@ class DPTDinoV2(SegModel):
         padded = pad_to_patches(x, self.model.patch)
         grids = self.model.grids(padded)
         decoded = [torch.cat([g, F.dropout2d(g, perturb, self.training)]) for g in grids] if perturb > 0 else grids
-        decoder, coarse = self.model.head(decoded)
+        decoder = self.model.decoder(decoded)
+        coarse = self.model.classifier(decoder)
         logits = upsample_and_crop(coarse, padded.shape[-2:], x.shape[-2:])
         b = x.shape[0]
         out = SegOutput(logits=logits[:b], decoder_logits=coarse[:b], features=grids, decoder=decoder[:b],
                         perturbed_logits=logits[b:] if perturb > 0 else None)
-        self.run_projection_heads(out, heads)
-        return out
+        return self._train_heads(out, padded.shape[-2:], heads)
 
     def forward_complementary(self, x: Tensor, masks: Tensor, heads: Collection[str] | None = None) -> SegOutput:
         """See SegModel.forward_complementary: the four token grids scaled by `masks [B, C]`
@@ -226,10 +240,21 @@ class DPTDinoV2(SegModel):
         padded = pad_to_patches(x, self.model.patch)
         scale = masks[:, :, None, None].to(x.dtype)
         grids = [g * scale for g in self.model.grids(padded)]
-        decoder, coarse = self.model.head(grids)
+        decoder = self.model.decoder(grids)
+        coarse = self.model.classifier(decoder)
         out = SegOutput(logits=upsample_and_crop(coarse, padded.shape[-2:], x.shape[-2:]), decoder_logits=coarse,
                         features=grids, decoder=decoder)
+        return self._train_heads(out, padded.shape[-2:], heads)
+
+    def _train_heads(self, out: SegOutput, padded: Sequence[int], heads: Collection[str] | None) -> SegOutput:
+        """`out` with the wanted projection heads' embeddings and CAC's weight-branch scores (at
+        the logits' size and at the decoder's) added; `padded` is the padded input size."""
         self.run_projection_heads(out, heads)
+        if WEIGHT_BRANCH in self.wanted_heads(heads):
+            assert out.features is not None and out.decoder is not None
+            weight_coarse, _ = self.heads[WEIGHT_BRANCH]((out.features,), out.decoder)
+            out.weight_logits = upsample_and_crop(weight_coarse, padded, out.logits.shape[-2:])
+            out.weight_decoder_logits = weight_coarse
         return out
 
     @property
@@ -259,10 +284,14 @@ class DPTDinoV2(SegModel):
         depth = len(encoder.blocks)
         if not all(0 <= int(i) < depth for i in settings["layers"]):
             raise ConfigError(f"model.layers={list(settings['layers'])}: the encoder has {depth} blocks (0-{depth - 1})")
-        for spec in projection_specs(config.get("projection"), config.get("projections")).values():
+        for name, spec in projection_specs(config.get("projection"), config.get("projections")).items():
             if spec["source"] == "encoder" and not set(spec["stages"]) <= {0, 1, 2, 3}:
-                raise ConfigError(f"model.projection stages {spec['stages']}: the DPT family's encoder stages are "
-                                  "the four token grids 0, 1, 2, 3")
+                key = "model.projection" if name == DEFAULT_PROJECTION else f"model.projections.{name}"
+                raise ConfigError(f"{key}.stages={list(spec['stages'])}: the DPT family's encoder stages are its four "
+                                  "token grids 0, 1, 2, 3 (smp's are 2-5); for Contextrast on them use "
+                                  "contrast=contextrast_vit")
+        if config.get("weight_branch"):
+            weight_branch_depth(config["weight_branch"])
         return 1
 
     @classmethod
