@@ -105,8 +105,8 @@ def _rc2l_step_without_region_terms(root: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("regions", [[], ["contrast.rc2l.teacher_regions=queries"],
-                                     ["contrast.rc2l.teacher_regions=queries", "contrast.rc2l.rfc_features=mask_embed"]],
+@pytest.mark.parametrize("regions", [["contrast.rc2l.teacher_regions=semantic"], [],
+                                     ["contrast.rc2l.rfc_features=mask_embed"]],
                          ids=["semantic", "queries", "queries_mask_embed"])
 def test_rc2l_region_terms_add_one_host_sync_the_matchers(data_dir: Path, regions: list[str]) -> None:
     """RC²L's region terms (the light MaskFormer, against the same step without them), with the

@@ -27,16 +27,16 @@ def test_teacher_regions_keep_confident_classes_above_the_minimum_area() -> None
     confidence = torch.full((1, 4, 4), 0.9)
     confidence[0, 3, 1:] = 0.5  # the row of class 2 is mostly unsure: 2 confident pixels of class 2 are left
     targets = Targets(labels, IGNORE, confidence)
-    region = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2).regions(targets, (4, 4))
+    region = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2, teacher_regions="semantic").regions(targets, (4, 4))
     assert region.present[0].tolist() == [True, True, True]  # class 2: exactly min_area confident pixels
     valid = (labels[0] != IGNORE) & (confidence[0] >= 0.7)
     assert torch.equal(region.valid[0], valid.flatten())
     for c in range(K):
         assert torch.equal(region.masks[0, c], (labels[0] == c).flatten())
-    region = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=3).regions(targets, (4, 4))
+    region = RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=3, teacher_regions="semantic").regions(targets, (4, 4))
     assert region.present[0].tolist() == [True, True, False]
     targets.labeled = torch.tensor([True])  # a row with ground truth holds no region
-    assert not RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2).regions(targets, (4, 4)).present.any()
+    assert not RegionConsistencyContrast(K, confidence_threshold=0.7, min_area=2, teacher_regions="semantic").regions(targets, (4, 4)).present.any()
 
 
 def _case(seed: int, mixed: bool = False):
@@ -116,7 +116,7 @@ def _reference(term: RegionConsistencyContrast, out: SegOutput, targets: Targets
 def test_rmc_and_rfc_against_loops(mixed: bool, cross_image: bool) -> None:
     out, targets = _case(0, mixed)
     term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, rmc_weight=1.0, rfc_weight=1.0,
-                                     cross_image=cross_image)
+                                     cross_image=cross_image, teacher_regions="semantic")
     values = term(out, targets)
     rmc, rfc = _reference(term, out, targets, cross_image)
     assert values["rmc"].item() == pytest.approx(rmc, rel=1e-10)
@@ -138,20 +138,20 @@ def _assert_set_loss_on(values: dict, out: SegOutput, targets: Targets, rows: li
 
 def test_rcc_and_smc_are_the_set_loss_on_the_teachers_confident_masks() -> None:
     out, targets = _case(1)
-    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1)
+    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, teacher_regions="semantic")
     _assert_set_loss_on(term(out, targets), out, targets, [2, 3, 4])
 
 
 def test_an_image_with_one_region_gives_zero_contrast_without_nan() -> None:
     out, targets = _case(2)
     targets.labeled = torch.tensor([True, True, True, False, True])  # only the one-region image is unlabeled
-    values = RegionConsistencyContrast(K, confidence_threshold=0.0, min_area=1)(out, targets)
+    values = RegionConsistencyContrast(K, confidence_threshold=0.0, min_area=1, teacher_regions="semantic")(out, targets)
     assert values["rmc"].item() == 0.0 and values["rfc"].item() == 0.0
     assert all(torch.isfinite(v) for v in values.values())
 
 
-@pytest.mark.parametrize("options", [[], ["contrast.rc2l.teacher_regions=queries", "contrast.rc2l.rfc_features=mask_embed",
-                                           "contrast.rc2l.empty_images=skip"]])
+@pytest.mark.parametrize("options", [["contrast.rc2l.teacher_regions=semantic"],
+                                     ["contrast.rc2l.rfc_features=mask_embed", "contrast.rc2l.empty_images=no_object"]])
 def test_rc2l_trains_with_maskformer(tiny_cfg: Callable[..., DictConfig], options: list[str]) -> None:
     from segcon.train import train
     from tests.test_teacher_student import SSL, _rows, _values
@@ -164,7 +164,8 @@ def test_rc2l_trains_with_maskformer(tiny_cfg: Callable[..., DictConfig], option
     for key in ("rcc", "smc", "rmc", "rfc"):
         values = _values(rows, f"train/loss_rc2l/{key}")
         assert len(values) == 3 and all(math.isfinite(v) for v in values), key
-    if not options:  # (an untrained teacher's queries may all say "no object": no query region yet)
+    if "contrast.rc2l.teacher_regions=semantic" in options:  # (an untrained teacher's queries may all say
+        # "no object": no query region yet)
         assert all(v > 0 for v in _values(rows, "train/loss_rc2l/smc"))
 
 
@@ -264,7 +265,7 @@ def test_region_feature_contrast_on_mask_embeddings_against_a_loop() -> None:
     values["rfc"].backward()
     assert out.mask_embed.grad is not None and out.mask_embed.grad.abs().sum() > 0
     with pytest.raises(ConfigError, match="teacher_regions=queries"):
-        RegionConsistencyContrast(K, rfc_features="mask_embed")
+        RegionConsistencyContrast(K, rfc_features="mask_embed", teacher_regions="semantic")
     with pytest.raises(ConfigError, match="empty_images"):
         RegionConsistencyContrast(K, empty_images="drop")
 
@@ -273,7 +274,8 @@ def test_region_feature_contrast_on_mask_embeddings_against_a_loop() -> None:
 def test_an_image_without_regions_teaches_no_object_or_nothing(empty_images: str) -> None:
     out, targets = _case(6)
     targets.confidence[3] = 0.1  # the second unlabeled image: nothing confident, no region
-    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, empty_images=empty_images)
+    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=1, empty_images=empty_images,
+                                     teacher_regions="semantic")
     _assert_set_loss_on(term(out, targets), out, targets, [2, 3, 4] if empty_images == "no_object" else [2, 4])
 
 

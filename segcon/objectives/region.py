@@ -1,14 +1,14 @@
 """RC²L's region-level consistency and contrast (`contrast=rc2l`): our reconstruction of Zhang et
 al., IJCAI 2022 (METHODS.md §4(c)-(d)); no code was published.
 
-On every unlabeled row (a strong view) the teacher's targets are (`teacher_regions: semantic`)
+On every unlabeled row (a strong view) the teacher's targets are, with `teacher_regions: semantic`,
 its semantic masks: for each
 class c present among the confident pixels (`Targets.confidence >= δ`) of the (CutMixed) pseudo-
 label map at the mask resolution, the mask `M_c = [Ŷ = c]`, pixels below δ ignored, regions with
 fewer than `min_area` confident pixels dropped; its teacher region feature `r_c` is the mean of
 the teacher's mask features `F^t` (CutMixed with the same boxes) over the region. The student's
 queries are matched to the regions as MaskFormer matches (segcon.objectives.set_loss). With
-`teacher_regions: queries` (the paper's Figure 2: "Nᵗ masks from the teacher model") the regions
+`teacher_regions: queries` (the default; the paper's Figure 2: "Nᵗ masks from the teacher model") the regions
 are the teacher's own queries whose top class (not "no object") has probability >= δ, each mask
 `σ(m_q) > 0.5` over the view's real pixels (those of the CutMix box taken from the previous
 view's queries), kept from `min_area` pixels; their features are the teacher's mask embeddings
@@ -104,8 +104,8 @@ class RegionConsistencyContrast(Term):
         set_loss: the matcher's costs and the RCC/SMC weights as SetCriterion's keyword arguments
             (`no_object_weight`, `focal_weight`, `cost_focal`, ...); None or absent keys: its
             defaults, MaskFormer's (loss=mask_set).
-        teacher_regions: `semantic` (per-class masks of the teacher's semantic map) or `queries`
-            (the teacher's confident queries' masks); see the module docstring.
+        teacher_regions: `queries` (the teacher's confident queries' masks, the default) or
+            `semantic` (per-class masks of the teacher's semantic map); see the module docstring.
         rfc_features: `pooled` (region features pooled from per-pixel maps) or `mask_embed` (the
             queries' mask embeddings; needs `teacher_regions: queries`).
         empty_images: an unlabeled image without a region is left out of RCC (`skip`, the
@@ -130,7 +130,7 @@ class RegionConsistencyContrast(Term):
         cross_image: bool = False,
         embedding: str | None = None,
         set_loss: Mapping[str, Any] | None = None,
-        teacher_regions: str = "semantic",
+        teacher_regions: str = "queries",
         rfc_features: str = "pooled",
         empty_images: str = "skip",
     ) -> None:
