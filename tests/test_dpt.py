@@ -16,6 +16,9 @@ from segcon.utils.errors import ConfigError
 
 TINY = {"encoder_kwargs": {"depth": 4, "embed_dim": 48, "num_heads": 2}, "layers": [0, 1, 2, 3], "features": 16,
         "out_channels": [8, 16, 32, 32]}
+TINY_DPT = ("model=dpt_dinov2_s", "model.encoder_kwargs={depth: 4, embed_dim: 48, num_heads: 2}",
+            "model.layers=[0,1,2,3]", "model.features=16", "model.out_channels=[8,16,32,32]")
+"""TINY as command-line overrides."""
 
 
 def _net(**extra) -> DPTDinoV2:
@@ -102,9 +105,7 @@ def test_settings_are_checked_before_building() -> None:
 def test_a_tiny_dinov2_trains_and_evaluates_through_segcon_train(tiny_cfg: Callable[..., DictConfig]) -> None:
     from segcon.train import train
 
-    cfg = tiny_cfg("model=dpt_dinov2_s", "model.encoder_kwargs={depth: 4, embed_dim: 48, num_heads: 2}",
-                   "model.layers=[0,1,2,3]", "model.features=16", "model.out_channels=[8,16,32,32]",
-                   "optim.head_lr_mult=40", "trainer.max_steps=2", "trainer.max_epochs=-1")
+    cfg = tiny_cfg(*TINY_DPT, "optim.head_lr_mult=40", "trainer.max_steps=2", "trainer.max_epochs=-1")
     metrics = train(cfg)
     assert 0.0 <= metrics["val/mIoU"] <= 1.0
 
@@ -126,9 +127,7 @@ def test_every_contrastive_term_trains_the_vit(contrast: str, tiny_cfg: Callable
     from segcon.models.heads import WEIGHT_BRANCH
     from segcon.objectives.base import Targets
 
-    cfg = tiny_cfg("model=dpt_dinov2_s", "model.encoder_kwargs={depth: 4, embed_dim: 48, num_heads: 2}",
-                   "model.layers=[0,1,2,3]", "model.features=16", "model.out_channels=[8,16,32,32]",
-                   f"contrast={contrast}")
+    cfg = tiny_cfg(*TINY_DPT, f"contrast={contrast}")
     torch.manual_seed(0)
     module = build_module(cfg).train()
     net, k = module.net, int(cfg.data.num_classes)

@@ -15,10 +15,9 @@ from omegaconf import DictConfig
 from segcon.models.base import complementary_masks
 from segcon.models.output import SegOutput
 from segcon.utils.errors import ConfigError
+from tests.test_dpt import TINY_DPT
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DPT = ("model=dpt_dinov2_s", "model.encoder_kwargs={depth: 4, embed_dim: 48, num_heads: 2}",
-            "model.layers=[0,1,2,3]", "model.features=16", "model.out_channels=[8,16,32,32]")
 V2 = ("method=unimatch_v2", *TINY_DPT, "data.labeled_count=4", "trainer.max_epochs=-1")
 
 

@@ -140,9 +140,15 @@ class DPTNet(nn.Module):
         tokens = self.encoder.get_intermediate_layers(x, n=self.layers, reshape=False, norm=True)
         return [t.transpose(1, 2).reshape(t.shape[0], t.shape[2], h, w) for t in tokens]
 
+    def decode(self, grids: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """The fused decoder feature `[B, features, 8h, 8w]` of four grids `[B, C, h, w]` and its
+        class scores `[B, K, 8h, 8w]`."""
+        decoder = self.decoder(grids)
+        return decoder, self.classifier(decoder)
+
     def forward(self, x: Tensor) -> Tensor:
         padded = pad_to_patches(x, self.patch)
-        coarse = self.classifier(self.decoder(self.grids(padded)))
+        _, coarse = self.decode(self.grids(padded))
         return upsample_and_crop(coarse, padded.shape[-2:], x.shape[-2:])
 
 
@@ -226,8 +232,7 @@ class DPTDinoV2(SegModel):
         padded = pad_to_patches(x, self.model.patch)
         grids = self.model.grids(padded)
         decoded = [torch.cat([g, F.dropout2d(g, perturb, self.training)]) for g in grids] if perturb > 0 else grids
-        decoder = self.model.decoder(decoded)
-        coarse = self.model.classifier(decoder)
+        decoder, coarse = self.model.decode(decoded)
         logits = upsample_and_crop(coarse, padded.shape[-2:], x.shape[-2:])
         b = x.shape[0]
         out = SegOutput(logits=logits[:b], decoder_logits=coarse[:b], features=grids, decoder=decoder[:b],
@@ -240,8 +245,7 @@ class DPTDinoV2(SegModel):
         padded = pad_to_patches(x, self.model.patch)
         scale = masks[:, :, None, None].to(x.dtype)
         grids = [g * scale for g in self.model.grids(padded)]
-        decoder = self.model.decoder(grids)
-        coarse = self.model.classifier(decoder)
+        decoder, coarse = self.model.decode(grids)
         out = SegOutput(logits=upsample_and_crop(coarse, padded.shape[-2:], x.shape[-2:]), decoder_logits=coarse,
                         features=grids, decoder=decoder)
         return self._train_heads(out, padded.shape[-2:], heads)
