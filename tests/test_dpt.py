@@ -98,6 +98,10 @@ def test_settings_are_checked_before_building() -> None:
         DPTDinoV2.check_config({**base, "projection": {"source": "encoder", "stages": [3, 4], "dim": 8}})
     with pytest.raises(ConfigError, match=r"model\.projections\.ctx_3\.stages=\[4\]: .*contrast=contextrast_vit"):
         DPTDinoV2.check_config({**base, "projections": {"ctx_3": {"source": "encoder", "stages": [4], "dim": 8}}})
+    with pytest.raises(ConfigError, match=r"model\.encoder_kwargs\.patch_size=0: a positive integer"):
+        DPTDinoV2.check_config({**base, "encoder_kwargs": {"patch_size": 0}})
+    with pytest.raises(ConfigError, match=r"model\.encoder_kwargs=\{'depthh': 4\}: timm cannot build"):
+        DPTDinoV2.check_config({**base, "encoder_kwargs": {"depthh": 4}})
     with pytest.raises(ConfigError, match=r"weight_branch\.depth"):
         DPTDinoV2.check_config({**base, "weight_branch": {"depth": "encoder"}})
 

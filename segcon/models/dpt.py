@@ -283,8 +283,15 @@ class DPTDinoV2(SegModel):
         if unknown:
             raise ConfigError(f"model has unknown key(s) {unknown} for DPTDinoV2; it takes {sorted(_OWN_KEYS[1:])}")
         settings = head_settings(name, config.get("layers"), config.get("features"), config.get("out_channels"))
-        encoder = on_meta(lambda: timm.create_model(name, pretrained=False, num_classes=0,
-                                                    **dict(config.get("encoder_kwargs") or {})))
+        kwargs = dict(config.get("encoder_kwargs") or {})
+        patch = kwargs.get("patch_size", 14)
+        if not isinstance(patch, int) or isinstance(patch, bool) or patch < 1:
+            raise ConfigError(f"model.encoder_kwargs.patch_size={patch!r}: a positive integer (DINOv2's is 14)")
+        try:
+            encoder = on_meta(lambda: timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.encoder_kwargs={kwargs}: timm cannot build {name} with them ({error}); they are "
+                              "timm.create_model arguments such as depth, embed_dim, num_heads, patch_size") from None
         depth = len(encoder.blocks)
         if not all(0 <= int(i) < depth for i in settings["layers"]):
             raise ConfigError(f"model.layers={list(settings['layers'])}: the encoder has {depth} blocks (0-{depth - 1})")
