@@ -38,6 +38,8 @@ def test_option_composes_resolves_and_validates(group: str, option: str, tmp_pat
         overrides.append("contrast=pixel")
     if group == "pseudo_loss":
         overrides.append("method=fixmatch")
+    if group == "contrast" and option == "contextrast_vit":  # the ViT family's levels
+        overrides.append("model=dpt_dinov2_s")
     if group in ("data", "experiment"):
         overrides.append(f"data.root={tmp_path}")
     cfg = compose_train(overrides, output_dir=tmp_path / "run")

@@ -95,6 +95,8 @@ def test_input_divisor_from_the_config_alone(arch: str, encoder: str, stride: in
     ({"projection": {"source": "neck"}}, r"model.projection.source must be one of \('decoder', 'encoder'\)"),
     ({"projections": {"s3": {"dims": 8}}}, r"model.projections.s3 has unknown key\(s\) \['dims'\]"),
     ({"weight_branch": {"depth": "all"}}, r"model.weight_branch.depth must be one of"),
+    ({"projections": {"ctx_1": {"source": "encoder", "stages": [0], "dim": 8}}},
+     r"model\.projections\.ctx_1\.stages=\[0\]: smp's stage 0 is the input image"),
     ({"decoder_channels": "wide"}, r"model: smp cannot build unet / resnet18 with these settings"),
     ({"encoder_weights": "imagenet-22k"}, r"model.encoder_weights: Wrong pretrained weights"),
 ])

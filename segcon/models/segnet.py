@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from segcon.models.base import SegModel, on_meta
 from segcon.models.fusion import FusionModel
 from segcon.models.heads import (
+    DEFAULT_PROJECTION,
     WEIGHT_BRANCH,
     WeightBranch,
     head_scores,
@@ -178,7 +179,12 @@ class SegNet(SegModel):
         if arch.lower() not in archs:
             raise ConfigError(f"model.arch={arch!r} is not an smp architecture; valid: {', '.join(archs)}")
         check_encoder(encoder)
-        projection_specs(config.get("projection"), config.get("projections"))
+        for name, spec in projection_specs(config.get("projection"), config.get("projections")).items():
+            if spec["source"] == "encoder" and 0 in spec["stages"]:
+                key = "model.projection" if name == DEFAULT_PROJECTION else f"model.projections.{name}"
+                raise ConfigError(f"{key}.stages={list(spec['stages'])}: smp's stage 0 is the input image; its feature "
+                                  "stages are 1-5 (contrast=contextrast_vit is for model=dpt_dinov2_*; here use "
+                                  "contrast=contextrast)")
         if config.get("weight_branch"):
             weight_branch_depth(config["weight_branch"])
         _check_weight_settings(config)
