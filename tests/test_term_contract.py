@@ -38,6 +38,10 @@ def _setting(group: str, option: str) -> list[str]:
     if group == "contrast" and option == "rc2l":
         return ["model=maskformer_r18_light", "loss=mask_set", "method=rc2l", "contrast=rc2l",
                 "contrast.rc2l.confidence_threshold=0.0", "contrast.rc2l.min_area=1"]
+    if group == "contrast" and option == "contextrast_vit":
+        from tests.test_dpt import TINY_DPT
+
+        return [*TINY_DPT, "contrast=contextrast_vit"]
     if group == "loss" and option == "mask_set":
         return ["model=maskformer_r18_light", "loss=mask_set"]
     if group == "pseudo_loss":
