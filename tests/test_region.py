@@ -64,12 +64,14 @@ def _reference(term: RegionConsistencyContrast, out: SegOutput, targets: Targets
     """RMC and RFC by loops, with the term's matching (tested against brute force elsewhere)."""
     rows = [2, 3, 4]
     slots = term.regions(targets, (4, 4))
-    (matching,) = term.set_loss.match([(out.mask_cls, out.mask_logits)], slots)
-    regions, matches = [], []  # per unlabeled row: its region classes, masks and valid pixels; queries and targets
+    (matching,) = term.set_loss.match([(out.mask_cls, out.mask_logits)], slots,
+                                      strict=term.teacher_regions == "semantic")
+    regions, matches = [], []  # per unlabeled row: its matched regions' classes, masks and valid pixels; queries and targets
     for r in rows:
-        classes = slots.present[r].nonzero().flatten()
-        regions.append(SimpleNamespace(classes=classes, masks=slots.masks[r, classes].float(), valid=slots.valid[r]))
-        matches.append((matching.query[r, classes], torch.arange(classes.numel())))
+        index = matching.matched[r].nonzero().flatten()  # semantic: every present slot is matched
+        regions.append(SimpleNamespace(classes=slots.classes[r, index], masks=slots.masks[r, index].float(),
+                                       valid=slots.valid[r]))
+        matches.append((matching.query[r, index], torch.arange(index.numel())))
     teacher = targets.teacher.decoder.clone()
     mixed = teacher.clone()
     if targets.mix_boxes is not None:
@@ -212,6 +214,9 @@ def test_teacher_query_regions_are_its_confident_queries_split_by_the_cutmix_box
     _, targets, top, score = _query_case(4)
     targets.teacher.valid = torch.ones(3, 4, 4, dtype=torch.bool)
     targets.teacher.valid[1, 3] = False  # the second view's last row is crop padding
+    targets.teacher.mask_logits[1, 0] = -5.0  # a confident query whose mask is mostly padding:
+    targets.teacher.mask_logits[1, 0, 3] = 5.0  # 4 padding pixels and 1 real one, under min_area
+    targets.teacher.mask_logits[1, 0, 0, 0] = 5.0
     term = RegionConsistencyContrast(K, confidence_threshold=0.75, min_area=2, teacher_regions="queries")
     slots = term.regions(targets, (4, 4))
     masks = targets.teacher.mask_logits.flatten(2) > 0
@@ -268,6 +273,69 @@ def test_region_feature_contrast_on_mask_embeddings_against_a_loop() -> None:
         RegionConsistencyContrast(K, rfc_features="mask_embed", teacher_regions="semantic")
     with pytest.raises(ConfigError, match="empty_images"):
         RegionConsistencyContrast(K, empty_images="drop")
+
+
+def _set_terms_reference(term: RegionConsistencyContrast, out: SegOutput, targets: Targets,
+                         rows: list[int]) -> tuple[float, float]:
+    """RCC and SMC by loops, with the term's matching: RCC the class-weighted mean over the queries of
+    `rows` of −log p(class of the query's region, or "no object"); SMC the weighted sigmoid focal
+    (α 0.25, γ 2) and dice of each matched query's mask against its region's over the valid
+    pixels, summed over the batch's matched regions and divided by their number."""
+    slots = term.regions(targets, (4, 4))
+    (matching,) = term.set_loss.match([(out.mask_cls, out.mask_logits)], slots,
+                                      strict=term.teacher_regions == "semantic")
+    _, w_focal, w_dice = term.set_loss.weights
+    nll = weight = 0.0
+    for r in rows:
+        region_of = {int(matching.query[r, s]): int(slots.classes[r, s])
+                     for s in range(slots.present.shape[1]) if matching.matched[r, s]}
+        for q in range(N):
+            c = region_of.get(q, K)
+            w = 1.0 if c < K else term.set_loss.no_object_weight
+            nll += w * -float(out.mask_cls[r, q].log_softmax(-1)[c])
+            weight += w
+    focal = dice = 0.0
+    count = 0
+    for r in range(out.mask_cls.shape[0]):
+        for s in range(slots.present.shape[1]):
+            if not matching.matched[r, s]:
+                continue
+            count += 1
+            x = out.mask_logits[r, int(matching.query[r, s])].flatten().tolist()
+            pixels = [p for p in range(16) if slots.valid[r, p]]
+            y = {p: bool(slots.masks[r, s, p]) for p in pixels}
+            prob = {p: 1 / (1 + math.exp(-x[p])) for p in pixels}
+            focal += sum(-0.25 * (1 - prob[p]) ** 2 * math.log(prob[p]) if y[p]
+                         else -0.75 * prob[p] ** 2 * math.log(1 - prob[p]) for p in pixels) / len(pixels)
+            dice += 1 - (2 * sum(prob[p] for p in pixels if y[p]) + 1) / (sum(prob.values()) + sum(y.values()) + 1)
+    return nll / weight, (w_focal * focal + w_dice * dice) / count
+
+
+@pytest.mark.parametrize(("cross_image", "empty_images"), [(False, "skip"), (True, "skip"), (True, "no_object")])
+def test_the_default_query_regions_give_all_four_terms_of_the_loops(cross_image: bool, empty_images: str) -> None:
+    """The default path (`teacher_regions: queries`, pooled region features, CutMix): RCC and SMC
+    against `_set_terms_reference`, RMC and RFC against `_reference`; the third unlabeled row's
+    teacher view (no CutMix box there) is unconfident, so it holds no region, and the first view has
+    a row of crop padding and `empty_images` decides whether its
+    queries are taught "no object"."""
+    out, targets, _, _ = _query_case(7)
+    targets.teacher.mask_cls[2] = torch.full((N, K + 1), 1.0 / (K + 1), dtype=torch.float64).log()
+    targets.teacher.valid = torch.ones(3, 4, 4, dtype=torch.bool)
+    targets.teacher.valid[0, 3] = False  # the first view's last row is crop padding
+    term = RegionConsistencyContrast(K, confidence_threshold=0.75, min_area=2, rmc_weight=1.0, rfc_weight=1.0,
+                                     cross_image=cross_image, empty_images=empty_images)
+    assert term.teacher_regions == "queries" and term.rfc_features == "pooled"
+    slots = term.regions(targets, (4, 4))
+    assert slots.present[2].any() and slots.present[3].any() and not slots.present[4].any()
+    values = term(out, targets)
+    rcc, smc = _set_terms_reference(term, out, targets, [2, 3, 4] if empty_images == "no_object" else [2, 3])
+    rmc, rfc = _reference(term, out, targets, cross_image)
+    assert values["rcc"].item() == pytest.approx(rcc, rel=1e-10)
+    assert values["smc"].item() == pytest.approx(smc, rel=1e-10)
+    assert values["rmc"].item() == pytest.approx(rmc, rel=1e-10)
+    assert values["rfc"].item() == pytest.approx(rfc, rel=1e-10)
+    sum(values.values()).backward()
+    assert out.mask_cls.grad[4].abs().sum() > 0 if empty_images == "no_object" else out.mask_cls.grad[4].abs().sum() == 0
 
 
 @pytest.mark.parametrize("empty_images", ["no_object", "skip"])
