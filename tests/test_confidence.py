@@ -177,45 +177,34 @@ def test_without_a_teacher_or_prototypes(tiny_cfg: Callable[..., DictConfig]) ->
     assert loss.item() == 0.0 and set(term.pending_entries()) == {"prototype", "bank"}
 
 
-def test_confidence_ssl_trains_and_checkpoints_prototypes_and_bank(tiny_cfg: Callable[..., DictConfig]) -> None:
-    from segcon.train import train
-    from tests.test_teacher_student import SSL, _rows, _values
-
-    cfg = tiny_cfg("method=confidence_ssl", "contrast=confidence", "contrast.confidence.threshold=0.3",
-                   "contrast.confidence.bank_size=50", *SSL)
-    train(cfg)
-    values = _values(_rows(Path(cfg.paths.output_dir)), "train/loss_confidence")
-    assert len(values) == 3 and values[0] == 0.0 and values[-1] > 0  # step 0: no prototype yet
-    state = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
-                       weights_only=True)["state_dict"]
-    prefix = "objective.contrast.confidence."
-    assert bool(state[prefix + "prototype_set"].any()) and int(state[prefix + "bank.count"].sum()) > 0
-    assert any(k.startswith("teacher.heads.projection.") for k in state)
-
-
-def test_a_supervised_warm_up_admits_nothing_and_the_teacher_signals_start_after_it(
+def test_confidence_ssl_warms_up_then_trains_and_checkpoints_prototypes_and_bank(
     tiny_cfg: Callable[..., DictConfig],
 ) -> None:
-    """data.sup_warmup_steps=2 of 4: steps 0-1 train on ground truth only (no teacher: a zero term,
+    """data.sup_warmup_steps=2 of 5: steps 0-1 train on ground truth only (no teacher: a zero term,
     no prototype or bank entry, no kept share logged); from step 2 the teacher's entries, its kept
-    share and per-class shares; step 2's term is still 0, as nothing was admitted before it."""
+    share and per-class shares; step 2's term is still 0, as nothing was admitted before it, and
+    the last step's is positive; prototypes, bank and the teacher's projection head are saved."""
     from segcon.train import train
     from tests.test_teacher_student import _rows
 
-    cfg = tiny_cfg("method=confidence_ssl", "contrast=confidence", "data.pseudo_label_threshold=0.3",
-                   "contrast.confidence.bank_size=50", "data.labeled_count=4", "trainer.max_steps=4",
-                   "data.sup_warmup_steps=2", "+callbacks.dump_memory._target_=tests.helpers.DumpMemory")
+    cfg = tiny_cfg("method=confidence_ssl", "contrast=confidence", "data.pseudo_label_threshold=0.5",
+                   "contrast.confidence.threshold=0.3", "contrast.confidence.bank_size=50",
+                   "data.labeled_count=4", "trainer.max_steps=5", "data.sup_warmup_steps=2", "+callbacks.dump_memory._target_=tests.helpers.DumpMemory")
     train(cfg)
     run = Path(cfg.paths.output_dir)
     dump = torch.load(run / "memory_rank0.pt", weights_only=True)
-    assert [sorted(step) for step in dump["steps"]] == [[], [], ["bank", "prototype"], ["bank", "prototype"]]
-    assert bool(dump["memory"]["prototype_set"].any()) and int(dump["memory"]["bank.count"].sum()) > 0
+    assert [sorted(step) for step in dump["steps"]] == [[], []] + [["bank", "prototype"]] * 3
     rows = [r for r in _rows(run) if r.get("train/loss_confidence")]
-    assert [float(r["train/loss_confidence"]) for r in rows[:3]] == [0.0, 0.0, 0.0]
-    assert [bool(r.get("train/mask_ratio")) for r in rows] == [False, False, True, True]
+    loss = [float(r["train/loss_confidence"]) for r in rows]
+    assert len(loss) == 5 and loss[:3] == [0.0, 0.0, 0.0] and loss[-1] > 0
+    assert [bool(r.get("train/mask_ratio")) for r in rows] == [False, False, True, True, True]
     assert float(rows[2]["train/mask_ratio"]) > 0
     for r in rows[2:]:  # the per-class shares of the kept pixels
         assert sum(float(r[k]) for k in r if k.startswith("train/pl_share/") and r[k]) == pytest.approx(1.0)
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    prefix = "objective.contrast.confidence."
+    assert bool(state[prefix + "prototype_set"].any()) and int(state[prefix + "bank.count"].sum()) > 0
+    assert any(k.startswith("teacher.heads.projection.") for k in state)
 
 
 @pytest.mark.ddp
