@@ -166,6 +166,13 @@ def test_rc2l_trains_with_maskformer(tiny_cfg: Callable[..., DictConfig], option
     for key in ("rcc", "smc", "rmc", "rfc"):
         values = _values(rows, f"train/loss_rc2l/{key}")
         assert len(values) == 3 and all(math.isfinite(v) for v in values), key
+    empty, per_image = _values(rows, "train/rc2l/empty_images"), _values(rows, "train/rc2l/regions_per_image")
+    assert len(empty) == len(per_image) == 3 and all(0 <= v <= 1 for v in empty)
+    shares = [[float(r[k]) for k in r if k.startswith("train/rc2l/region_share/")] for r in rows
+              if r.get("train/rc2l/empty_images")]
+    assert all(len(s) == cfg.data.num_classes for s in shares)  # one per class
+    for share, n in zip(shares, per_image, strict=True):  # the shares sum to 1 when a region was kept
+        assert sum(share) == pytest.approx(1.0 if n > 0 else 0.0)
     if "contrast.rc2l.teacher_regions=semantic" in options:  # (an untrained teacher's queries may all say
         # "no object": no query region yet)
         assert all(v > 0 for v in _values(rows, "train/loss_rc2l/smc"))
@@ -181,6 +188,27 @@ def test_ddp_sim_rc2l_trains(data_dir: Path, tmp_path: Path) -> None:
     proc = _cli([*_tiny_cli_args(data_dir), *extra, f"hydra.run.dir={tmp_path}/ddp"], Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "metrics.json").is_file()
+
+
+def test_the_teachers_kept_regions_are_counted_per_image_and_class() -> None:
+    out, targets = _case(6)
+    targets.confidence[3] = 0.1  # the second unlabeled image: nothing confident, no region
+    targets.confidence[4][targets.labels[4] == 0] = 0.1  # the third: no region of class 0
+    names = ["a", "b", "c"]
+    term = RegionConsistencyContrast(K, confidence_threshold=0.6, min_area=2, teacher_regions="semantic")
+    assert term.diagnostics(names) == {}  # no computed step yet
+    term(out, targets)
+    found = term.diagnostics(names)
+    kept = [[c for c in range(K) if int(((targets.labels[r] == c) & (targets.confidence[r] >= 0.6)).sum()) >= 2]
+            for r in (2, 3, 4)]  # the unlabeled rows' regions, counted here from the labels
+    total = sum(map(len, kept))
+    assert kept[1] == [] and 0 not in kept[2] and total >= 2
+    assert found["regions_per_image"].item() == pytest.approx(total / 3)
+    assert found["empty_images"].item() == pytest.approx(1 / 3)
+    for c, name in enumerate(names):
+        assert found[f"region_share/{name}"].item() == pytest.approx(sum(c in r for r in kept) / total)
+    term(out, Targets(targets.labels, IGNORE))  # a supervised warm-up step: no teacher, nothing to log
+    assert term.diagnostics(names) == {}
 
 
 def test_rc2l_needs_a_mask_classification_head_and_a_teacher() -> None:

@@ -1,5 +1,6 @@
 """The one caller of the terms' declared capabilities (`Term`): the class frequencies the terms
-that weigh classes need, and the memories the memory-using terms fill after each step."""
+that weigh classes need, the memories the memory-using terms fill after each step, and the
+terms' diagnostics on logging steps."""
 
 from __future__ import annotations
 
@@ -42,3 +43,10 @@ def fill_memories(objective: Objective, all_gather: Callable[[Tensor], Tensor], 
             if world_size > 1:  # [world, M, ...] -> [world * M, ...], rank order
                 feats, labels = feats.flatten(0, 1), labels.flatten(0, 1)
             term.enqueue(memory, feats, labels)
+
+
+def term_diagnostics(objective: Objective, class_names: Sequence[str]) -> dict[str, Tensor]:
+    """Every term's diagnostics of its last computed step (`Term.diagnostics`), as
+    `{"<term>/<name>": value}`."""
+    return {f"{name}/{key}": value for name, term in objective.terms()
+            for key, value in term.diagnostics(class_names).items()}

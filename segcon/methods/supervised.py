@@ -16,7 +16,7 @@ from segcon.engine.divergence import DivergenceGuard, DivergencePolicy
 from segcon.engine.evaluation import EvaluationModule, split_summary
 from segcon.engine.memory import check_fits, estimate_memory
 from segcon.engine.optim import freeze_encoder, optimization
-from segcon.engine.terms import fill_memories, give_class_frequencies
+from segcon.engine.terms import fill_memories, give_class_frequencies, term_diagnostics
 from segcon.models.base import SegModel
 from segcon.objectives.base import Targets
 from segcon.objectives.objective import Objective
@@ -91,11 +91,12 @@ class SupervisedModule(EvaluationModule):
 
     def log_step(self, logs: Mapping[str, Tensor], batch_size: int) -> None:
         """Log a training step's values as `train/<name>` on the steps whose values Lightning
-        writes (`self.log` costs two copies on the device per value); the divergence check reads
-        every step's values."""
+        writes (`self.log` costs two copies on the device per value), with the terms' diagnostics
+        (`Term.diagnostics`, computed only then); the divergence check reads every step's values."""
         self._step_logs = {f"train/{k}": v for k, v in logs.items()}
         if self.logs_this_step():
-            self.log_dict(self._step_logs, batch_size=batch_size)
+            diagnostics = {f"train/{k}": v for k, v in term_diagnostics(self.objective, self.class_names).items()}
+            self.log_dict({**self._step_logs, **diagnostics}, batch_size=batch_size)
 
     # -- around the step: the engine's helpers ---------------------------------------------
 

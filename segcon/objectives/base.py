@@ -15,7 +15,10 @@ training module read only these declarations:
 - `needs_class_frequencies` / `set_class_frequencies`: the labeled images' class frequencies,
   counted when training starts (by default: whatever its sub-terms need);
 - `memories`, `pending_entries` / `enqueue`: the memories it keeps, filled with every rank's
-  entries after each step (none by default).
+  entries after each step (none by default);
+- `diagnostics`: values about its last computed step's inputs that are not losses (e.g. how
+  many teacher regions it kept), logged on the steps the method logs and never summed (none by
+  default).
 """
 
 from __future__ import annotations
@@ -138,6 +141,12 @@ class Term(nn.Module):
         """memory name -> (entries `[M, D]`, labels `[M]`; label -1 marks padding) produced by the
         last forward: the training module gathers them from every rank (fixed shapes) and hands
         them to `enqueue`, so that all ranks hold the same memory. None by default."""
+        return {}
+
+    def diagnostics(self, class_names: Sequence[str]) -> dict[str, Tensor]:
+        """name -> detached scalar about the last step the term was computed in (`class_names`
+        name per-class values), logged as `train/<term>/<name>` on the steps whose values the
+        method writes; computed only then, from what `forward` kept. None by default."""
         return {}
 
     def enqueue(self, memory: str, feats: Tensor, labels: Tensor) -> None:

@@ -30,7 +30,10 @@ query of the unlabeled rows; SMC: summed over the matched regions of the batch, 
 number); RMC and RFC are averaged over the regions of an image, then over the images with at least
 one region. An image with one region gives RMC and RFC a zero (one candidate) without NaN; an
 image without regions teaches its queries "no object" (`empty_images: no_object`) or nothing
-(`skip`). Labeled rows are left to the supervised loss.
+(`skip`). Labeled rows are left to the supervised loss. Logged on logging steps
+(`diagnostics`), the collapse signal of the teacher's regions: `regions_per_image` and
+`empty_images` (share of the unlabeled rows without a region), and `region_share/<class>` (each
+class's share of the kept regions).
 
 Static shapes: every row is computed, a region is one of K class slots per row (`SlotTargets`;
 labeled rows hold none), and the per-image means are masked sums; the one host synchronisation is
@@ -39,7 +42,7 @@ the matcher's (segcon.objectives.set_loss.match_on_host).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -157,6 +160,7 @@ class RegionConsistencyContrast(Term):
             if key in settings:
                 raise ConfigError(f"contrast rc2l: set_loss.{key} is set by the term itself; remove it")
         self.set_loss = SetCriterion(num_classes, deep_supervision=False, **settings)
+        self._last_regions: tuple[Tensor, Tensor, Tensor] | None = None  # for `diagnostics`
 
     def zero(self, output: SegOutput) -> Tensor:
         zero = self.set_loss.zero(output) + output.decoder.sum() * 0.0
@@ -243,6 +247,7 @@ class RegionConsistencyContrast(Term):
 
     def forward(self, output: SegOutput, targets: Targets) -> dict[str, Tensor]:
         mask_scores(output, "contrast rc2l")
+        self._last_regions = None
         if targets.teacher is None and targets.labeled is None:  # a supervised warm-up: no teacher yet
             return dict.fromkeys(TERMS, self.zero(output))
         if targets.teacher is None:
@@ -262,6 +267,7 @@ class RegionConsistencyContrast(Term):
         slots = self.regions(targets, size)
         (matching,) = self.set_loss.match([(mask_cls, mask_logits)], slots, strict=self.teacher_regions == "semantic")
         rows = ~targets.labeled
+        self._last_regions = (slots.present, slots.classes, rows)
         if self.empty_images == "skip":
             rows = rows & slots.present.any(1)
         set_terms = self.set_loss.layer_losses(mask_cls, mask_logits, slots, matching, rows=rows)
@@ -287,6 +293,24 @@ class RegionConsistencyContrast(Term):
         values = {"rcc": set_terms["ce"], "smc": set_terms["focal"] * self.set_loss.weights[1]
                   + set_terms["dice"] * self.set_loss.weights[2], "rmc": rmc, "rfc": rfc}
         return {name: self.weights[name] * (v + zero) for name, v in values.items()}
+
+    @torch.no_grad()
+    def diagnostics(self, class_names: Sequence[str]) -> dict[str, Tensor]:
+        """Of the last computed step's unlabeled rows: `regions_per_image` (mean kept teacher
+        regions), `empty_images` (the share of rows without one) and `region_share/<class>`
+        (each class's share of the kept regions; all 0 when none was kept). None before the
+        teacher's first step."""
+        if self._last_regions is None:
+            return {}
+        present, classes, unlabeled = self._last_regions  # [B, S], [B, S], [B]: labeled rows hold no region
+        images = unlabeled.sum().clamp_min(1)
+        per_image = present.sum(1)
+        counts = torch.zeros(self.num_classes, device=present.device).index_add_(
+            0, classes.flatten(), present.flatten().float())
+        shares = counts / counts.sum().clamp_min(1)
+        return {"regions_per_image": per_image.sum() / images,
+                "empty_images": ((per_image == 0) & unlabeled).sum() / images,
+                **{f"region_share/{name}": shares[c] for c, name in enumerate(class_names)}}
 
     def _region_features(self, output: SegOutput, targets: Targets, slots: SlotTargets, matching: Matching,
                          probs: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
