@@ -55,7 +55,7 @@ from segcon.objectives.set_loss import Matching, SetCriterion, SlotTargets, mask
 from segcon.utils.dtypes import at_least_float32
 from segcon.utils.errors import ConfigError
 from segcon.utils.maps import cutmix, labels_at
-from segcon.utils.static import arange
+from segcon.utils.static import arange, group_counts
 
 TERMS = ("rcc", "smc", "rmc", "rfc")
 TEACHER_REGIONS = ("semantic", "queries")
@@ -305,8 +305,7 @@ class RegionConsistencyContrast(Term):
         present, classes, unlabeled = self._last_regions  # [B, S], [B, S], [B]: labeled rows hold no region
         images = unlabeled.sum().clamp_min(1)
         per_image = present.sum(1)
-        counts = torch.zeros(self.num_classes, device=present.device).index_add_(
-            0, classes.flatten(), present.flatten().float())
+        counts = group_counts(classes.flatten(), self.num_classes, present.flatten())
         shares = counts / counts.sum().clamp_min(1)
         return {"regions_per_image": per_image.sum() / images,
                 "empty_images": ((per_image == 0) & unlabeled).sum() / images,
