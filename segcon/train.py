@@ -147,8 +147,10 @@ def _train(cfg: DictConfig, request: StopRequest) -> dict[str, float]:
         plugins.append(SLURMEnvironment(auto_requeue=bool((cfg.get("slurm") or {}).get("auto_requeue", False))))
     trainer: L.Trainer = instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, plugins=plugins)
     set_run_config(loggers, OmegaConf.to_container(cfg, resolve=True))
-    global_batch = cfg.data.batch_size * trainer.world_size
-    rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s) = {global_batch}")
+    accumulate = trainer.accumulate_grad_batches
+    rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s)"
+                   + (f" x {accumulate} accumulated batches" if accumulate > 1 else "")
+                   + f" = {cfg.data.batch_size * trainer.world_size * accumulate}")
 
     if cfg.train:
         try:

@@ -120,8 +120,32 @@ def test_the_unimatch_cityscapes_presets_slide_their_training_crop_at_two_thirds
     assert [int(c * 2 / 3) for c in data.crop_size] == list(data.eval.stride)
 
 
-def test_ssl_cityscapes_ohem_keeps_unimatchs_200000_pixels_per_call(tmp_path: Path) -> None:
-    cfg = compose_train(["experiment=ssl_cityscapes", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
+# The published UniMatch V2 settings (LiheYoung/UniMatch-V2: configs/{pascal,cityscapes,ade20k}.yaml
+# and unimatch_v2.py), per preset: crop, epochs, images per GPU on the paper's 4 GPUs, frozen backbone.
+UNIMATCH_V2 = {"unimatch_v2_voc": (518, 60, 4, False), "unimatch_v2_cityscapes": (798, 180, 2, False),
+               "unimatch_v2_ade20k": (518, 60, 2, True)}
+
+
+@pytest.mark.parametrize("experiment", sorted(UNIMATCH_V2))
+def test_the_unimatch_v2_presets_carry_the_published_settings(experiment: str, tmp_path: Path) -> None:
+    crop, epochs, per_gpu, frozen = UNIMATCH_V2[experiment]
+    cfg = compose_train([f"experiment={experiment}", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
+    assert cfg.method._target_.endswith(".UniMatchV2") and cfg.model.encoder_name == "vit_small_patch14_dinov2"
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.optim.weight_decay) == ("adamw", 5e-6, 40.0, 0.01)
+    assert (cfg.optim.scheduler.name, cfg.optim.scheduler.power, cfg.optim.scheduler.warmup_steps) == ("poly", 0.9, 0)
+    assert (cfg.data.pseudo_label_threshold, cfg.data.teacher_ema_momentum) == (0.95, 0.996)
+    assert list(cfg.data.crop_size) == [crop, crop] and cfg.trainer.max_epochs == epochs and cfg.trainer.max_steps == -1
+    assert cfg.data.batch_size == cfg.data.unlabeled_batch_size == per_gpu and cfg.optim.base_batch == 4 * per_gpu
+    assert cfg.optim.scale_lr == "linear" and cfg.optim.freeze_encoder is frozen
+    assert cfg.trainer.precision == "32-true"  # the published training runs without autocast
+    labeled = OmegaConf.to_container(cfg.data.train_transform, resolve=True)
+    assert [next(iter(step)) for step in labeled] == ["random_scale", "random_crop", "hflip"]  # no colour jitter
+    assert labeled[0]["random_scale"] == {"min": 0.5, "max": 2.0}
+
+
+@pytest.mark.parametrize("experiment", ["ssl_cityscapes", "unimatch_v2_cityscapes"])
+def test_the_cityscapes_ohem_keeps_unimatchs_200000_pixels_per_call(experiment: str, tmp_path: Path) -> None:
+    cfg = compose_train([f"experiment={experiment}", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
     assert cfg.loss.ohem.min_kept * cfg.data.batch_size == 200_000  # min_kept counts per image
 
 

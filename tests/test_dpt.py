@@ -60,22 +60,37 @@ def test_sizes_off_the_patch_grid_are_padded_with_zeros_and_cropped_back(
     assert [tuple(g.shape[-2:]) for g in grids] == [(padded_size[0] // size, padded_size[1] // size)] * 4
 
 
-def test_dinov2_key_names_load_into_the_encoder(tmp_path: Path) -> None:
-    """A backbone state dict under DINOv2's published names (timm's, plus `mask_token`) loads
-    into the encoder; the head keeps its own initialisation."""
-    import timm
+def _dinov2_checkpoint(dim: int, depth: int, grid: int = 37) -> dict[str, torch.Tensor]:
+    """A backbone state dict written from DINOv2's published key names and shapes (the
+    facebookresearch/dinov2 hub checkpoints `dinov2_vit{s,b,l}14_pretrain.pth`: unchunked blocks,
+    LayerScale `ls1`/`ls2`, a 518-pixel position table of 37 x 37 + 1 tokens, `mask_token`),
+    not from timm's model, so a renamed key on either side fails the load."""
+    g = torch.Generator().manual_seed(3)
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, grid * grid + 1, dim), "mask_token": (1, dim),
+              "patch_embed.proj.weight": (dim, 3, 14, 14), "patch_embed.proj.bias": (dim,),
+              "norm.weight": (dim,), "norm.bias": (dim,)}
+    for i in range(depth):
+        for name, shape in {"norm1.weight": (dim,), "norm1.bias": (dim,), "attn.qkv.weight": (3 * dim, dim),
+                            "attn.qkv.bias": (3 * dim,), "attn.proj.weight": (dim, dim), "attn.proj.bias": (dim,),
+                            "ls1.gamma": (dim,), "norm2.weight": (dim,), "norm2.bias": (dim,),
+                            "mlp.fc1.weight": (4 * dim, dim), "mlp.fc1.bias": (4 * dim,),
+                            "mlp.fc2.weight": (dim, 4 * dim), "mlp.fc2.bias": (dim,), "ls2.gamma": (dim,)}.items():
+            shapes[f"blocks.{i}.{name}"] = shape
+    return {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
 
-    torch.manual_seed(1)
-    source = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, **TINY["encoder_kwargs"])
-    state = {k: v.clone() for k, v in source.state_dict().items()}
-    state["mask_token"] = torch.zeros(1, 48)
-    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.ls1.gamma",
-            "norm.weight"} <= set(state)
+
+def test_dinov2_key_names_load_into_the_encoder(tmp_path: Path) -> None:
+    """A backbone state dict under DINOv2's published names loads into every tensor of the
+    encoder (`mask_token`, used only by DINOv2's masked-image pretraining, is skipped); the head
+    keeps its own initialisation; a wrong shape is refused naming the key."""
+    state = _dinov2_checkpoint(dim=48, depth=4)
     file = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(state, file)
     fresh, loaded = _net(), _net(weights_path=str(file))
-    for key, value in source.state_dict().items():
-        assert torch.equal(loaded.model.encoder.state_dict()[key], value), key
+    encoder = loaded.model.encoder.state_dict()
+    assert set(encoder) == set(state) - {"mask_token"}  # every encoder tensor comes from the file
+    for key, value in encoder.items():
+        assert torch.equal(value, state[key]), key
     assert torch.equal(loaded.model.classifier[-1].weight, fresh.model.classifier[-1].weight)
     state["blocks.0.attn.qkv.weight"] = torch.zeros(5, 5)
     torch.save(state, file)

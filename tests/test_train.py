@@ -283,12 +283,15 @@ def test_ddp_sim_cac_trains_every_head(data_dir: Path, tmp_path: Path) -> None:
     assert any(k.startswith("net.heads.weight_branch.") for k in state)
 
 
-def test_lr_is_rescaled_to_the_global_batch(tiny_cfg: Callable[..., DictConfig]) -> None:
-    cfg = tiny_cfg("optim.base_batch=8", "optim.scale_lr=linear", "trainer.max_steps=1")  # global batch 4
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_lr_is_rescaled_to_the_global_batch(accumulate: int, tiny_cfg: Callable[..., DictConfig]) -> None:
+    """The global batch is 4 images per device x 1 device x the batches accumulated into a step."""
+    cfg = tiny_cfg("optim.base_batch=8", "optim.scale_lr=linear", "trainer.max_steps=1",
+                   f"trainer.accumulate_grad_batches={accumulate}")
     train(cfg)
     rows = list(csv.DictReader((Path(cfg.paths.output_dir) / "csv" / "metrics.csv").open()))
     lrs = [float(r["lr-AdamW/encoder"]) for r in rows if r.get("lr-AdamW/encoder")]
-    assert lrs[0] == pytest.approx(1e-3 * 4 / 8)
+    assert lrs[0] == pytest.approx(1e-3 * 4 * accumulate / 8)
 
 
 def test_wandb_group_of_sweeps_multiruns_and_lone_runs(tmp_path: Path) -> None:

@@ -95,6 +95,45 @@ def test_two_steps_with_pixel_contrast_evaluate_student_and_teacher(tiny_cfg: Ca
     assert 0.0 <= metrics["val/mIoU"] <= 1.0 and 0.0 <= metrics["val/teacher/mIoU_best"] <= 1.0
 
 
+@pytest.mark.parametrize("contrast", ["pixel", "pixel_memory", "cac", "contextrast_vit"])
+def test_each_contrastive_term_reads_both_strong_views_with_their_pseudo_labels(
+        contrast: str, tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On UniMatch V2 a term sees the labeled images and both complementary-dropout strong views,
+    the views labeled by the teacher's confident pseudo-labels; its loss (past its warm-up) is finite
+    and positive and its gradient reaches the pixels of both strong views through the dropped features."""
+    import torch.nn.functional as F
+
+    from segcon.build import build_module
+
+    cfg = tiny_cfg(*V2, f"contrast={contrast}", "method.cutmix_prob=0")
+    torch.manual_seed(0)
+    module = build_module(cfg).train()
+    b, k, size = 2, int(cfg.data.num_classes), 112
+    labels = F.interpolate(torch.arange(16.0).reshape(1, 1, 4, 4).remainder(k).repeat(b, 1, 1, 1), size=(size, size),
+                           mode="nearest")[:, 0].long()  # 16 blocks of every class in each image
+    probs = F.one_hot(labels, k).permute(0, 3, 1, 2).float() * 0.97 + 0.03 / k  # the teacher is sure: 0.97 + 0.03 / k
+    monkeypatch.setattr(module, "weak_probs", lambda weak: (probs, None))
+    monkeypatch.setattr(module, "logs_this_step", lambda: False)
+    seen: dict = {}
+    term_loss = module.objective.contrast_loss
+
+    def spy(output: SegOutput, targets, step: int):
+        seen["rows"], seen["labels"] = output.logits.shape[0], targets.labels
+        seen["loss"], logs = term_loss(output, targets, 10**6)
+        return seen["loss"], logs
+
+    monkeypatch.setattr(module.objective, "contrast_loss", spy)
+    strong = torch.randn(b, 2, 3, size, size, requires_grad=True)
+    labeled = {"image": torch.randn(b, 3, size, size), "mask": labels}
+    unlabeled = {"image": torch.randn(b, 3, size, size), "valid": torch.ones(b, size, size, dtype=torch.bool),
+                 "strong": strong}
+    module.unsupervised_step(labeled, unlabeled)
+    assert seen["rows"] == 3 * b and torch.equal(seen["labels"], labels.repeat(3, 1, 1))
+    assert torch.isfinite(seen["loss"]) and float(seen["loss"].detach()) > 0
+    grad = torch.autograd.grad(seen["loss"], strong)[0]
+    assert float(grad[:, 0].abs().sum()) > 0 and float(grad[:, 1].abs().sum()) > 0
+
+
 @pytest.mark.slow
 @pytest.mark.ddp
 def test_two_steps_under_ddp_sim(data_dir: Path, tmp_path: Path) -> None:

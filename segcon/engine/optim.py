@@ -97,9 +97,10 @@ SCALE_MODES = ("none", "linear")
 def lr_for_batch(lr: float, base_batch: int | None, global_batch: int, scale_lr: str = "none") -> tuple[float, str | None]:
     """The learning rate for this run's global batch, and what to tell the user.
 
-    `base_batch` is the global batch (per device x devices x nodes) the preset's `lr` was tuned
-    for; None means unknown, and nothing is done. "linear" multiplies the lr by
-    global_batch / base_batch; "none" keeps it and says so when the batches differ.
+    `base_batch` is the global batch (per device x devices x nodes x batches accumulated into one
+    optimizer step) the preset's `lr` was tuned for; None means unknown, and nothing is done.
+    "linear" multiplies the lr by global_batch / base_batch; "none" keeps it and says so when the
+    batches differ.
     """
     if scale_lr not in SCALE_MODES:
         raise ConfigError(f"optim.scale_lr must be one of {SCALE_MODES}, got {scale_lr!r}")

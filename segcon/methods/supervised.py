@@ -157,10 +157,12 @@ class SupervisedModule(EvaluationModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         """The optimizer and schedule (segcon.engine.optim.optimization), at the learning rate of
-        the global batch: the datamodule's per-device batch times the devices."""
+        the global batch: the datamodule's per-device batch times the devices times the batches
+        accumulated into one optimizer step."""
         batch = getattr(self.trainer.datamodule, "batch_size", None)
+        per_step = self.trainer.world_size * self.trainer.accumulate_grad_batches
         return optimization(self.net, self.optim_cfg, int(self.trainer.estimated_stepping_batches),
-                            None if batch is None else int(batch) * self.trainer.world_size)
+                            None if batch is None else int(batch) * per_step)
 
     def setup(self, stage: str) -> None:
         """Before fitting: give the terms that weigh classes by frequency (loss=imbalance) the
