@@ -69,14 +69,16 @@ def _case() -> tuple[SegOutput, torch.Tensor]:
 
 def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: float, wh: float, tau: float,
                bane: bool, negatives: str, normalize: bool, half: bool = False, anchor_all: bool = False,
-               min_pixels: int = 1) -> float:
+               min_pixels: int | list[int] = 1) -> float:
     """The loss by loops, float64, from the definitions (finest layer first in `lam`). `half`:
     the sampler keeps the pixels with r·s + c even; `anchor_all`: anchors average every labelled
-    pixel of the layer, not the sampled ones; a class needs `min_pixels` of them for an anchor."""
+    pixel of the layer, not the sampled ones; a class needs `min_pixels` of them for an anchor (one
+    number, or one per layer, finest first)."""
     lab = labels.numpy()
     pred_full = output.logits.detach().argmax(1).numpy()
     layers = []
-    for name in ("l0", "l1", "l2"):
+    for level, name in enumerate(("l0", "l1", "l2")):
+        need = min_pixels[level] if isinstance(min_pixels, list) else min_pixels
         dense = output.embeddings[name].hidden.detach().numpy()  # [B, D, s, s]
         s = dense.shape[-1]
         y, p = _nearest(lab, (s, s)), _nearest(pred_full, (s, s))
@@ -91,7 +93,7 @@ def _reference(output: SegOutput, labels: torch.Tensor, lam: list[float], wl: fl
         anchors = {}
         for n in sorted({cls for _, cls in labelled}):
             members = [vec[k] for k, cls in (labelled if anchor_all else pixels) if cls == n]
-            if len(members) < min_pixels:
+            if len(members) < need:
                 continue
             anchors[n] = sum(members) / len(members)
             if normalize:
@@ -151,13 +153,15 @@ def test_contextrast_equals_a_float64_loop_reference(order: str, bane: bool, neg
     assert (pred[1] == labels.numpy()[1]).all() and (pred[0] != labels.numpy()[0]).any()
 
 
-@pytest.mark.parametrize(("anchor_pixels", "min_pixels"), [("sampled", 1), ("all", 1), ("all", 2), ("sampled", 3)])
+@pytest.mark.parametrize(("anchor_pixels", "min_pixels"), [("sampled", 1), ("all", 1), ("all", 2), ("sampled", 3),
+                                                           ("all", [1, 1, 3]), ("all", [2, 4, 1])])
 def test_anchors_of_all_pixels_or_the_sampled_ones_with_a_minimum_against_the_loop(anchor_pixels: str,
-                                                                                    min_pixels: int) -> None:
+                                                                                    min_pixels: int | list[int]) -> None:
     """A sampler that keeps half of the pixels: `all` anchors average every labelled pixel of the
     layer, `sampled` ones the kept half; the contrast's pixels are the kept half either way. The
     class-2 pixel (one, at the finest layer, an error pixel BANE adds) is not sampled: under
-    `all` it forms an anchor of one pixel, which `anchor_min_pixels: 2` drops."""
+    `all` it forms an anchor of one pixel, which `anchor_min_pixels: 2` drops; a list sets the
+    minimum per layer (finest first), and the case tells it from the same number everywhere."""
     output, labels = _case()
     term = ContextrastLoss(every_other_valid_pixel, embeddings=["l0", "l1", "l2"], level_weights=[1.0, 0.6, 0.2],
                            temperature=0.5, context_weights=[0.4, 0.6], bane_fraction=1.0,
@@ -171,10 +175,16 @@ def test_anchors_of_all_pixels_or_the_sampled_ones_with_a_minimum_against_the_lo
                               bane_max_per_class=10_000, anchor_pixels=a)(output, Targets(labels, IGNORE)).item()
               for a in ("sampled", "all")}
     assert len(others) == 2  # the case tells the two apart
+    if isinstance(min_pixels, list):  # per layer: neither the layers' smallest nor their largest minimum everywhere
+        for everywhere in {min(min_pixels), max(min_pixels)}:
+            assert got.item() != pytest.approx(_reference(output, labels, [0.2, 0.6, 1.0], 0.4, 0.6, 0.5, True,
+                                                          "predicted", False, half=True,
+                                                          anchor_all=anchor_pixels == "all", min_pixels=everywhere))
     with pytest.raises(ConfigError, match="anchor_pixels"):
         ContextrastLoss(every_valid_pixel, anchor_pixels="some")
-    with pytest.raises(ConfigError, match="anchor_min_pixels"):
-        ContextrastLoss(every_valid_pixel, anchor_min_pixels=0)
+    for bad in (0, [1, 2], [1, 0, 1, 1]):
+        with pytest.raises(ConfigError, match="anchor_min_pixels"):
+            ContextrastLoss(every_valid_pixel, anchor_min_pixels=bad)
 
 
 def test_bane_pixels_change_the_loss_and_the_fraction_selects_among_them() -> None:

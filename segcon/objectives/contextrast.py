@@ -8,7 +8,7 @@ Per layer i (one projection head per encoder stage, listed from the finest to th
 - the sampler picks the layer's pixels V_i; the anchor of class n is the mean of V_i's
   embeddings of class n (`anchor_pixels: sampled`) or of all of the layer's embeddings whose kept
   label is n (`all`, the paper's Eq. (1)): `a_i^n`, optionally L2-normalised; a class with fewer
-  than `anchor_min_pixels` such pixels has no anchor at that layer;
+  than `anchor_min_pixels` such pixels (one number, or one per layer) has no anchor at that layer;
 - the contextual update moves the shallower layers' anchors toward the deepest layer's:
   `â_i^n = w_l·a_i^n + w_h·a_I^n` for i < I (a class absent from layer I keeps `a_i^n`);
 - each anchor is the InfoNCE query against the layer's pixels, with the per-positive
@@ -87,7 +87,8 @@ class ContextrastLoss(Term):
             bane_negatives as in the module docstring.
         anchor_pixels: `sampled` (the sampler's pixels of the class) or `all` (every pixel of the
             layer with the class's kept label) form a class's anchor.
-        anchor_min_pixels: a class forms an anchor at a layer from at least this many pixels.
+        anchor_min_pixels: a class forms an anchor at a layer from at least this many pixels: one
+            number for every layer, or one per layer in the order of `embeddings`.
     """
 
     reads: ClassVar[frozenset[str]] = frozenset({"logits", "decoder_logits", "embeddings"})
@@ -106,7 +107,7 @@ class ContextrastLoss(Term):
         bane_max_per_class: int = 256,
         bane_negatives: str = "predicted",
         anchor_pixels: str = "sampled",
-        anchor_min_pixels: int = 1,
+        anchor_min_pixels: int | Sequence[int] = 1,
     ) -> None:
         super().__init__()
         names = list(embeddings)
@@ -125,8 +126,10 @@ class ContextrastLoss(Term):
                               f"got {bane_negatives!r}")
         if anchor_pixels not in ANCHOR_PIXELS:
             raise ConfigError(f"contrast.contextrast.anchor_pixels must be one of {ANCHOR_PIXELS}, got {anchor_pixels!r}")
-        if anchor_min_pixels < 1:
-            raise ConfigError(f"contrast.contextrast.anchor_min_pixels must be >= 1, got {anchor_min_pixels}")
+        minimum = [anchor_min_pixels] * len(names) if isinstance(anchor_min_pixels, int) else list(anchor_min_pixels)
+        if len(minimum) != len(names) or min(minimum) < 1:
+            raise ConfigError(f"contrast.contextrast.anchor_min_pixels must be one number >= 1 or one per layer of "
+                              f"{names}, got {anchor_min_pixels}")
         if not 0.0 < bane_fraction <= 1.0:
             raise ConfigError(f"contrast.contextrast.bane_fraction must be in (0, 1], got {bane_fraction}")
         self.sampler = sampler
@@ -138,7 +141,7 @@ class ContextrastLoss(Term):
         self.normalize_anchors = normalize_anchors
         self.bane, self.bane_fraction, self.bane_max = bane, bane_fraction, bane_max_per_class
         self.bane_negatives = bane_negatives
-        self.anchor_pixels, self.anchor_min_pixels = anchor_pixels, anchor_min_pixels
+        self.anchor_pixels, self.anchor_min_pixels = anchor_pixels, tuple(int(v) for v in minimum)
 
     def zero(self, output: SegOutput) -> Tensor:
         name = type(self).__name__
@@ -169,10 +172,10 @@ class ContextrastLoss(Term):
 
     def _means(self, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
         """Anchors `[L, K, D]` from sums `[L, K, D]` over `counts [L, K]` pixels (normalised when
-        `normalize_anchors`), and which classes have one (at least `anchor_min_pixels`)."""
+        `normalize_anchors`), and which classes have one (at least the level's `anchor_min_pixels`)."""
         anchors = sums / counts.clamp_min(1)[..., None]
         anchors = F.normalize(anchors, dim=2) if self.normalize_anchors else anchors
-        return anchors, counts >= self.anchor_min_pixels
+        return anchors, counts >= constant(self.anchor_min_pixels, counts.dtype, counts.device)[:, None]
 
     def forward(self, output: SegOutput, targets: Targets) -> Tensor:
         """`Σ_i λ_i L_i` over the layers (see the module docstring): a scalar, 0 (connected to
