@@ -137,10 +137,18 @@ def test_the_unimatch_v2_presets_carry_the_published_settings(experiment: str, t
     assert list(cfg.data.crop_size) == [crop, crop] and cfg.trainer.max_epochs == epochs and cfg.trainer.max_steps == -1
     assert cfg.data.batch_size == cfg.data.unlabeled_batch_size == per_gpu and cfg.optim.base_batch == 4 * per_gpu
     assert cfg.optim.scale_lr == "linear" and cfg.optim.freeze_encoder is frozen
-    assert cfg.trainer.precision == "32-true"  # the published training runs without autocast
+
+
+@pytest.mark.parametrize("experiment", ["ssl_voc_classic", "ssl_cityscapes", *sorted(UNIMATCH_V2)])
+def test_the_unimatch_presets_train_as_the_published_code(experiment: str, tmp_path: Path) -> None:
+    """Full precision (UniMatch's and UniMatch V2's training has no autocast) and labeled images
+    with the weak view's steps only: scale 0.5-2, crop, flip, no colour jitter."""
+    cfg = compose_train([f"experiment={experiment}", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
+    assert cfg.trainer.precision == "32-true" and cfg.trainer.sync_batchnorm
     labeled = OmegaConf.to_container(cfg.data.train_transform, resolve=True)
-    assert [next(iter(step)) for step in labeled] == ["random_scale", "random_crop", "hflip"]  # no colour jitter
+    assert [next(iter(step)) for step in labeled] == ["random_scale", "random_crop", "hflip"]
     assert labeled[0]["random_scale"] == {"min": 0.5, "max": 2.0}
+    assert labeled[1]["random_crop"]["size"] == list(cfg.data.crop_size)
 
 
 @pytest.mark.parametrize("experiment", ["ssl_cityscapes", "unimatch_v2_cityscapes"])
