@@ -139,10 +139,12 @@ def test_the_unimatch_v2_presets_carry_the_published_settings(experiment: str, t
     assert cfg.optim.scale_lr == "linear" and cfg.optim.freeze_encoder is frozen
 
 
-@pytest.mark.parametrize("experiment", ["ssl_voc_classic", "ssl_cityscapes", *sorted(UNIMATCH_V2)])
+@pytest.mark.parametrize("experiment", ["ssl_voc_classic", "ssl_cityscapes", "ssl_voc_classic_rc2l",
+                                        "ssl_cityscapes_rc2l", *sorted(UNIMATCH_V2)])
 def test_the_unimatch_presets_train_as_the_published_code(experiment: str, tmp_path: Path) -> None:
     """Full precision (UniMatch's and UniMatch V2's training has no autocast) and labeled images
-    with the weak view's steps only: scale 0.5-2, crop, flip, no colour jitter."""
+    with the weak view's steps only: scale 0.5-2, crop, flip, no colour jitter. The RC²L presets on
+    the same protocols train the same way."""
     cfg = compose_train([f"experiment={experiment}", f"data.root={tmp_path}"], output_dir=tmp_path / "run")
     assert cfg.trainer.precision == "32-true" and cfg.trainer.sync_batchnorm
     labeled = OmegaConf.to_container(cfg.data.train_transform, resolve=True)

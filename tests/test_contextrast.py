@@ -182,9 +182,10 @@ def test_anchors_of_all_pixels_or_the_sampled_ones_with_a_minimum_against_the_lo
                                                           anchor_all=anchor_pixels == "all", min_pixels=everywhere))
     with pytest.raises(ConfigError, match="anchor_pixels"):
         ContextrastLoss(every_valid_pixel, anchor_pixels="some")
-    for bad in (0, [1, 2], [1, 0, 1, 1]):
+    for bad in (0, 1.5, True, "2", [1, 2], [1, 0, 1, 1], [1, 1.5, 2, 1]):
         with pytest.raises(ConfigError, match="anchor_min_pixels"):
             ContextrastLoss(every_valid_pixel, anchor_min_pixels=bad)
+    assert ContextrastLoss(every_valid_pixel, anchor_min_pixels=2.0).anchor_min_pixels == (2, 2, 2, 2)
 
 
 def test_bane_pixels_change_the_loss_and_the_fraction_selects_among_them() -> None:

@@ -68,6 +68,12 @@ def anchor_contrast(anchors: Tensor, keys: Tensor, pos: Tensor, neg: Tensor, tem
     return (per_anchor * has_pos).sum(1) / has_pos.sum(1).clamp_min(1)
 
 
+def _is_count(value: object) -> bool:
+    """A whole number >= 1 (`2` or `2.0`; not `True`, `1.5` or `"2"`)."""
+    return (isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer()
+            and value >= 1)
+
+
 class ContextrastLoss(Term):
     """Contextrast's anchor-to-pixel contrast over several encoder layers (see the module
     docstring).
@@ -126,10 +132,11 @@ class ContextrastLoss(Term):
                               f"got {bane_negatives!r}")
         if anchor_pixels not in ANCHOR_PIXELS:
             raise ConfigError(f"contrast.contextrast.anchor_pixels must be one of {ANCHOR_PIXELS}, got {anchor_pixels!r}")
-        minimum = [anchor_min_pixels] * len(names) if isinstance(anchor_min_pixels, int) else list(anchor_min_pixels)
-        if len(minimum) != len(names) or min(minimum) < 1:
-            raise ConfigError(f"contrast.contextrast.anchor_min_pixels must be one number >= 1 or one per layer of "
-                              f"{names}, got {anchor_min_pixels}")
+        per_layer = isinstance(anchor_min_pixels, Sequence) and not isinstance(anchor_min_pixels, str)
+        minimum = list(anchor_min_pixels) if per_layer else [anchor_min_pixels] * len(names)
+        if len(minimum) != len(names) or not all(_is_count(v) for v in minimum):
+            raise ConfigError(f"contrast.contextrast.anchor_min_pixels must be one whole number >= 1 or one per layer "
+                              f"of {names}, got {anchor_min_pixels!r}")
         if not 0.0 < bane_fraction <= 1.0:
             raise ConfigError(f"contrast.contextrast.bane_fraction must be in (0, 1], got {bane_fraction}")
         self.sampler = sampler
