@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from segcon.build import build_datamodule, build_module, instantiate_all
 from segcon.config import config_dir, fill_data_defaults, prepare_data, validate_cfg
 from segcon.engine.callbacks import FinalReport, ModelCheckpoint, ResumeState, StopTogether
+from segcon.engine.optim import global_batch
 from segcon.overrides import check_value_types
 from segcon.resume import resume_checkpoint
 from segcon.search import trial_reporter
@@ -150,7 +151,7 @@ def _train(cfg: DictConfig, request: StopRequest) -> dict[str, float]:
     accumulate = trainer.accumulate_grad_batches
     rank_zero_info(f"global batch = {cfg.data.batch_size} per device x {trainer.world_size} device(s)"
                    + (f" x {accumulate} accumulated batches" if accumulate > 1 else "")
-                   + f" = {cfg.data.batch_size * trainer.world_size * accumulate}")
+                   + f" = {global_batch(cfg.data.batch_size, trainer)}")
 
     if cfg.train:
         try:

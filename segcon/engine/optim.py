@@ -94,6 +94,12 @@ def freeze_encoder(net: SegModel) -> int:
 SCALE_MODES = ("none", "linear")
 
 
+def global_batch(per_device: int, trainer: Any) -> int:
+    """Images per optimizer step: the per-device batch x the devices x the batches accumulated
+    into one step (`trainer.accumulate_grad_batches`)."""
+    return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+
 def lr_for_batch(lr: float, base_batch: int | None, global_batch: int, scale_lr: str = "none") -> tuple[float, str | None]:
     """The learning rate for this run's global batch, and what to tell the user.
 

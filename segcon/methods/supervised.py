@@ -15,7 +15,7 @@ from torch import Tensor
 from segcon.engine.divergence import DivergenceGuard, DivergencePolicy
 from segcon.engine.evaluation import EvaluationModule, split_summary
 from segcon.engine.memory import check_fits, estimate_memory
-from segcon.engine.optim import freeze_encoder, optimization
+from segcon.engine.optim import freeze_encoder, global_batch, optimization
 from segcon.engine.terms import fill_memories, give_class_frequencies, term_diagnostics
 from segcon.models.base import SegModel
 from segcon.objectives.base import Targets
@@ -160,9 +160,8 @@ class SupervisedModule(EvaluationModule):
         the global batch: the datamodule's per-device batch times the devices times the batches
         accumulated into one optimizer step."""
         batch = getattr(self.trainer.datamodule, "batch_size", None)
-        per_step = self.trainer.world_size * self.trainer.accumulate_grad_batches
         return optimization(self.net, self.optim_cfg, int(self.trainer.estimated_stepping_batches),
-                            None if batch is None else int(batch) * per_step)
+                            None if batch is None else global_batch(int(batch), self.trainer))
 
     def setup(self, stage: str) -> None:
         """Before fitting: give the terms that weigh classes by frequency (loss=imbalance) the
